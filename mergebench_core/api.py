@@ -1,0 +1,195 @@
+"""The three nouns of mergebench (ModelPool, TaskPool, Method) and the small values they exchange.
+
+Model pools hold weights only; task pools hold data, heads and metrics. Keeping data with the task (and not with
+the model pool) lets one model pool be scored by several task pools, and gives data-dependent methods one place
+to ask for a task's training examples and logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+import torch
+from torch import nn
+
+PRETRAINED = "_pretrained_"
+"""The name of the pretrained model in every pool (FusionBench's convention)."""
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+"""(inputs, integer labels) as a task pool hands them out."""
+
+MethodKind = Literal["merge", "ensemble", "fusion", "training"]
+DataNeed = Literal["none", "unlabeled", "labeled"]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the harness needs to know about a method before running it."""
+
+    kind: MethodKind = "merge"
+    data: DataNeed = "none"
+    stochastic: bool = False
+    task_specific: bool = False
+    """True when the method yields one model per task (EMR-Merging); tables mark such rows apart."""
+
+
+class ModelPool(ABC):
+    """A pretrained model and the experts fine-tuned from it, loaded lazily, one at a time.
+
+    `load_model` returns the *mergeable* module only (a CLIP vision tower, an encoder without its heads); the heads
+    that turn its output into predictions belong to the task pool.
+    """
+
+    name: str = ""
+    default_taskpool: str | None = None
+    has_pretrained: bool = True
+
+    @property
+    @abstractmethod
+    def expert_names(self) -> list[str]:
+        """Names of the expert models, in a stable order."""
+
+    @abstractmethod
+    def load_model(self, name: str) -> nn.Module:
+        """A fresh copy of model `name` (an expert name or PRETRAINED) on the CPU, in evaluation mode."""
+
+    def task_of(self, expert: str) -> str:
+        """The task an expert was fine-tuned on (by default the expert's own name)."""
+        return expert
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The weights of model `name`; pools backed by files may override this to read lazily."""
+        return self.load_model(name).state_dict()
+
+    def identity(self, name: str) -> str:
+        """A string that changes whenever the weights of `name` change; keys for cached statistics."""
+        return f"{self.name}/{name}"
+
+    def version_info(self) -> dict[str, str]:
+        """Extra provenance stored with every result (recipe hashes, hub revisions)."""
+        return {}
+
+
+class TaskPool(ABC):
+    """Tasks on which a model is scored: their data, their heads and their metrics.
+
+    Implement `batches` and `logits`; the shared evaluation loop in `mergebench_core.evaluation` does the rest
+    (inference mode, devices, ensembles and per-task models, accuracy and loss).
+    """
+
+    name: str = ""
+
+    @property
+    @abstractmethod
+    def tasks(self) -> list[str]:
+        """Task names, in a stable order."""
+
+    @abstractmethod
+    def batches(self, task: str, split: str = "test", *, batch_size: int = 256,
+                limit: int | None = None) -> Iterable[Batch]:
+        """Labeled batches of `task`'s `split` ("train" or "test"); `limit` keeps the first N examples."""
+
+    @abstractmethod
+    def logits(self, model: nn.Module, task: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Class logits of `model` (a mergeable module) for `task`, through the task's head."""
+
+    def num_examples(self, task: str, split: str = "test") -> int | None:
+        """How many examples the split holds, for progress bars; None when unknown."""
+        return None
+
+    def version_info(self) -> dict[str, str]:
+        return {}
+
+
+@dataclass
+class Ensemble:
+    """Several models whose logits are averaged (with weights) at evaluation time."""
+
+    models: Sequence[nn.Module]
+    weights: Sequence[float] | None = None
+
+
+@dataclass
+class PerTaskModels:
+    """One model per task (EMR-Merging and friends): each task is scored with its own modulated model."""
+
+    models: Mapping[str, nn.Module]
+
+
+Evaluable = nn.Module | Ensemble | PerTaskModels
+
+
+@dataclass
+class MergeOutput:
+    """What a method returns: the thing to evaluate, and anything worth keeping about how it was made."""
+
+    model: Evaluable
+    extras: dict[str, Any] = field(default_factory=dict)
+    """JSON-serialisable details stored with the result (learned coefficients, thresholds, ...)."""
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunContext:
+    """Everything a method may use besides its parameters and the pool."""
+
+    taskpool: TaskPool | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    preference: tuple[float, ...] | None = None
+    """A preference vector over the pool's experts (in `expert_names` order), for preference-aware methods."""
+    cache_dir: Path = field(default_factory=lambda: Path(".mergebench-cache"))
+    progress: Callable[..., Iterator[Any]] | None = None
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("mergebench"))
+
+    def generator(self, device: torch.device | str = "cpu", offset: int = 0) -> torch.Generator:
+        """A fresh generator seeded from the run's seed; every random choice of a method takes one."""
+        return torch.Generator(device=device).manual_seed(self.seed + offset)
+
+    def track(self, iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterator[T]:
+        """Wrap long loops so the user sees progress; a no-op when no progress reporter is set."""
+        if self.progress is None:
+            return iter(iterable)
+        return self.progress(iterable, desc=desc, total=total)
+
+
+class Method(ABC):
+    """A way to turn a model pool into a model.
+
+    Subclasses set `name`, a `Params` dataclass whose fields all have defaults, and `info`, then implement `run`.
+    Data-free methods that work tensor by tensor should subclass `mergebench_core.merging.TensorMergeMethod`
+    instead: they then also run on checkpoint files (`mergebench merge`) and stream over tensors.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+    info: ClassVar[MethodInfo] = MethodInfo()
+
+    def __init__(self, params: Any | None = None):
+        self.params = params if params is not None else self.Params()
+
+    @abstractmethod
+    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
+        """Merge (or fuse, or train) the pool into something the task pool can evaluate."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A named thing a plugin provides, with where it came from (filled in by the registry)."""
+
+    name: str
+    obj: Any
+    kind: Literal["method", "modelpool", "taskpool"]
+    description: str = ""
+    plugin: str = ""
+    distribution: str = ""
+    version: str = ""
+    default: bool = False
+    """For model pools: run by `mergebench run` when no pool is named."""

@@ -1,0 +1,221 @@
+"""The `mergebench` command line: run | merge | list | leaderboard | show."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import __version__
+from .config import build_params, check_overrides_used, parse_overrides
+from .errors import MergebenchError
+from .leaderboard import FORMATS, render
+from .paths import default_store
+from .registry import get_registry
+
+T = TypeVar("T")
+log = logging.getLogger("mergebench")
+
+
+def _progress(iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterator[T]:
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(iterable, desc=desc, total=total, leave=False, disable=None, file=sys.stderr))
+
+
+def _split(values: Sequence[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import Runner, RunOptions
+    from .store import ResultStore
+
+    registry = get_registry()
+    seeds = [int(s) for s in _split(args.seed) or ["0"]]
+    options = RunOptions(methods=_split(args.method), modelpools=_split(args.modelpool), taskpool=args.taskpool,
+                         overrides=args.overrides, config_file=args.config, seeds=seeds, limit=args.limit,
+                         device=args.device, rerun=args.rerun, batch_size=args.batch_size)
+    store = ResultStore(args.store)
+    runner = Runner(registry, store, options, progress=_progress)
+    cells = runner.plan()  # every name and parameter is checked before any work starts
+    log.info("%d cells planned; results go to %s", len(cells), args.store)
+    report = runner.run(cells)
+    print(render(report.results, args.format))
+    if report.skipped:
+        print(f"\n({report.skipped} cells reused from {args.store}; --rerun recomputes them)", file=sys.stderr)
+    if report.failed:
+        print(f"\n{len(report.failed)} cell(s) failed; their errors are stored in {args.store} "
+              f"(`mergebench show --failed`).", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merging import TensorMergeMethod, merge_sources
+    from .tensors import SafetensorsSource, StreamingSafetensorsWriter
+
+    registry = get_registry()
+    method_cls = registry.method(args.method)
+    if not issubclass(method_cls, TensorMergeMethod):
+        raise MergebenchError(f"method {method_cls.name!r} needs a model pool and data, so it cannot merge files; "
+                              f"use `mergebench run --method {method_cls.name} --modelpool ...`")
+    overrides = parse_overrides(args.overrides)
+    check_overrides_used(overrides, {method_cls.name: method_cls.Params})
+    configs = build_params(method_cls.name, method_cls.Params, None, overrides)
+    if len(configs) != 1:
+        raise MergebenchError("`mergebench merge` takes one value per parameter; sweeps belong to `mergebench run`")
+    method = method_cls(configs[0])
+    base = SafetensorsSource(args.base) if args.base else None
+    experts = [SafetensorsSource(m) for m in args.models]
+    out = Path(args.out)
+    out_file = out if out.suffix == ".safetensors" else out / "model.safetensors"
+    ref = base or experts[0]
+    layout = [(k, ref.shape(k), ref.dtype(k)) for k in ref.keys()]
+    metadata = {"format": "pt", "mergebench_method": method_cls.name,
+                "mergebench_params": json.dumps(configs[0].__dict__, default=str)}
+    with StreamingSafetensorsWriter(out_file, layout, metadata) as writer:
+        merge_sources(method, base, experts, sink=writer.write, seed=args.seed, progress=_progress)
+        writer.commit()
+    if out_file != out and base is not None and base.path.is_dir():
+        for f in base.path.iterdir():  # configs and tokenizers travel with the weights
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json", ".pt")):
+                shutil.copy2(f, out / f.name)
+    print(f"wrote {out_file} ({method_cls.name}, {len(experts)} models)")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    registry = get_registry()
+    for title, table in (("Methods", registry.methods), ("Model pools", registry.modelpools),
+                         ("Task pools", registry.taskpools)):
+        rows = []
+        for name, reg in sorted(table.items()):
+            extra = ""
+            if reg.kind == "method":
+                info = reg.obj.info
+                extra = f"{info.kind}, data: {info.data}" + (", stochastic" if info.stochastic else "")
+            elif reg.default:
+                extra = "default"
+            rows.append([name, f"{reg.distribution} {reg.version}".strip(), extra, reg.description])
+        print(f"{title}:")
+        print(tabulate(rows, headers=["name", "provided by", "", "description"], tablefmt="simple")
+              if rows else "  (none installed)")
+        print()
+    if registry.conflicts:
+        print("Name conflicts (unusable until resolved):")
+        for (kind, name), dists in registry.conflicts.items():
+            print(f"  {kind} {name!r}: {', '.join(dists)}")
+        print()
+    if registry.broken:
+        print("Broken plugins (failed to load):")
+        for b in registry.broken:
+            print(f"  {b.name} ({b.distribution}): {b.error}")
+        return 1
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .store import ResultStore
+
+    if not Path(args.store).exists():
+        raise MergebenchError(f"no results store at {args.store}; run `mergebench run` first or pass --store")
+    results = ResultStore(args.store).all(args.modelpool, args.taskpool)
+    if not results:
+        print("no results stored yet")
+        return 0
+    print(render(results, args.format))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .errors import normalize_name
+    from .store import ResultStore
+
+    if not Path(args.store).exists():
+        raise MergebenchError(f"no results store at {args.store}")
+    rows = [r for r in ResultStore(args.store).all(args.modelpool)
+            if (not args.method or r.method == normalize_name(args.method))
+            and (not args.failed or r.status != "ok")]
+    for r in rows:
+        print(json.dumps({"method": r.method, "params": r.params, "modelpool": r.modelpool, "taskpool": r.taskpool,
+                          "seed": r.seed, "status": r.status, "mean": r.mean, "error": r.error,
+                          "extras": r.extras, "versions": r.versions}, indent=2, default=str))
+        if args.failed and r.traceback:
+            print(r.traceback)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergebench", description="Benchmark deep model merging and fusion.")
+    parser.add_argument("--version", action="version", version=f"mergebench {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run methods against model pools and store the results")
+    run.add_argument("--method", "-m", action="append", help="method name(s), comma-separated; default: all")
+    run.add_argument("--modelpool", "-p", action="append", help="model pool(s), comma-separated; default: the "
+                     "pools marked default")
+    run.add_argument("--taskpool", help="score with this task pool instead of each pool's default")
+    run.add_argument("--config", help="YAML file with `method:` and `<method name>:` sections")
+    run.add_argument("--seed", action="append", help="seed(s), comma-separated (default 0)")
+    run.add_argument("--limit", type=int, help="score only the first N test examples of each task")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    run.add_argument("--batch-size", type=int, default=256)
+    run.add_argument("--rerun", action="store_true", help="recompute cells already in the store")
+    run.add_argument("--store", default=str(default_store()), help="results database (SQLite)")
+    run.add_argument("--format", default="github", choices=FORMATS)
+    run.add_argument("overrides", nargs="*", help="parameter overrides: method.x=1 or <method>.x=1,2,3 (sweep)")
+    run.set_defaults(func=cmd_run)
+
+    merge = sub.add_parser("merge", help="merge checkpoint files with a data-free method")
+    merge.add_argument("--method", "-m", required=True)
+    merge.add_argument("--base", help="the pretrained checkpoint (.safetensors file, index or model folder)")
+    merge.add_argument("--models", nargs="+", required=True, help="the expert checkpoints")
+    merge.add_argument("--out", required=True, help="output .safetensors file, or a folder")
+    merge.add_argument("--seed", type=int, default=0)
+    merge.add_argument("overrides", nargs="*", help="parameter overrides: method.x=1")
+    merge.set_defaults(func=cmd_merge)
+
+    lst = sub.add_parser("list", help="list installed methods, model pools and task pools")
+    lst.set_defaults(func=cmd_list)
+
+    lb = sub.add_parser("leaderboard", help="print tables of stored results")
+    lb.add_argument("--store", default=str(default_store()))
+    lb.add_argument("--format", default="github", choices=FORMATS)
+    lb.add_argument("--modelpool")
+    lb.add_argument("--taskpool")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    show = sub.add_parser("show", help="show stored cells in full (parameters, learned values, errors)")
+    show.add_argument("--store", default=str(default_store()))
+    show.add_argument("--method")
+    show.add_argument("--modelpool")
+    show.add_argument("--failed", action="store_true", help="only failed cells, with tracebacks")
+    show.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args: Any = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MergebenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

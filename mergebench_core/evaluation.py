@@ -1,0 +1,67 @@
+"""The one evaluation loop: accuracy and loss of a model (or ensemble, or per-task models) on a task pool."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import Ensemble, Evaluable, PerTaskModels, TaskPool
+
+Metrics = dict[str, dict[str, float]]
+
+
+def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
+    return model.to(device).eval()
+
+
+def task_logits(taskpool: TaskPool, model: nn.Module | Ensemble, task: str, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of a single model, or the weighted mean of an ensemble's logits."""
+    if isinstance(model, Ensemble):
+        weights = list(model.weights) if model.weights is not None else [1.0] * len(model.models)
+        total = float(sum(weights))
+        out = None
+        for w, m in zip(weights, model.models):
+            z = taskpool.logits(m, task, inputs).float() * (w / total)
+            out = z if out is None else out + z
+        assert out is not None
+        return out
+    return taskpool.logits(model, task, inputs)
+
+
+def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] | None = None,
+             limit: int | None = None, device: torch.device | str = "cpu", batch_size: int = 256,
+             progress: Callable[..., Iterator[Any]] | None = None) -> Metrics:
+    """{task: {"accuracy": fraction correct, "loss": mean cross-entropy}} on each task's test split."""
+    device = torch.device(device)
+    tasks = list(tasks) if tasks is not None else taskpool.tasks
+    if isinstance(evaluable, PerTaskModels):
+        missing = [t for t in tasks if t not in evaluable.models]
+        if missing:
+            raise ValueError(f"the per-task models lack tasks {missing}")
+    results: Metrics = {}
+    for task in tasks:
+        if isinstance(evaluable, PerTaskModels):
+            model: nn.Module | Ensemble = _prepare(evaluable.models[task], device)
+        elif isinstance(evaluable, Ensemble):
+            model = Ensemble([_prepare(m, device) for m in evaluable.models], evaluable.weights)
+        else:
+            model = _prepare(evaluable, device)
+        correct, seen, loss_sum = 0, 0, 0.0
+        batches = taskpool.batches(task, "test", batch_size=batch_size, limit=limit)
+        if progress is not None:
+            batches = progress(batches, desc=f"eval {task}")
+        with torch.inference_mode():
+            for inputs, labels in batches:
+                inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                logits = task_logits(taskpool, model, task, inputs).float()
+                correct += int((logits.argmax(-1) == labels).sum())
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+                seen += int(labels.numel())
+        if seen == 0:
+            raise ValueError(f"task {task!r} of task pool {taskpool.name!r} has no test examples")
+        results[task] = {"accuracy": correct / seen, "loss": loss_sum / seen, "examples": float(seen)}
+    return results

@@ -1,0 +1,32 @@
+"""The plugin contract: the hooks a mergebench plugin may implement.
+
+A plugin declares an entry point in the group `mergebench` that points at a module; the module implements any of
+these hooks with `@mergebench_core.hookimpl`. Each hook receives a `register` callable and calls it once per thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mergebench")
+hookimpl = pluggy.HookimplMarker("mergebench")
+
+
+@hookspec
+def register_methods(register: Callable[[type], None]) -> None:
+    """Register Method subclasses: `register(MyMethod)`."""
+
+
+@hookspec
+def register_modelpools(register: Callable[..., None]) -> None:
+    """Register model pools: `register(name, factory, description="", default=False)`; `factory()` builds it."""
+
+
+@hookspec
+def register_taskpools(register: Callable[..., None]) -> None:
+    """Register task pools: `register(name, factory, description="")`; `factory()` builds the TaskPool."""
+
+

@@ -1,0 +1,139 @@
+"""The streaming merge engine, and the base class of every data-free method.
+
+A `TensorMergeMethod` says how to merge one tensor from the base and the experts (`merge_tensor`) and, if it needs
+a statistic over the whole model (TIES's global threshold), how to gather it in passes over a `MergeStream` first
+(`prepare`). The engine then reads one tensor from each model at a time, merges it and hands it to a sink (a dict
+for benchmark runs, a safetensors file for `mergebench merge`), so memory grows with the largest tensor times the
+number of models, not with model size.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from .api import PRETRAINED, MergeOutput, Method, ModelPool, RunContext
+from .errors import CheckpointError, MergebenchError
+from .tensors import TensorSource, check_compatible, check_finite, is_mergeable
+
+Sink = Callable[[str, torch.Tensor], None]
+
+
+class MergeStream:
+    """Re-iterable view of the floating-point tensors of a base and its experts, one key at a time."""
+
+    def __init__(self, keys: Sequence[str], base: TensorSource | None, experts: Sequence[TensorSource],
+                 check_values: bool = True):
+        self.keys = list(keys)
+        self.base, self.experts = base, list(experts)
+        self._checked: set[str] = set() if check_values else set(self.keys)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def numel(self) -> int:
+        ref = self.base or self.experts[0]
+        return sum(torch.Size(ref.shape(k)).numel() for k in self.keys)
+
+    def read(self, key: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        base = self.base.get(key) if self.base is not None else None
+        experts = [e.get(key) for e in self.experts]
+        if key not in self._checked:
+            if base is not None:
+                check_finite(base, key, self.base.name)  # type: ignore[union-attr]
+            for src, t in zip(self.experts, experts):
+                check_finite(t, key, src.name)
+            self._checked.add(key)
+        return base, experts
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor | None, list[torch.Tensor]]]:
+        for key in self.keys:
+            base, experts = self.read(key)
+            yield key, base, experts
+
+    def task_vectors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, stacked τ of shape (n_experts, *shape)) for every key; needs a base."""
+        if self.base is None:
+            raise MergebenchError("task vectors need a pretrained model, and this pool has none")
+        for key, base, experts in self:
+            b = base.to(dtype)  # type: ignore[union-attr]
+            yield key, torch.stack([e.to(dtype) - b for e in experts])
+
+
+class TensorMergeMethod(Method):
+    """A data-free method computed tensor by tensor; runs on pools (`mergebench run`) and files (`merge`)."""
+
+    requires_base: ClassVar[bool] = True
+
+    def __init__(self, params: Any | None = None):
+        super().__init__(params)
+        self.seed = 0
+        self.extras: dict[str, Any] = {}
+
+    def prepare(self, stream: MergeStream) -> None:
+        """Gather whole-model statistics in passes over `stream` before merging; most methods need none."""
+
+    @abstractmethod
+    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
+        """The merged value of tensor `key`, given its value in the base (None without one) and in each expert."""
+
+    def generator(self, key: str) -> torch.Generator:
+        """A generator for tensor `key` that depends only on the seed and the key, not on the order of tensors."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+
+    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
+        tensor_source = getattr(pool, "tensor_source", None)
+
+        def source(name: str) -> TensorSource:
+            if tensor_source is not None:
+                return tensor_source(name)
+            from .tensors import StateDictSource
+            return StateDictSource(pool.state_dict(name), name)
+
+        base = source(PRETRAINED) if pool.has_pretrained else None
+        experts = [source(n) for n in pool.expert_names]
+        merged: dict[str, torch.Tensor] = {}
+        merge_sources(self, base, experts, sink=merged.__setitem__, seed=ctx.seed, progress=ctx.track)
+        model = pool.load_model(PRETRAINED if pool.has_pretrained else pool.expert_names[0])
+        model.load_state_dict(merged)
+        return MergeOutput(model, extras=dict(self.extras))
+
+
+def merge_sources(method: TensorMergeMethod, base: TensorSource | None, experts: Sequence[TensorSource], *,
+                  sink: Sink, seed: int = 0, check_values: bool = True,
+                  progress: Callable[..., Iterator[Any]] | None = None) -> None:
+    """Run `method` over the sources, handing each output tensor to `sink` in the base's key order."""
+    if not experts:
+        raise MergebenchError("nothing to merge: no expert models were given")
+    if method.requires_base and base is None:
+        raise MergebenchError(f"method {method.name!r} needs a pretrained (base) model")
+    sources = ([base] if base is not None else []) + list(experts)
+    keys = check_compatible(sources)
+    ref = sources[0]
+    float_keys = [k for k in keys if is_mergeable(ref.dtype(k))]
+    method.seed = seed
+    method.extras = {}
+    stream = MergeStream(float_keys, base, experts, check_values=check_values)
+    method.prepare(stream)
+    float_set = set(float_keys)
+    iterator = progress(keys, desc=f"merging ({method.name})", total=len(keys)) if progress else keys
+    for key in iterator:
+        if key not in float_set:  # integer buffers are copied, after checking the experts agree
+            value = ref.get(key)
+            for src in sources[1:]:
+                if not torch.equal(src.get(key), value):
+                    raise CheckpointError(f"non-floating tensor {key!r} differs between {ref.name} and {src.name}; "
+                                          "it cannot be merged")
+            sink(key, value)
+            continue
+        b, ex = stream.read(key)
+        out = method.merge_tensor(key, b, ex)
+        if tuple(out.shape) != tuple(ref.shape(key)):
+            raise MergebenchError(f"method {method.name!r} returned shape {list(out.shape)} for {key!r}, "
+                                  f"expected {list(ref.shape(key))}")
+        sink(key, out.to(ref.dtype(key)))

@@ -1,0 +1,142 @@
+"""The results database: one SQLite row per cell, written (and committed) the moment the cell ends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_COLUMNS = """
+    cell_key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    method TEXT NOT NULL,
+    params TEXT NOT NULL,
+    modelpool TEXT NOT NULL,
+    taskpool TEXT NOT NULL,
+    preference TEXT,
+    seed INTEGER NOT NULL,
+    eval_limit INTEGER,
+    metrics TEXT NOT NULL,
+    mean REAL,
+    normalized_mean REAL,
+    merge_seconds REAL,
+    peak_memory_mb REAL,
+    eval_seconds REAL,
+    status TEXT NOT NULL,
+    error TEXT,
+    traceback TEXT,
+    extras TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    config TEXT NOT NULL,
+    task_specific INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+"""
+
+
+@dataclass
+class CellResult:
+    """One cell of the grid: a method configuration (or a reference model) on a (model pool, task pool)."""
+
+    kind: str  # "method" or "reference"
+    method: str  # method name, or "pretrained" / "individual" for reference rows
+    params: dict[str, Any]
+    modelpool: str
+    taskpool: str
+    seed: int = 0
+    eval_limit: int | None = None
+    preference: list[float] | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    mean: float | None = None
+    normalized_mean: float | None = None
+    merge_seconds: float | None = None
+    peak_memory_mb: float | None = None
+    eval_seconds: float | None = None
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+    traceback: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    task_specific: bool = False
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def cell_key(self) -> str:
+        return cell_key(self.kind, self.method, self.params, self.modelpool, self.taskpool, self.seed,
+                        self.eval_limit, self.preference)
+
+
+def cell_key(kind: str, method: str, params: Mapping[str, Any], modelpool: str, taskpool: str, seed: int,
+             eval_limit: int | None, preference: Sequence[float] | None) -> str:
+    """A stable identity for a cell: everything that changes its result, and nothing else."""
+    ident = json.dumps([kind, method, dict(params), modelpool, taskpool, seed, eval_limit,
+                        list(preference) if preference is not None else None], sort_keys=True, default=str)
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+_JSON_FIELDS = ("params", "preference", "metrics", "extras", "versions", "config")
+
+
+class ResultStore:
+    """SQLite-backed results; each `put` commits, so an interrupted grid keeps every finished cell."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path))
+        self.db.execute(f"CREATE TABLE IF NOT EXISTS results ({_COLUMNS})")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.db.commit()
+
+    def put(self, result: CellResult) -> None:
+        row = asdict(result)
+        for f in _JSON_FIELDS:
+            row[f] = json.dumps(row[f], default=str)
+        row["task_specific"] = int(row["task_specific"])
+        row["cell_key"] = result.cell_key
+        cols = ", ".join(row)
+        marks = ", ".join(f":{c}" for c in row)
+        with self.db:
+            self.db.execute(f"INSERT OR REPLACE INTO results ({cols}) VALUES ({marks})", row)
+
+    def get(self, key: str) -> CellResult | None:
+        rows = list(self._query("WHERE cell_key = ?", (key,)))
+        return rows[0] if rows else None
+
+    def finished(self, key: str) -> bool:
+        cur = self.db.execute("SELECT status FROM results WHERE cell_key = ?", (key,))
+        row = cur.fetchone()
+        return bool(row) and row[0] == "ok"
+
+    def all(self, modelpool: str | None = None, taskpool: str | None = None) -> list[CellResult]:
+        where, args = [], []
+        if modelpool:
+            where.append("modelpool = ?")
+            args.append(modelpool)
+        if taskpool:
+            where.append("taskpool = ?")
+            args.append(taskpool)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        return list(self._query(clause + " ORDER BY created_at", tuple(args)))
+
+    def _query(self, clause: str, args: tuple) -> Iterator[CellResult]:
+        cur = self.db.execute(f"SELECT * FROM results {clause}", args)
+        names = [d[0] for d in cur.description]
+        for values in cur.fetchall():
+            row = dict(zip(names, values))
+            row.pop("cell_key")
+            for f in _JSON_FIELDS:
+                row[f] = json.loads(row[f]) if row[f] is not None else None
+            row["task_specific"] = bool(row["task_specific"])
+            yield CellResult(**row)
+
+    def close(self) -> None:
+        self.db.close()

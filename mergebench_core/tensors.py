@@ -1,0 +1,303 @@
+"""Named tensors, read lazily from state dicts or safetensors files, and written as they are produced.
+
+Every data-free method is written once against `TensorSource`, so it runs on any architecture and on checkpoints
+larger than memory: a source hands out one tensor at a time, and `StreamingSafetensorsWriter` writes each merged
+tensor to disk as soon as it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .errors import CheckpointError
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """Named tensors that can be read one at a time."""
+
+    name: str
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def dtype(self, key: str) -> torch.dtype: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class StateDictSource:
+    """A state dict already in memory."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "state dict"):
+        self.tensors, self.name = tensors, name
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class SafetensorsSource:
+    """One or more safetensors files (a sharded checkpoint, or a Hugging Face model folder), read lazily.
+
+    The header of each file is parsed and checked up front (so a truncated or corrupt file is reported by name
+    before any work starts); tensor data is memory-mapped and read only when asked for.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str | None = None):
+        self.path = Path(path)
+        self.name = name or str(self.path)
+        self.files = resolve_checkpoint_files(self.path)
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, dict] = {}
+        self._handles: dict[Path, object] = {}
+        for f in self.files:
+            for key, meta in read_safetensors_header(f).items():
+                if key in self._where:
+                    raise CheckpointError(f"tensor {key!r} appears in both {self._where[key]} and {f}")
+                self._where[key], self._meta[key] = f, meta
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._meta[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _ST_DTYPES[self._meta[key]["dtype"]]
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        f = self._where[key]
+        try:
+            handle = self._handles.get(f)
+            if handle is None:
+                handle = self._handles[f] = safe_open(str(f), framework="pt")
+            return handle.get_tensor(key)  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {key!r} from {f}: {exc}") from exc
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def resolve_checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files that make up a checkpoint: a file, an index json, or a model folder."""
+    if path.is_dir():
+        for index in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json"):
+            if (path / index).is_file():
+                return _files_from_index(path / index)
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            return files
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise CheckpointError(f"{path} holds only pickle checkpoints (.bin/.pt); convert them to safetensors "
+                                  f"first (`mergebench convert`), mergebench never unpickles by default")
+        raise CheckpointError(f"{path} contains no .safetensors file")
+    if path.name.endswith(".index.json") and path.is_file():
+        return _files_from_index(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        raise CheckpointError(f"{path} is a pickle checkpoint; convert it to safetensors first "
+                              f"(`mergebench convert`), mergebench never unpickles by default")
+    return [path]
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except Exception as exc:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
+    files = sorted({index.parent / f for f in weight_map.values()})
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{index} names shard {f.name}, which is missing")
+    return files
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse and validate a safetensors header without reading tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}") from exc
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    for key, meta in header.items():
+        try:
+            start, end = meta["data_offsets"]
+            dtype = meta["dtype"]
+            numel = 1
+            for d in meta["shape"]:
+                numel *= d
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed header entry for {key!r}") from exc
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        if end > data_len:
+            raise CheckpointError(f"{path} is truncated: tensor {key!r} ends at byte {end} of the data section, "
+                                  f"which holds only {data_len} bytes")
+        if end - start != numel * torch.tensor([], dtype=_ST_DTYPES[dtype]).element_size():
+            raise CheckpointError(f"{path}: tensor {key!r} has {end - start} bytes for shape {meta['shape']}")
+    return header
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file tensor by tensor, so the whole output never sits in memory.
+
+    The header needs every shape and dtype up front; the caller declares them (they are known from the inputs).
+    Bytes go to a temporary file that replaces `path` only on `commit()`: an error never leaves a half-written
+    output behind.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        self._expected: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        for key, shape, dtype in layout:
+            nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+            header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            self._expected.append((key, tuple(shape), dtype))
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.tmp, "wb")
+        self._fh.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        want_key, shape, dtype = self._expected[self._next]
+        if key != want_key or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            self.abort()
+            raise ValueError(f"writer expected {want_key} {shape} {dtype}, got {key} {tuple(tensor.shape)} "
+                             f"{tensor.dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: write its raw 16-bit pattern
+            t = t.view(torch.int16)
+        self._fh.write(t.numpy().tobytes() if t.numel() else b"")
+        self._next += 1
+
+    def commit(self) -> Path:
+        if self._next != len(self._expected):
+            self.abort()
+            raise ValueError(f"writer got {self._next} of {len(self._expected)} tensors")
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamingSafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def check_compatible(sources: Sequence[TensorSource], keys: Iterable[str] | None = None) -> list[str]:
+    """The keys to merge, after checking every source has the same names and shapes as the first."""
+    ref = sources[0]
+    ref_keys = list(keys) if keys is not None else ref.keys()
+    ref_set = set(ref_keys)
+    for src in sources[1:]:
+        other = set(src.keys())
+        missing = [k for k in ref_keys if k not in other]
+        if missing:
+            raise CheckpointError(f"{src.name} has no tensor {missing[0]!r}, which {ref.name} has "
+                                  f"({len(missing)} missing in all)")
+        extra = sorted(other - ref_set) if keys is None else []
+        if extra:
+            raise CheckpointError(f"{src.name} has a tensor {extra[0]!r} that {ref.name} lacks "
+                                  f"({len(extra)} extra in all)")
+        for k in ref_keys:
+            if src.shape(k) != ref.shape(k):
+                raise CheckpointError(f"tensor {k!r} has shape {list(ref.shape(k))} in {ref.name} but "
+                                      f"{list(src.shape(k))} in {src.name}")
+    return ref_keys
+
+
+def check_finite(tensor: torch.Tensor, key: str, source: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"tensor {key!r} in {source} has {bad} non-finite values (NaN or inf)")
+
+
+def task_vector(expert: torch.Tensor, base: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """τ = θ_expert − θ_base, computed in `dtype` so low-precision checkpoints do not lose the small differences."""
+    return expert.to(dtype) - base.to(dtype)
+
+
+def task_vectors(experts: Sequence[torch.Tensor], base: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stacked task vectors, shape (n_experts, *base.shape)."""
+    b = base.to(dtype)
+    return torch.stack([e.to(dtype) - b for e in experts])
+
+
+def is_mergeable(tensor_dtype: torch.dtype) -> bool:
+    """Only floating-point tensors are merged; integer buffers (position ids, counters) are copied."""
+    return tensor_dtype.is_floating_point
+
+
+def iter_source(source: TensorSource, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    for k in keys if keys is not None else source.keys():
+        yield k, source.get(k)
+
+
+def save_state_dict(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a state dict as safetensors atomically (temporary file, then rename)."""
+    layout = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    with StreamingSafetensorsWriter(path, layout, metadata) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+        return w.commit()
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    src = SafetensorsSource(path)
+    return {k: src.get(k) for k in src.keys()}

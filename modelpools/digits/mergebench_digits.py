@@ -1,0 +1,307 @@
+"""The embedded default pool: the CLIP eight-task benchmark in miniature, built offline in seconds.
+
+Data: scikit-learn's bundled `load_digits` (1,797 real 8×8 handwritten digits), split once into 1,200 train and
+597 test images. Eight tasks see those digits through different views, as the CLIP suite sees different datasets:
+the digit itself, rotated by 90° and 180°, mirrored, shifted, transposed, and two relabelings (parity, and
+whether the digit is at least 5).
+
+Models, mirroring CLIP's recipe:
+1. a shared MLP encoder is pretrained *without labels* (a denoising autoencoder on the train images of every view);
+2. each task gets a frozen linear head fit on one labeled example per class (the analogue of CLIP's zero-shot
+   head), so the pretrained model is a weak but real classifier;
+3. each expert fine-tunes the whole encoder on its task with that head frozen.
+Only the encoder is merged; heads live in the task pool. Everything is seeded, and the checkpoints are cached as
+safetensors under a hash of the recipe, so the pool is rebuilt only when the recipe changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
+from mergebench_core.paths import cache_dir
+from mergebench_core.tensors import SafetensorsSource, load_state_dict, save_state_dict
+
+log = logging.getLogger(__name__)
+
+POOL_NAME = "digits-mlp_TA8"
+TASKPOOL_NAME = "digits_TA8"
+TASKS = ("digits", "rot90", "rot180", "mirror", "shift", "transpose", "parity", "magnitude")
+RECIPE_VERSION = 1  # bump when the build code changes in a way the recipe fields do not show
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the pool's weights; its hash names the cache folder."""
+
+    seed: int = 0
+    n_train: int = 1200
+    hidden: int = 256
+    features: int = 128
+    pretrain_steps: int = 600
+    pretrain_lr: float = 3e-3
+    pretrain_mask: float = 0.3
+    probe_shots: int = 1
+    probe_steps: int = 200
+    probe_lr: float = 1e-2
+    finetune_steps: int = 400
+    finetune_lr: float = 3e-4
+    batch_size: int = 64
+    tasks: tuple[str, ...] = TASKS
+    version: int = RECIPE_VERSION
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Encoder(nn.Module):
+    """The mergeable model: 64 pixels → features (three linear layers and a LayerNorm)."""
+
+    def __init__(self, hidden: int = 256, features: int = 128):
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, features)
+        self.norm = nn.LayerNorm(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        x = F.gelu(self.fc1(x))
+        x = F.gelu(self.fc2(x))
+        return self.norm(self.fc3(x))
+
+
+def view(task: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's inputs and labels from (N, 8, 8) images in [0, 1] and digit labels."""
+    if task == "digits":
+        return images, labels
+    if task == "rot90":
+        return torch.rot90(images, 1, (1, 2)), labels
+    if task == "rot180":
+        return torch.rot90(images, 2, (1, 2)), labels
+    if task == "mirror":
+        return torch.flip(images, (2,)), labels
+    if task == "shift":
+        return torch.roll(images, 2, 2), labels
+    if task == "transpose":
+        return images.transpose(1, 2), labels
+    if task == "parity":
+        return images, labels % 2
+    if task == "magnitude":
+        return images, (labels >= 5).long()
+    raise KeyError(task)
+
+
+@dataclass
+class DigitsData:
+    """The fixed train/test split of the bundled digits, and each task's view of it."""
+
+    recipe: Recipe
+    images: torch.Tensor = field(init=False)
+    labels: torch.Tensor = field(init=False)
+    order: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        self.images = torch.tensor(x, dtype=torch.float32).view(-1, 8, 8) / 16.0
+        self.labels = torch.tensor(y, dtype=torch.long)
+        self.order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.recipe.seed))
+
+    def split(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        idx = self.order[: self.recipe.n_train] if split == "train" else self.order[self.recipe.n_train:]
+        x, y = view(task, self.images[idx], self.labels[idx])
+        return x.reshape(len(idx), 64).contiguous(), y
+
+    def num_classes(self, task: str) -> int:
+        return int(self.split(task, "train")[1].max()) + 1
+
+
+def _pretrain(recipe: Recipe, data: DigitsData, gen: torch.Generator) -> Encoder:
+    encoder = Encoder(recipe.hidden, recipe.features)
+    decoder = nn.Linear(recipe.features, 64)
+    views = sorted({t for t in recipe.tasks if t not in ("parity", "magnitude")})
+    inputs = torch.cat([data.split(t, "train")[0] for t in views])  # no labels are used here
+    opt = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=recipe.pretrain_lr)
+    for _ in range(recipe.pretrain_steps):
+        batch = inputs[torch.randint(0, len(inputs), (256,), generator=gen)]
+        noisy = batch * (torch.rand(batch.shape, generator=gen) > recipe.pretrain_mask)
+        loss = F.mse_loss(decoder(encoder(noisy)), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    log.info("pretrained the encoder (reconstruction loss %.4f)", loss.item())
+    return encoder.eval()
+
+
+def _probe(recipe: Recipe, encoder: Encoder, x: torch.Tensor, y: torch.Tensor) -> nn.Linear:
+    classes = int(y.max()) + 1
+    shots = torch.cat([torch.nonzero(y == c)[: recipe.probe_shots, 0] for c in range(classes)])
+    head = nn.Linear(recipe.features, classes)
+    with torch.no_grad():
+        feats = encoder(x[shots])
+    opt = torch.optim.Adam(head.parameters(), lr=recipe.probe_lr)
+    for _ in range(recipe.probe_steps):
+        loss = F.cross_entropy(head(feats), y[shots])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head.requires_grad_(False).eval()
+
+
+def _finetune(recipe: Recipe, encoder: Encoder, head: nn.Linear, x: torch.Tensor, y: torch.Tensor,
+              gen: torch.Generator) -> Encoder:
+    expert = copy.deepcopy(encoder).train()
+    opt = torch.optim.Adam(expert.parameters(), lr=recipe.finetune_lr)
+    for _ in range(recipe.finetune_steps):
+        idx = torch.randint(0, len(x), (recipe.batch_size,), generator=gen)
+        loss = F.cross_entropy(head(expert(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return expert.eval()
+
+
+def build(recipe: Recipe, folder: Path) -> None:
+    """Train the pretrained encoder, the heads and the experts, and write them to `folder` as safetensors."""
+    log.info("building the embedded pool %s (recipe %s) in %s", POOL_NAME, recipe.digest(), folder)
+    data = DigitsData(recipe)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    with torch.random.fork_rng():  # module initialisation draws from the global generator: pin it, then restore
+        torch.manual_seed(recipe.seed)
+        encoder = _pretrain(recipe, data, gen)
+        heads = {t: _probe(recipe, encoder, *data.split(t, "train")) for t in recipe.tasks}
+        experts = {t: _finetune(recipe, encoder, heads[t], *data.split(t, "train"), gen) for t in recipe.tasks}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_state_dict(encoder.state_dict(), folder / f"{PRETRAINED}.safetensors")
+    for t, expert in experts.items():
+        save_state_dict(expert.state_dict(), folder / f"{t}.safetensors")
+    head_tensors = {f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()}
+    save_state_dict(head_tensors, folder / "heads.safetensors")
+    (folder / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))  # written last: done
+
+
+def ensure_built(recipe: Recipe, root: Path | None = None) -> Path:
+    folder = (root or cache_dir() / "pools" / "digits") / recipe.digest()
+    marker = folder / "recipe.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(dataclasses.asdict(recipe)))):
+        build(recipe, folder)
+    return folder
+
+
+class DigitsModelPool(ModelPool):
+    """The pretrained encoder and one expert per task."""
+
+    default_taskpool = TASKPOOL_NAME
+
+    def __init__(self, recipe: Recipe | None = None, root: Path | None = None):
+        self.name = POOL_NAME
+        self.recipe = recipe or Recipe()
+        self.root = root
+
+    @cached_property
+    def folder(self) -> Path:
+        return ensure_built(self.recipe, self.root)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.recipe.tasks)
+
+    def _file(self, name: str) -> Path:
+        if name != PRETRAINED and name not in self.recipe.tasks:
+            raise KeyError(f"pool {self.name!r} has no model {name!r}; models: {PRETRAINED}, "
+                           f"{', '.join(self.recipe.tasks)}")
+        return self.folder / f"{name}.safetensors"
+
+    def load_model(self, name: str) -> nn.Module:
+        model = Encoder(self.recipe.hidden, self.recipe.features)
+        model.load_state_dict(load_state_dict(self._file(name)))
+        return model.eval()
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return load_state_dict(self._file(name))
+
+    def tensor_source(self, name: str) -> SafetensorsSource:
+        return SafetensorsSource(self._file(name), name=f"{self.name}/{name}")
+
+    def identity(self, name: str) -> str:
+        return f"{self.name}/{self.recipe.digest()}/{name}"
+
+    def version_info(self) -> dict[str, str]:
+        return {"digits_recipe": self.recipe.digest()}
+
+
+class DigitsTaskPool(TaskPool):
+    """Accuracy of an encoder, through each task's frozen head, on the 597 held-out test digits."""
+
+    def __init__(self, recipe: Recipe | None = None, root: Path | None = None):
+        self.name = TASKPOOL_NAME
+        self.recipe = recipe or Recipe()
+        self.root = root
+
+    @cached_property
+    def data(self) -> DigitsData:
+        return DigitsData(self.recipe)
+
+    @cached_property
+    def heads(self) -> dict[str, nn.Linear]:
+        tensors = load_state_dict(ensure_built(self.recipe, self.root) / "heads.safetensors")
+        heads = {}
+        for t in self.recipe.tasks:
+            w = tensors[f"{t}.weight"]
+            head = nn.Linear(w.shape[1], w.shape[0])
+            head.load_state_dict({"weight": w, "bias": tensors[f"{t}.bias"]})
+            heads[t] = head.requires_grad_(False).eval()
+        return heads
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.recipe.tasks)
+
+    def batches(self, task: str, split: str = "test", *, batch_size: int = 256,
+                limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if task not in self.recipe.tasks:
+            raise KeyError(f"task pool {self.name!r} has no task {task!r}; tasks: {', '.join(self.recipe.tasks)}")
+        x, y = self.data.split(task, split)
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+
+    def num_examples(self, task: str, split: str = "test") -> int:
+        return len(self.data.split(task, split)[1])
+
+    def logits(self, model: nn.Module, task: str, inputs: torch.Tensor) -> torch.Tensor:
+        head = self.heads[task]
+        features = model(inputs)
+        head = head.to(features.device)
+        return head(features)
+
+    def version_info(self) -> dict[str, str]:
+        return {"digits_recipe": self.recipe.digest()}
+
+
+@hookimpl
+def register_modelpools(register):
+    register(POOL_NAME, DigitsModelPool, "8 digit tasks, MLP encoder pretrained without labels (embedded, offline)",
+             default=True)
+
+
+@hookimpl
+def register_taskpools(register):
+    register(TASKPOOL_NAME, DigitsTaskPool, "8 views of scikit-learn's bundled digits, 597 test images each")

@@ -6,13 +6,22 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def digits_root(tmp_path_factory):
-    """A folder holding the embedded digits pool, built once per test session (about 20 s on 2 cores)."""
+def session_cache(tmp_path_factory):
+    """A MERGEBENCH_CACHE folder for the session, holding the embedded pool built once (about 20 s on 2 cores).
+
+    Subprocess tests of the CLI set MERGEBENCH_CACHE to it, so they reuse the build.
+    """
     from mergebench_digits import Recipe, ensure_built
 
-    root = tmp_path_factory.mktemp("digits-pool")
-    ensure_built(Recipe(), root)
-    return root
+    cache = tmp_path_factory.mktemp("mergebench-cache")
+    ensure_built(Recipe(), cache / "pools" / "digits")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def digits_root(session_cache):
+    """The folder that `ensure_built` takes as root for the session's digits pool."""
+    return session_cache / "pools" / "digits"
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +33,9 @@ def digits_pools(digits_root):
 
 
 @pytest.fixture()
-def isolated_cache(tmp_path, monkeypatch):
-    """Point MERGEBENCH_CACHE and MERGEBENCH_STORE at a fresh temporary folder."""
-    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
+def cli_env(session_cache, tmp_path, monkeypatch):
+    """Environment for CLI tests: the session's built pool, and a fresh results store in a temporary folder."""
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(session_cache))
     monkeypatch.setenv("MERGEBENCH_STORE", str(tmp_path / "results.sqlite"))
+    monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -1,0 +1,112 @@
+import json
+import struct
+
+import pytest
+import torch
+
+from mergebench_core.errors import CheckpointError
+from mergebench_core.merging import merge_sources
+from mergebench_core.tensors import (
+    SafetensorsSource,
+    StateDictSource,
+    StreamingSafetensorsWriter,
+    check_compatible,
+    load_state_dict,
+    save_state_dict,
+)
+from mergebench_task_arithmetic import TaskArithmetic
+
+
+def test_roundtrip_keeps_values_dtypes_and_order(tmp_path):
+    tensors = {"b": torch.arange(6, dtype=torch.float32).view(2, 3), "a": torch.tensor([1.5], dtype=torch.bfloat16),
+               "ids": torch.arange(4), "flag": torch.tensor([True, False])}
+    path = save_state_dict(tensors, tmp_path / "m.safetensors")
+    src = SafetensorsSource(path)
+    assert src.keys() == ["b", "a", "ids", "flag"]
+    for k, v in tensors.items():
+        assert src.dtype(k) == v.dtype and torch.equal(src.get(k), v)
+    from safetensors.torch import load_file  # the reference reader agrees with our writer
+    for k, v in load_file(str(path)).items():
+        assert torch.equal(v, tensors[k])
+
+
+def test_sharded_checkpoint_folder_is_one_source(tmp_path):
+    save_state_dict({"x": torch.ones(2)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_state_dict({"y": torch.zeros(3)}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}))
+    src = SafetensorsSource(tmp_path)
+    assert sorted(src.keys()) == ["x", "y"] and torch.equal(src.get("y"), torch.zeros(3))
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = save_state_dict({"w": torch.ones(100)}, tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(CheckpointError, match=r"m\.safetensors is truncated: tensor 'w'"):
+        SafetensorsSource(path)
+
+
+def test_garbage_file_is_named(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", 10) + b"not json!!")
+    with pytest.raises(CheckpointError, match="bad.safetensors is not a readable safetensors file"):
+        SafetensorsSource(path)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        SafetensorsSource(tmp_path / "model.bin")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        SafetensorsSource(tmp_path)
+
+
+def test_writer_leaves_nothing_behind_on_error(tmp_path):
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(RuntimeError):
+        with StreamingSafetensorsWriter(out, [("a", (2,), torch.float32), ("b", (2,), torch.float32)]) as w:
+            w.write("a", torch.ones(2))
+            raise RuntimeError("merge failed half way")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shape_mismatch_names_key_and_both_shapes():
+    a = StateDictSource({"w": torch.zeros(2, 3), "v": torch.zeros(4, 5)}, "a")
+    b = StateDictSource({"w": torch.zeros(2, 3), "v": torch.zeros(5, 4)}, "b")
+    with pytest.raises(CheckpointError, match=r"tensor 'v' has shape \[4, 5\] in a but \[5, 4\] in b"):
+        check_compatible([a, b])
+
+
+def test_missing_key_is_named():
+    a = StateDictSource({"w": torch.zeros(1), "v": torch.zeros(1)}, "a")
+    b = StateDictSource({"w": torch.zeros(1)}, "b")
+    with pytest.raises(CheckpointError, match="b has no tensor 'v'"):
+        check_compatible([a, b])
+
+
+def test_non_finite_input_is_named():
+    base = StateDictSource({"w": torch.zeros(3)}, "base")
+    bad = StateDictSource({"w": torch.tensor([0.0, float("nan"), 1.0])}, "expert-2")
+    with pytest.raises(CheckpointError, match="tensor 'w' in expert-2 has 1 non-finite"):
+        merge_sources(TaskArithmetic(), base, [bad], sink=lambda *_: None)
+
+
+def test_integer_buffers_are_copied_not_merged():
+    base = StateDictSource({"ids": torch.arange(3), "w": torch.zeros(2)}, "base")
+    e = StateDictSource({"ids": torch.arange(3), "w": torch.ones(2)}, "e")
+    out = {}
+    merge_sources(TaskArithmetic(), base, [e], sink=out.__setitem__)
+    assert torch.equal(out["ids"], torch.arange(3)) and torch.allclose(out["w"], torch.full((2,), 0.3))
+
+
+def test_merge_keeps_input_dtype():
+    base = StateDictSource({"w": torch.zeros(4, dtype=torch.bfloat16)}, "base")
+    e = StateDictSource({"w": torch.ones(4, dtype=torch.bfloat16)}, "e")
+    out = {}
+    merge_sources(TaskArithmetic(), base, [e], sink=out.__setitem__)
+    assert out["w"].dtype == torch.bfloat16
+
+
+def test_load_state_dict_reads_everything(tmp_path):
+    path = save_state_dict({"a": torch.ones(2, 2)}, tmp_path / "x.safetensors")
+    assert torch.equal(load_state_dict(path)["a"], torch.ones(2, 2))

@@ -1,0 +1,337 @@
+"""Data statistics that merging methods share, computed once and cached on disk as safetensors.
+
+Fisher merging, uncertainty-based gradient matching, RegMean and their variants all start from the same few
+statistics of a model on a task's training data:
+
+- the diagonal Fisher (or Gauss-Newton Hessian) estimate: the mean over examples of each parameter's squared
+  *per-example* gradient of the negative log-likelihood, with the true labels ("empirical") or with labels drawn from
+  the model's own predictive distribution ("sampled", an unbiased Monte-Carlo estimate of the true Fisher);
+- the Gram matrix XᵀX / n of the inputs of every `nn.Linear` (RegMean).
+
+They are expensive (a backward pass per example for Fisher) and identical across methods and across a grid of
+hyper-parameters, so `StatsCache` stores each one under a key of (model identity, task, statistic, number of
+examples, seed, code version). The key is written into the file's safetensors metadata as well as hashed into its
+name: a file whose metadata does not match the key asked for (a hash collision, a hand-copied file, an older
+`STATS_VERSION`) is recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import ModelPool, RunContext, TaskPool
+from .tensors import save_state_dict
+
+log = logging.getLogger(__name__)
+
+STATS_VERSION = 1
+"""Bump whenever a change to this module changes the numbers it computes; every cached file is then recomputed."""
+
+FisherLabels = Literal["empirical", "sampled"]
+Progress = Callable[..., Iterator[Any]]
+
+
+# -- the cache ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StatsKey:
+    """What identifies one cached statistic. Everything that changes its numbers must be in here."""
+
+    model: str
+    """`ModelPool.identity(name)`: changes whenever the weights change."""
+    task: str
+    """`<task pool name>/<task>`: the task pool owns the data and the heads, so both are part of the key."""
+    statistic: str
+    n_examples: int
+    seed: int
+    version: int = STATS_VERSION
+
+    def metadata(self) -> dict[str, str]:
+        return {f"mergebench.{k}": str(v) for k, v in asdict(self).items()}
+
+    def filename(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
+        return f"{self.statistic}-{digest}.safetensors"
+
+
+class StatsCache:
+    """A folder of safetensors files, one per `StatsKey`; counts its hits and misses so benchmarks can report them."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def for_context(cls, ctx: RunContext) -> StatsCache:
+        """The cache every method of a run shares: `<cache dir>/stats`."""
+        return cls(Path(ctx.cache_dir) / "stats")
+
+    def path(self, key: StatsKey) -> Path:
+        return self.root / key.filename()
+
+    def load(self, key: StatsKey) -> dict[str, torch.Tensor] | None:
+        """The cached tensors for `key`, or None when absent, unreadable, or stored under a different key."""
+        from safetensors import safe_open
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:  # type: ignore[no-untyped-call]
+                stored = fh.metadata() or {}
+                if stored != key.metadata():
+                    log.warning("cached statistic %s was stored under another key (%s); recomputing", path,
+                                {k: v for k, v in stored.items() if key.metadata().get(k) != v})
+                    return None
+                return {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # a truncated or corrupt file is recomputed, not trusted
+            log.warning("cannot read cached statistic %s (%s); recomputing", path, exc)
+            return None
+
+    def save(self, key: StatsKey, tensors: Mapping[str, torch.Tensor]) -> Path:
+        cpu = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        return save_state_dict(cpu, self.path(key), metadata=key.metadata())
+
+    def get_or_compute(self, key: StatsKey, compute: Callable[[], Mapping[str, torch.Tensor]]
+                       ) -> dict[str, torch.Tensor]:
+        found = self.load(key)
+        if found is not None:
+            self.hits += 1
+            log.debug("statistic %s of %s on %s: cache hit", key.statistic, key.model, key.task)
+            return found
+        self.misses += 1
+        log.info("computing %s of %s on %s (%d examples)", key.statistic, key.model, key.task, key.n_examples)
+        tensors = dict(compute())
+        self.save(key, tensors)
+        return {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+def _train_batches(taskpool: TaskPool, task: str, n_examples: int, batch_size: int,
+                   progress: Progress | None, desc: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `n_examples` training examples of `task` in batches, wrapped in a progress bar when asked."""
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = taskpool.batches(
+        task, "train", batch_size=batch_size, limit=n_examples)
+    if progress is not None:
+        batches = progress(batches, desc=desc, total=math.ceil(n_examples / batch_size))
+    return batches
+
+
+# -- Fisher / Hessian diagonals -----------------------------------------------------------------------------------
+
+class _LogitsOf(nn.Module):
+    """`taskpool.logits(model, task, ·)` as a module, so `torch.func.functional_call` can swap the model's weights.
+
+    The task pool's head is not a submodule: only the mergeable model's parameters are differentiated.
+    """
+
+    def __init__(self, model: nn.Module, taskpool: TaskPool, task: str):
+        super().__init__()
+        self.model = model
+        self._taskpool, self._task = taskpool, task
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._taskpool.logits(self.model, self._task, inputs)
+
+
+def _labels_for(wrapper: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, mode: FisherLabels,
+                generator: torch.Generator) -> torch.Tensor:
+    if mode == "empirical":
+        return labels
+    with torch.inference_mode():
+        probs = torch.softmax(wrapper(inputs).float(), dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(labels.device)
+
+
+def _squared_grads_vmap(wrapper: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                        inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ over the batch of each example's squared gradient, with vmap(grad) (one batched backward)."""
+    from torch.func import functional_call, grad, vmap
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(wrapper, (p, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(logits.float(), y.unsqueeze(0))
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, labels)
+    return {k: g.pow(2).sum(0) for k, g in per_example.items()}
+
+
+def _squared_grads_loop(wrapper: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
+                        labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same sum with one backward pass per example: slow, but works on any module."""
+    names = list(params)
+    tensors = [dict(wrapper.named_parameters())[n] for n in names]
+    out = {n: torch.zeros_like(t) for n, t in zip(names, tensors)}
+    for i in range(len(inputs)):
+        loss = F.cross_entropy(wrapper(inputs[i:i + 1]).float(), labels[i:i + 1])
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                out[n] += g.pow(2)
+    return out
+
+
+def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples: int = 256, *, seed: int = 0,
+                    labels: FisherLabels = "empirical", batch_size: int = 32, device: torch.device | str = "cpu",
+                    per_example: Literal["auto", "vmap", "loop"] = "auto",
+                    progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of `model` on `task`: mean over the first `n_examples` training examples of g ⊙ g, where g is
+    one example's gradient of the cross-entropy of `taskpool.logits(model, task, x)` with respect to every
+    parameter of `model`.
+
+    `labels="sampled"` draws each label from the model's softmax (seeded by `seed`), as uncertainty-based gradient
+    matching does; `"empirical"` uses the true labels. `per_example="auto"` batches with `torch.func.vmap` and falls
+    back to a per-example loop for modules vmap cannot handle.
+    """
+    if labels not in ("empirical", "sampled"):
+        raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    wrapper = _LogitsOf(model, taskpool, task)
+    params = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
+    buffers = {f"model.{k}": v.detach() for k, v in model.named_buffers()}
+    sums = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    mode = per_example
+    seen = 0
+    for inputs, y in _train_batches(taskpool, task, n_examples, batch_size, progress,
+                                    f"fisher ({labels}) on {task}"):
+        inputs, y = inputs.to(device), y.to(device)
+        y = _labels_for(wrapper, inputs, y, labels, generator)
+        if mode in ("auto", "vmap"):
+            try:
+                batch = _squared_grads_vmap(wrapper, params, buffers, inputs, y)
+                mode = "vmap"
+            except Exception as exc:
+                if mode == "vmap":
+                    raise
+                log.info("vmap cannot batch per-example gradients of this model (%s); looping per example", exc)
+                mode = "loop"
+        if mode == "loop":
+            batch = _squared_grads_loop(wrapper, params, inputs, y)
+        for k in sums:
+            sums[k] += batch[k].float()
+        seen += len(inputs)
+    if seen == 0:
+        raise ValueError(f"task {task!r} of task pool {taskpool.name!r} has no training examples")
+    if seen < n_examples:
+        log.warning("task %s has only %d training examples (%d asked for)", task, seen, n_examples)
+    return {k.removeprefix("model."): (v / seen).cpu() for k, v in sums.items()}
+
+
+# -- Gram matrices of linear-layer inputs -------------------------------------------------------------------------
+
+class _StopForward(Exception):
+    """Raised by a hook once every requested layer has seen its input, so the rest of the forward is skipped."""
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def linear_input_grams(model: nn.Module, taskpool: TaskPool, task: str, n_examples: int = 256, *,
+                       batch_size: int = 32, device: torch.device | str = "cpu", modules: Sequence[str] | None = None,
+                       progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """{module name: XᵀX / rows} for the inputs X of every `nn.Linear` of `model` (or those in `modules`) on the
+    first `n_examples` examples of `task`, collected with forward hooks under inference mode.
+
+    Inputs with extra leading dimensions (tokens) are flattened to rows, so n counts rows. When `modules` is given
+    the forward pass stops as soon as each of them has seen its input (RegMean++ asks for one layer at a time).
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    layers = linear_layers(model)
+    wanted = list(layers) if modules is None else list(modules)
+    missing = [m for m in wanted if m not in layers]
+    if missing:
+        raise KeyError(f"not linear layers of the model: {missing}")
+    grams = {m: torch.zeros(layers[m].in_features, layers[m].in_features, device=device) for m in wanted}
+    rows = dict.fromkeys(wanted, 0)
+    seen_in_batch: set[str] = set()
+    stop_early = modules is not None
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            grams[name] += x.T @ x
+            rows[name] += x.shape[0]
+            seen_in_batch.add(name)
+            if stop_early and len(seen_in_batch) == len(wanted):
+                raise _StopForward
+        return record
+
+    handles = [layers[m].register_forward_pre_hook(hook(m)) for m in wanted]
+    try:
+        with torch.inference_mode():
+            for inputs, _ in _train_batches(taskpool, task, n_examples, batch_size, progress, f"grams on {task}"):
+                seen_in_batch.clear()
+                try:
+                    taskpool.logits(model, task, inputs.to(device))
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    unused = [m for m in wanted if rows[m] == 0]
+    if unused:
+        raise ValueError(f"linear layers {unused} saw no input on task {task!r}")
+    return {m: (grams[m] / rows[m]).cpu() for m in wanted}
+
+
+def forward_order(model: nn.Module, taskpool: TaskPool, task: str) -> list[str]:
+    """Names of the linear layers of `model` in the order a forward pass first calls them (layers never called are
+    left out), from one example of `task`."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n) if n not in order else None)
+               for name, m in linear_layers(model).items()]
+    try:
+        inputs, _ = next(iter(taskpool.batches(task, "train", batch_size=1, limit=1)))
+        with torch.inference_mode():
+            taskpool.logits(model.eval(), task, inputs.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+# -- cached entry points ------------------------------------------------------------------------------------------
+
+def task_key(taskpool: TaskPool, task: str) -> str:
+    return f"{taskpool.name}/{task}"
+
+
+def cached_fisher(cache: StatsCache, pool: ModelPool, model_name: str, taskpool: TaskPool, task: str, *,
+                  n_examples: int = 256, seed: int = 0, labels: FisherLabels = "empirical", batch_size: int = 32,
+                  device: torch.device | str = "cpu", progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """`fisher_diagonal` of pool model `model_name` on `task`, from the cache when it was computed before.
+
+    The model is loaded only on a cache miss, so a cache hit costs one file read.
+    """
+    key = StatsKey(pool.identity(model_name), task_key(taskpool, task), f"fisher_{labels}", n_examples, seed)
+    return cache.get_or_compute(key, lambda: fisher_diagonal(
+        pool.load_model(model_name), taskpool, task, n_examples, seed=seed, labels=labels, batch_size=batch_size,
+        device=device, progress=progress))
+
+
+def cached_linear_grams(cache: StatsCache, pool: ModelPool, model_name: str, taskpool: TaskPool, task: str, *,
+                        n_examples: int = 256, batch_size: int = 32, device: torch.device | str = "cpu",
+                        progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """`linear_input_grams` of pool model `model_name` on `task`, cached. Grams use no randomness: the seed in the
+    key is always 0, so runs with different seeds share them."""
+    key = StatsKey(pool.identity(model_name), task_key(taskpool, task), "linear_grams", n_examples, 0)
+    return cache.get_or_compute(key, lambda: linear_input_grams(
+        pool.load_model(model_name), taskpool, task, n_examples, batch_size=batch_size, device=device,
+        progress=progress))

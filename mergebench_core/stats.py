@@ -151,22 +151,26 @@ def _labels_for(wrapper: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, 
                 generator: torch.Generator) -> torch.Tensor:
     if mode == "empirical":
         return labels
-    with torch.inference_mode():
+    with torch.no_grad():
         probs = torch.softmax(wrapper(inputs).float(), dim=-1).cpu()
     return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(labels.device)
 
 
 def _squared_grads_vmap(wrapper: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                        inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Σ over the batch of each example's squared gradient, with vmap(grad) (one batched backward)."""
+                        inputs: torch.Tensor, labels: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
+    """Σ over the batch of each example's squared gradient, with vmap(grad), `chunk` examples at a time."""
     from torch.func import functional_call, grad, vmap
 
     def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = functional_call(wrapper, (p, buffers), (x.unsqueeze(0),))
         return F.cross_entropy(logits.float(), y.unsqueeze(0))
 
-    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, labels)
-    return {k: g.pow(2).sum(0) for k, g in per_example.items()}
+    out = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
+    for i in range(0, len(inputs), chunk):
+        per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs[i:i + chunk], labels[i:i + chunk])
+        for k, g in per_example.items():
+            out[k] += g.float().pow(2).sum(0)
+    return out
 
 
 def _squared_grads_loop(wrapper: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
@@ -186,7 +190,7 @@ def _squared_grads_loop(wrapper: nn.Module, params: dict[str, torch.Tensor], inp
 
 def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples: int = 256, *, seed: int = 0,
                     labels: FisherLabels = "empirical", batch_size: int = 32, device: torch.device | str = "cpu",
-                    per_example: Literal["auto", "vmap", "loop"] = "auto",
+                    per_example: Literal["auto", "vmap", "loop"] = "auto", max_grad_memory_mb: float = 1024,
                     progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of `model` on `task`: mean over the first `n_examples` training examples of g ⊙ g, where g is
     one example's gradient of the cross-entropy of `taskpool.logits(model, task, x)` with respect to every
@@ -194,7 +198,11 @@ def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples:
 
     `labels="sampled"` draws each label from the model's softmax (seeded by `seed`), as uncertainty-based gradient
     matching does; `"empirical"` uses the true labels. `per_example="auto"` batches with `torch.func.vmap` and falls
-    back to a per-example loop for modules vmap cannot handle.
+    back to a per-example loop for modules vmap cannot handle. vmap holds one gradient per example, so it takes as
+    many examples at a time as fit in `max_grad_memory_mb` (the whole batch for small models, a few for CLIP).
+
+    `taskpool.logits` runs inside `torch.func` transforms here: it must not rebind module parameters (`Module.to`)
+    or fill lazy caches; one plain forward is run first so lazily built heads exist before the transforms start.
     """
     if labels not in ("empirical", "sampled"):
         raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
@@ -204,16 +212,21 @@ def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples:
     params = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
     buffers = {f"model.{k}": v.detach() for k, v in model.named_buffers()}
     sums = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
+    bytes_per_example = 4 * sum(v.numel() for v in params.values())
+    chunk = max(1, int(max_grad_memory_mb * 2**20 // max(bytes_per_example, 1)))
     generator = torch.Generator().manual_seed(seed)
     mode = per_example
     seen = 0
     for inputs, y in _train_batches(taskpool, task, n_examples, batch_size, progress,
                                     f"fisher ({labels}) on {task}"):
         inputs, y = inputs.to(device), y.to(device)
+        if seen == 0:  # one plain forward first: task pools build heads lazily, which must not happen under vmap
+            with torch.no_grad():  # (nor under inference mode: the heads are backpropagated through)
+                wrapper(inputs[:1])
         y = _labels_for(wrapper, inputs, y, labels, generator)
         if mode in ("auto", "vmap"):
             try:
-                batch = _squared_grads_vmap(wrapper, params, buffers, inputs, y)
+                batch = _squared_grads_vmap(wrapper, params, buffers, inputs, y, chunk)
                 mode = "vmap"
             except Exception as exc:
                 if mode == "vmap":

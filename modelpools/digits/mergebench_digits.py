@@ -260,13 +260,19 @@ class DigitsTaskPool(TaskPool):
 
     @cached_property
     def heads(self) -> dict[str, nn.Linear]:
-        tensors = load_state_dict(ensure_built(self.recipe, self.root) / "heads.safetensors")
-        heads = {}
-        for t in self.recipe.tasks:
-            w = tensors[f"{t}.weight"]
-            head = nn.Linear(w.shape[1], w.shape[0])
-            head.load_state_dict({"weight": w, "bias": tensors[f"{t}.bias"]})
-            heads[t] = head.requires_grad_(False).eval()
+        return self._load_heads()
+
+    def _load_heads(self) -> dict[str, nn.Linear]:
+        # built outside inference mode even when first asked for by an evaluation: data-dependent methods
+        # (Fisher, AdaMerging) backpropagate through the heads later, which inference tensors forbid
+        with torch.inference_mode(False):
+            tensors = load_state_dict(ensure_built(self.recipe, self.root) / "heads.safetensors")
+            heads = {}
+            for t in self.recipe.tasks:
+                w = tensors[f"{t}.weight"]
+                head = nn.Linear(w.shape[1], w.shape[0])
+                head.load_state_dict({"weight": w, "bias": tensors[f"{t}.bias"]})
+                heads[t] = head.requires_grad_(False).eval()
         return heads
 
     @property
@@ -289,7 +295,8 @@ class DigitsTaskPool(TaskPool):
     def logits(self, model: nn.Module, task: str, inputs: torch.Tensor) -> torch.Tensor:
         head = self.heads[task]
         features = model(inputs)
-        head = head.to(features.device)
+        if head.weight.device != features.device:  # Module.to rebinds parameters, which torch.func transforms forbid
+            head = head.to(features.device)
         return head(features)
 
     def version_info(self) -> dict[str, str]:

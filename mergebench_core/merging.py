@@ -93,7 +93,7 @@ class TensorMergeMethod(Method):
             if tensor_source is not None:
                 return tensor_source(name)
             from .tensors import StateDictSource
-            return StateDictSource(pool.state_dict(name), name)
+            return StateDictSource(pool.state_dict(name), f"{pool.name}/{name}")
 
         base = source(PRETRAINED) if pool.has_pretrained else None
         experts = [source(n) for n in pool.expert_names]

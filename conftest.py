@@ -11,9 +11,14 @@ def session_cache(tmp_path_factory):
 
     Subprocess tests of the CLI set MERGEBENCH_CACHE to it, so they reuse the build.
     """
+    import os
+    from pathlib import Path
+
     from mergebench_digits import Recipe, ensure_built
 
-    cache = tmp_path_factory.mktemp("mergebench-cache")
+    # MERGEBENCH_TEST_CACHE keeps the build between test sessions on a developer's machine; CI starts fresh.
+    kept = os.environ.get("MERGEBENCH_TEST_CACHE")
+    cache = Path(kept) if kept else tmp_path_factory.mktemp("mergebench-cache")
     ensure_built(Recipe(), cache / "pools" / "digits")
     return cache
 

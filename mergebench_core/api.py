@@ -74,6 +74,19 @@ class ModelPool(ABC):
         """Extra provenance stored with every result (recipe hashes, hub revisions)."""
         return {}
 
+    def configure(self, *, dtype: str | None = None, trust_pickle: bool = False) -> None:
+        """Run-wide options from the command line (`--dtype`, `--trust-pickle`); pools that have no use for them
+        ignore them. Called once, right after the pool is built."""
+
+    def missing_resources(self) -> list[str]:
+        """Resources this pool needs that are not on this machine and cannot be fetched now (offline), one line each.
+        The runner checks every selected pool before any work starts and reports them all at once."""
+        return []
+
+    def download(self, progress: Callable[[str], None] | None = None) -> None:
+        """Fetch everything the pool needs into local caches (`mergebench download`); `progress` gets a line per
+        item."""
+
 
 class TaskPool(ABC):
     """Tasks on which a model is scored: their data, their heads and their metrics.
@@ -104,6 +117,17 @@ class TaskPool(ABC):
 
     def version_info(self) -> dict[str, str]:
         return {}
+
+    def missing_resources(self) -> list[str]:
+        """As `ModelPool.missing_resources`: what scoring needs (base model, datasets) that is absent and
+        unfetchable."""
+        return []
+
+    def configure(self, *, dtype: str | None = None, trust_pickle: bool = False) -> None:
+        """As `ModelPool.configure` (a task pool whose heads come from pickle files needs `trust_pickle`)."""
+
+    def download(self, progress: Callable[[str], None] | None = None) -> None:
+        """Fetch the task pool's data and models into local caches (`mergebench download`)."""
 
 
 @dataclass

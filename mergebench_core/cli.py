@@ -1,4 +1,4 @@
-"""The `mergebench` command line: run | merge | list | leaderboard | show."""
+"""The `mergebench` command line: run | merge | download | convert | list | leaderboard | show."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in _split(args.seed) or ["0"]]
     options = RunOptions(methods=_split(args.method), modelpools=_split(args.modelpool), taskpool=args.taskpool,
                          overrides=args.overrides, config_file=args.config, seeds=seeds, limit=args.limit,
-                         device=args.device, rerun=args.rerun, batch_size=args.batch_size)
+                         device=args.device, rerun=args.rerun, batch_size=args.batch_size, dtype=args.dtype,
+                         trust_pickle=_trust_pickle(args))
     store = ResultStore(args.store)
     runner = Runner(registry, store, options, progress=_progress)
     cells = runner.plan()  # every name and parameter is checked before any work starts
@@ -89,6 +90,58 @@ def cmd_merge(args: argparse.Namespace) -> int:
             if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json", ".pt")):
                 shutil.copy2(f, out / f.name)
     print(f"wrote {out_file} ({method_cls.name}, {len(experts)} models)")
+    return 0
+
+
+def _trust_pickle(args: argparse.Namespace) -> bool:
+    import os
+
+    from .tensors import TRUST_PICKLE_ENV
+
+    return bool(getattr(args, "trust_pickle", False)) or \
+        os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Prefetch every model and dataset of the named model pools and of their task pools."""
+    from .runner import Runner, RunOptions
+    from .store import ResultStore
+
+    registry = get_registry()
+    pools = _split(args.modelpool) or []
+    runner = Runner(registry, ResultStore(":memory:"), RunOptions(modelpools=pools, taskpool=args.taskpool,
+                                                                   trust_pickle=_trust_pickle(args)))
+
+    def progress(line: str) -> None:
+        print(f"  fetching {line}", file=sys.stderr, flush=True)
+
+    for name in pools:
+        pool = runner.modelpool(registry.modelpool(name).name)
+        taskpool = runner.taskpool(runner.taskpool_for(pool.name))
+        print(f"{pool.name} (task pool {taskpool.name}):", file=sys.stderr)
+        pool.download(progress)
+        taskpool.download(progress)
+    print(f"done: {', '.join(pools)} and their task pools are in the local caches", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Turn pickle checkpoints into safetensors once, so later runs never unpickle."""
+    from .tensors import convert_pickle_checkpoint
+
+    trust = _trust_pickle(args)
+    if args.modelpool:
+        pool = get_registry().modelpool(args.modelpool).obj()
+        convert = getattr(pool, "convert", None)
+        if convert is None:
+            raise MergebenchError(f"model pool {args.modelpool!r} has nothing to convert")
+        pool.configure(trust_pickle=trust)
+        for written in convert():
+            print(f"wrote {written}")
+    for path in args.paths:
+        print(f"wrote {convert_pickle_checkpoint(path, trust_pickle=trust)}")
+    if not args.modelpool and not args.paths:
+        raise MergebenchError("name checkpoint files or --modelpool to convert")
     return 0
 
 
@@ -172,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     run.add_argument("--batch-size", type=int, default=256)
     run.add_argument("--rerun", action="store_true", help="recompute cells already in the store")
+    run.add_argument("--dtype", help="load models in this dtype where the pool supports it (float32, bfloat16, ...)")
+    run.add_argument("--trust-pickle", action="store_true",
+                     help="allow pools to unpickle checkpoints (runs code from the file; only for files you trust)")
     run.add_argument("--store", default=str(default_store()), help="results database (SQLite)")
     run.add_argument("--format", default="github", choices=FORMATS)
     run.add_argument("overrides", nargs="*", help="parameter overrides: method.x=1 or <method>.x=1,2,3 (sweep)")
@@ -185,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=0)
     merge.add_argument("overrides", nargs="*", help="parameter overrides: method.x=1")
     merge.set_defaults(func=cmd_merge)
+
+    dl = sub.add_parser("download", help="prefetch every model and dataset of model pools and their task pools")
+    dl.add_argument("--modelpool", "-p", action="append", required=True, help="model pool(s), comma-separated")
+    dl.add_argument("--taskpool", help="fetch this task pool's data instead of each pool's default")
+    dl.set_defaults(func=cmd_download)
+
+    conv = sub.add_parser("convert", help="convert pickle checkpoints (.pt/.bin) to safetensors, once")
+    conv.add_argument("paths", nargs="*", help="checkpoint files; each gets a .safetensors beside it")
+    conv.add_argument("--modelpool", "-p", help="convert every checkpoint of this pool (pools that read pickles)")
+    conv.add_argument("--trust-pickle", action="store_true",
+                      help="allow full unpickling (runs code from the file; only for files you trust)")
+    conv.set_defaults(func=cmd_convert)
 
     lst = sub.add_parser("list", help="list installed methods, model pools and task pools")
     lst.set_defaults(func=cmd_list)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -46,6 +46,10 @@ class RunOptions:
     rerun: bool = False
     batch_size: int = 256
     cache_dir: Path = field(default_factory=cache_dir)
+    dtype: str | None = None
+    """Load models in this dtype (pools that support it: float32, bfloat16, float16)."""
+    trust_pickle: bool = False
+    """Allow pools to unpickle checkpoints (arbitrary code); off by default."""
 
 
 @dataclass
@@ -109,6 +113,7 @@ class Runner:
             reg = self.registry.modelpool(name)
             pool = reg.obj()
             pool.name = pool.name or reg.name
+            pool.configure(dtype=self.options.dtype, trust_pickle=self.options.trust_pickle)
             self._modelpools[name] = pool
         return self._modelpools[name]
 
@@ -117,6 +122,7 @@ class Runner:
             reg = self.registry.taskpool(name)
             pool = reg.obj()
             pool.name = pool.name or reg.name
+            pool.configure(dtype=self.options.dtype, trust_pickle=self.options.trust_pickle)
             self._taskpools[name] = pool
         return self._taskpools[name]
 
@@ -151,7 +157,24 @@ class Runner:
                 for params in build_params(reg.name, reg.obj.Params, yaml_cfg, overrides):
                     for seed in opts.seeds:
                         cells.append(Cell(reg.name, reg.obj, reg, params, pool_name, taskpool, seed))
+        self.check_resources(dict.fromkeys((c.modelpool, c.taskpool) for c in cells))
         return cells
+
+    def check_resources(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """One error naming every missing model and dataset of every selected pool, before any work starts."""
+        pairs = list(pairs)
+        missing: dict[str, None] = {}
+        pools = list(dict.fromkeys(p for p, _ in pairs))
+        for pool_name, taskpool_name in pairs:
+            for item in [*self.modelpool(pool_name).missing_resources(),
+                         *self.taskpool(taskpool_name).missing_resources()]:
+                missing[item] = None
+        if missing:
+            listing = "".join(f"\n  - {m}" for m in missing)
+            commands = "\n".join(f"  mergebench download --modelpool {p}" for p in pools)
+            raise MergebenchError(f"{len(missing)} resource(s) needed by this run are not on this machine and "
+                                  f"cannot be fetched now (offline):{listing}\n"
+                                  f"Fetch them on a machine with internet:\n{commands}")
 
     # -- running ----------------------------------------------------------------------------------------------
     def run(self, cells: list[Cell] | None = None) -> RunReport:

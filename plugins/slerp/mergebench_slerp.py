@@ -1,0 +1,105 @@
+"""SLERP: spherical linear interpolation between two models, tensor by tensor (Shoemake, "Animating rotation with
+quaternion curves", SIGGRAPH 1985; popularised for model merging by MergeKit).
+
+Convention (MergeKit's `slerp`, also FusionBench's `slerp`): the *raw weights* of the two models are interpolated,
+not task vectors, so no pretrained model is needed. Per tensor, with v0, v1 flattened and Ω the angle between
+their directions:
+  slerp(t) = sin((1 − t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1,
+and where |cos Ω| > 0.9995 (nearly colinear: sin Ω ≈ 0) plain linear interpolation (1 − t)·v0 + t·v1 is used.
+A tensor with norm below 1e-8 is not normalised before the angle is taken (as in MergeKit). t = 0 gives the first
+model, t = 1 the second; the default t = 0.5 is the midpoint (FusionBench's default; MergeKit requires t).
+
+The method needs exactly two experts: the pool's own two, or the two named in `models` when the pool has more
+(for example `slerp.models=[digits,rot90]` on the embedded pool).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, MergeStream, MethodInfo, ModelPool, RunContext
+from mergebench_core import TensorMergeMethod, hookimpl
+from mergebench_core.merging import merge_sources
+from mergebench_core.tensors import StateDictSource, TensorSource
+
+
+@dataclass
+class Params:
+    t: float = 0.5
+    """Interpolation factor: 0 gives the first model, 1 the second."""
+    models: list[str] | None = None
+    """The two expert names to interpolate (first, second); None uses the pool's experts if it has exactly two."""
+    dot_threshold: float = 0.9995
+    """Above this |cos Ω| the two tensors count as colinear and are interpolated linearly."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.t <= 1.0:
+            raise ValueError(f"t must be in [0, 1] (0 gives the first model, 1 the second), got {self.t}")
+        if self.models is not None and len(self.models) != 2:
+            raise ValueError(f"models must name exactly two experts, got {list(self.models)}")
+        if not 0.0 < self.dot_threshold <= 1.0:
+            raise ValueError(f"dot_threshold must be in (0, 1], got {self.dot_threshold}")
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation between two tensors treated as flat vectors; linear when nearly colinear."""
+    a, b = v0.to(torch.float64), v1.to(torch.float64)
+    na, nb = a.norm(), b.norm()
+    ua = a / na if na > eps else a
+    ub = b / nb if nb > eps else b
+    dot = float((ua * ub).sum())
+    if abs(dot) > dot_threshold:
+        return ((1 - t) * a + t * b).to(torch.float32)
+    omega = math.acos(max(-1.0, min(1.0, dot)))
+    s = math.sin(omega)
+    return (math.sin((1 - t) * omega) / s * a + math.sin(t * omega) / s * b).to(torch.float32)
+
+
+class Slerp(TensorMergeMethod):
+    """Interpolates two models along the great circle between each pair of tensors."""
+
+    name = "slerp"
+    Params = Params
+    info = MethodInfo(kind="merge", data="none")
+    requires_base = False
+
+    def prepare(self, stream: MergeStream) -> None:
+        if stream.num_experts != 2:
+            raise MergebenchError(f"slerp interpolates exactly two models, but {stream.num_experts} were given; "
+                                  f"name two with slerp.models=[first,second]")
+
+    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
+        return slerp(self.params.t, experts[0], experts[1], self.params.dot_threshold)
+
+    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
+        names = self.params.models
+        if names is None:
+            if len(pool.expert_names) != 2:
+                raise MergebenchError(
+                    f"slerp interpolates exactly two models, but pool {pool.name!r} has {len(pool.expert_names)}: "
+                    f"{', '.join(pool.expert_names)}. Name two with slerp.models=[first,second]")
+            names = list(pool.expert_names)
+        unknown = [n for n in names if n not in pool.expert_names]
+        if unknown:
+            raise MergebenchError(f"slerp.models names {unknown}, which pool {pool.name!r} lacks; its experts: "
+                                  f"{', '.join(pool.expert_names)}")
+        tensor_source = getattr(pool, "tensor_source", None)
+
+        def source(name: str) -> TensorSource:
+            return tensor_source(name) if tensor_source is not None else StateDictSource(pool.state_dict(name), name)
+
+        merged: dict[str, torch.Tensor] = {}
+        merge_sources(self, None, [source(n) for n in names], sink=merged.__setitem__, seed=ctx.seed,
+                      progress=ctx.track)
+        model = pool.load_model(PRETRAINED if pool.has_pretrained else names[0])
+        model.load_state_dict(merged)
+        return MergeOutput(model, extras={"models": list(names)})
+
+
+@hookimpl
+def register_methods(register):
+    register(Slerp)

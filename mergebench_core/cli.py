@@ -211,7 +211,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergebench", description="Benchmark deep model merging and fusion.")
     parser.add_argument("--version", action="version", version=f"mergebench {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-vv: debug logging from every library (mergebench's own progress shows by default)")
+    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbose",
+                        help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run methods against model pools and store the results")
@@ -273,11 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(verbose: int) -> None:
+    """mergebench's own progress (pool builds, cells) at INFO; other libraries only from WARNING, or with -vv."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if verbose < 2:
+        ours = logging.INFO if verbose >= 0 else logging.WARNING
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or (r.name.startswith("mergebench")
+                                                                     and r.levelno >= ours))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args: Any = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     try:
         return args.func(args)
     except MergebenchError as exc:

@@ -132,7 +132,7 @@ def _train_batches(taskpool: TaskPool, task: str, n_examples: int, batch_size: i
 
 # -- Fisher / Hessian diagonals -----------------------------------------------------------------------------------
 
-class _LogitsOf(nn.Module):
+class LogitsOf(nn.Module):
     """`taskpool.logits(model, task, ·)` as a module, so `torch.func.functional_call` can swap the model's weights.
 
     The task pool's head is not a submodule: only the mergeable model's parameters are differentiated.
@@ -208,7 +208,7 @@ def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples:
         raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
     device = torch.device(device)
     model = model.to(device).eval()
-    wrapper = _LogitsOf(model, taskpool, task)
+    wrapper = LogitsOf(model, taskpool, task)
     params = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
     buffers = {f"model.{k}": v.detach() for k, v in model.named_buffers()}
     sums = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}

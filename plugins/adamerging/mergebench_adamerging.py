@@ -1,0 +1,175 @@
+"""AdaMerging and AdaMerging++ (Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning",
+ICLR 2024).
+
+θ = θ_0 + Σ_t λ_t τ_t (task-wise: one λ per task) or θ_k = θ_0,k + Σ_t λ_t,k τ_t,k (layer-wise: one λ per parameter
+tensor k per task). The λ are learned without labels: the sum over tasks of the mean prediction entropy on a batch
+of each task's test inputs is minimised with Adam, and after every step the λ are projected back onto [0, 1] (the
+authors clamp them inside the forward pass instead; projection keeps the stored values themselves in range).
+AdaMerging++ does the same with TIES-processed task vectors: each τ_t keeps its top-k entries by magnitude over the
+whole model, and only entries whose sign agrees with the elected sign (the sign of the trimmed vectors' sum).
+
+Defaults and where they come from: λ initialised to 0.3 (the paper's prior, FusionBench's `init_values`),
+Adam with lr 1e-3 (paper and FusionBench), batch 16 per task (paper), 500 steps (the paper's task-wise runs;
+FusionBench's layer-wise CLIP configuration uses 1,000), TIES k = 0.2 (the paper's AdaMerging++ setting).
+Test batches are taken in order and cycled, so a run needs no randomness. The learned λ are stored with the
+result (`mergebench show` prints them), with the entropy at the first and last step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
+from mergebench_core.sparsify import keep_count, topk_mask
+from mergebench_core.stats import LogitsOf
+
+
+@dataclass
+class Params:
+    steps: int = 500
+    """Adam steps; each sees one batch of every task."""
+    lr: float = 1e-3
+    batch_size: int = 16
+    """Unlabeled test inputs per task per step."""
+    init: float = 0.3
+    """Initial value of every coefficient."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or not 0.0 <= self.init <= 1.0:
+            raise ValueError("steps must be >= 0, batch_size >= 1 and init in [0, 1]")
+
+
+@dataclass
+class TiesParams(Params):
+    k: float = 0.2
+    """Fraction of each task vector's entries kept (over the whole model) before the sign election."""
+
+
+def ties_task_vectors(taus: dict[str, torch.Tensor], k: float) -> dict[str, torch.Tensor]:
+    """Per-task TIES processing of stacked task vectors {key: (T, ...)}: global top-k trim, then keep the entries that
+    agree with the elected sign. The per-task vectors stay separate (AdaMerging++ learns their weights)."""
+    keys = list(taus)
+    flat = torch.cat([taus[key].flatten(1) for key in keys], dim=1)  # (T, P)
+    count = keep_count(k, flat.shape[1])
+    keep = torch.stack([topk_mask(row, count) for row in flat])
+    trimmed = flat * keep
+    elected = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    out = trimmed * agree
+    result, offset = {}, 0
+    for key in keys:
+        n = taus[key][0].numel()
+        result[key] = out[:, offset:offset + n].view_as(taus[key])
+        offset += n
+    return result
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax predictions."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+class _AdaMerging(Method):
+    layer_wise: ClassVar[bool]
+    ties: ClassVar[bool] = False
+    info = MethodInfo(kind="merge", data="unlabeled")
+
+    def _task_vectors(self, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
+                      keys: list[str]) -> dict[str, torch.Tensor]:
+        taus = {key: torch.stack([e[key].float() - base[key].float() for e in experts]) for key in keys}
+        return ties_task_vectors(taus, self.params.k) if self.ties else taus
+
+    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
+        if ctx.taskpool is None or not pool.has_pretrained:
+            raise MergebenchError(f"{self.name} needs a task pool and a pool with a pretrained model")
+        p, taskpool, device = self.params, ctx.taskpool, ctx.device
+        experts = pool.expert_names
+        base = pool.state_dict(PRETRAINED)
+        keys = [k for k, v in base.items() if v.is_floating_point()]
+        taus = {k: v.to(device) for k, v in self._task_vectors(base, [pool.state_dict(e) for e in experts],
+                                                                keys).items()}
+        base_dev = {k: v.float().to(device) for k, v in base.items() if k in taus}
+        shape = (len(experts), len(keys)) if self.layer_wise else (len(experts), 1)
+        coeffs = nn.Parameter(torch.full(shape, float(p.init), device=device))
+        model = pool.load_model(PRETRAINED).to(device).eval().requires_grad_(False)
+        wrappers = {t: LogitsOf(model, taskpool, t) for t in taskpool.tasks}
+        streams = {t: self._inputs(ctx, t) for t in taskpool.tasks}
+        optimizer = torch.optim.Adam([coeffs], lr=p.lr)
+
+        def merged_params() -> dict[str, torch.Tensor]:
+            return {f"model.{k}": base_dev[k] + torch.einsum("t,t...->...", coeffs[:, i if self.layer_wise else 0],
+                                                            taus[k]) for i, k in enumerate(keys)}
+
+        history: list[float] = []
+        for _ in ctx.track(range(p.steps), desc=f"{self.name} steps", total=p.steps):
+            params = merged_params()
+            loss = sum(entropy(torch.func.functional_call(wrappers[t], params, (next(streams[t]),)))
+                       for t in taskpool.tasks)
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[union-attr]
+            optimizer.step()
+            with torch.no_grad():
+                coeffs.clamp_(0.0, 1.0)
+            history.append(float(loss.detach()))  # type: ignore[union-attr]
+        with torch.no_grad():
+            final = {k.removeprefix("model."): v.detach().cpu().to(base[k.removeprefix("model.")].dtype)
+                     for k, v in merged_params().items()}
+        model.load_state_dict({**base, **final})
+        values = coeffs.detach().cpu()
+        if self.layer_wise:
+            learned = {e: dict(zip(keys, values[i].tolist())) for i, e in enumerate(experts)}
+        else:
+            learned = {e: float(values[i, 0]) for i, e in enumerate(experts)}
+        return MergeOutput(model.cpu(), extras={"coefficients": learned, "entropy_first": history[:1],
+                                                "entropy_last": history[-1:], "steps": p.steps})
+
+    def _inputs(self, ctx: RunContext, task: str) -> Iterator[torch.Tensor]:
+        """Unlabeled test inputs of `task`, batch after batch, cycling (labels are dropped on purpose)."""
+        assert ctx.taskpool is not None
+        taskpool = ctx.taskpool
+        for _ in itertools.count():
+            empty = True
+            for inputs, _labels in taskpool.batches(task, "test", batch_size=self.params.batch_size):
+                empty = False
+                yield inputs.to(ctx.device)
+            if empty:
+                raise MergebenchError(f"task {task!r} has no test inputs for {self.name}")
+
+
+class TaskWiseAdaMerging(_AdaMerging):
+    """One learned coefficient per task vector."""
+
+    name = "adamerging_tw"
+    Params = Params
+    layer_wise = False
+
+
+class LayerWiseAdaMerging(_AdaMerging):
+    """One learned coefficient per parameter tensor of every task vector."""
+
+    name = "adamerging_lw"
+    Params = Params
+    layer_wise = True
+
+
+class AdaMergingPlusPlus(_AdaMerging):
+    """Layer-wise AdaMerging over TIES-trimmed, sign-agreeing task vectors."""
+
+    name = "adamerging_pp"
+    Params = TiesParams
+    layer_wise = True
+    ties = True
+
+
+@hookimpl
+def register_methods(register):
+    register(TaskWiseAdaMerging)
+    register(LayerWiseAdaMerging)
+    register(AdaMergingPlusPlus)

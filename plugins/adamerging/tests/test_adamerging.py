@@ -1,0 +1,60 @@
+"""AdaMerging: TIES processing by hand, and on the embedded pool the entropy goes down with coefficients in [0, 1]."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergebench_adamerging import (
+    AdaMergingPlusPlus,
+    LayerWiseAdaMerging,
+    Params,
+    TaskWiseAdaMerging,
+    TiesParams,
+    entropy,
+    ties_task_vectors,
+)
+from mergebench_core import PRETRAINED, RunContext
+
+
+def test_ties_task_vectors_by_hand():
+    taus = {"a": torch.tensor([[3.0, -1.0], [-2.0, 0.5]]), "b": torch.tensor([[0.1], [4.0]])}
+    out = ties_task_vectors(taus, k=2 / 3)  # keep 2 of 3 entries per task
+    # task 0 keeps 3, -1; task 1 keeps -2, 4. Elected signs: a0: 3-2 > 0, a1: -1 < 0, b0: +4 > 0
+    torch.testing.assert_close(out["a"], torch.tensor([[3.0, -1.0], [0.0, 0.0]]))
+    torch.testing.assert_close(out["b"], torch.tensor([[0.0], [4.0]]))
+
+
+def _objective(model, taskpool):
+    total = 0.0
+    with torch.no_grad():
+        for t in taskpool.tasks:
+            inputs, _ = next(iter(taskpool.batches(t, "test", batch_size=64)))
+            total += float(entropy(taskpool.logits(model, t, inputs)))
+    return total
+
+
+def _merged(pool, coeff):
+    base = pool.state_dict(PRETRAINED)
+    model = pool.load_model(PRETRAINED)
+    model.load_state_dict({k: v + coeff * sum(pool.state_dict(e)[k] - v for e in pool.expert_names)
+                           for k, v in base.items()})
+    return model
+
+
+@pytest.mark.parametrize("method", [TaskWiseAdaMerging, LayerWiseAdaMerging])
+def test_lowers_entropy_and_keeps_coefficients_in_range(method, digits_pools, tmp_path):
+    pool, taskpool = digits_pools
+    out = method(Params(steps=40, lr=1e-2)).run(pool, RunContext(taskpool=taskpool, cache_dir=tmp_path))
+    coeffs = out.extras["coefficients"]
+    values = [v for c in coeffs.values() for v in (c.values() if isinstance(c, dict) else [c])]
+    assert len(coeffs) == len(pool.expert_names) and all(0.0 <= v <= 1.0 for v in values)
+    assert any(abs(v - 0.3) > 1e-3 for v in values)  # they moved
+    assert _objective(out.model, taskpool) < _objective(_merged(pool, 0.3), taskpool)
+
+
+def test_plus_plus_runs_from_ties_vectors(digits_pools, tmp_path):
+    pool, taskpool = digits_pools
+    out = AdaMergingPlusPlus(TiesParams(steps=5)).run(pool, RunContext(taskpool=taskpool, cache_dir=tmp_path))
+    assert set(out.extras["coefficients"]) == set(pool.expert_names)
+    assert TiesParams().k == 0.2 and Params().init == 0.3 and Params().lr == 1e-3

@@ -1,0 +1,120 @@
+"""RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023).
+
+Each `nn.Linear` weight is the least-squares merge of the experts' layers on their own inputs:
+W = (Σ_t G_t)⁻¹ Σ_t G_t W_t (in the (in, out) layout), with G_t = XᵀX / n the Gram matrix of the layer's inputs
+under expert t on its task's training data. Off-diagonal entries of each G_t are scaled by
+α = `reduce_non_diagonal_ratio`, which interpolates between that closed form (α = 1) and a per-input-feature
+weighted average (α = 0). Every other floating tensor (biases, norms, embeddings) is the plain average.
+
+Defaults and where they come from:
+- `n_examples` = 256: FusionBench's `num_regmean_examples` for CLIP (the paper uses up to 1,000).
+- `reduce_non_diagonal_ratio` = 0.95: FusionBench's CLIP configuration (its GPT-2 configuration uses 0.6).
+- `exclude_param_names_regex` = []: tensors whose names match (re.match) are not merged and keep the pretrained
+  value (the first expert's when the pool has none), as FusionBench leaves them untouched in its pretrained copy.
+The Grams come from the shared statistics cache, so a sweep over α computes them once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
+from mergebench_core.stats import StatsCache, cached_linear_grams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Params:
+    n_examples: int = 256
+    """Training examples per expert over which each layer's input Gram matrix is averaged."""
+    reduce_non_diagonal_ratio: float = 0.95
+    """α: off-diagonal Gram entries are multiplied by it (1: exact regression, 0: diagonal-weighted average)."""
+    exclude_param_names_regex: list[str] = field(default_factory=list)
+    """Tensors whose names match any pattern keep the pretrained value."""
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.reduce_non_diagonal_ratio <= 1.0:
+            raise ValueError(f"reduce_non_diagonal_ratio must be in [0, 1], got {self.reduce_non_diagonal_ratio}")
+        if self.n_examples < 1:
+            raise ValueError("n_examples must be positive")
+
+
+def reduce_non_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
+    """G with its off-diagonal entries multiplied by `ratio` and its diagonal unchanged."""
+    diag = torch.diagonal(gram)
+    return ratio * gram + (1.0 - ratio) * torch.diag_embed(diag)
+
+
+def regmean_weight(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], ratio: float) -> torch.Tensor:
+    """The RegMean merge of Linear weights (out, in) given each expert's input Gram (in, in), solved in float64."""
+    reduced = [reduce_non_diagonal(g.double(), ratio) for g in grams]
+    lhs = sum(reduced)
+    rhs = sum(g @ w.double().T for g, w in zip(reduced, weights))
+    try:
+        solution = torch.linalg.solve(lhs, rhs)
+    except RuntimeError:  # a singular sum (inputs that never vary): least squares instead of an exact solve
+        log.warning("singular Gram sum; using the pseudo-inverse")
+        solution = torch.linalg.pinv(lhs) @ rhs
+    return solution.T.to(weights[0].dtype)
+
+
+def excluded(name: str, patterns: Sequence[str]) -> bool:
+    return any(re.match(p, name) for p in patterns)
+
+
+def regmean_merge(states: Sequence[Mapping[str, torch.Tensor]], grams: Sequence[Mapping[str, torch.Tensor]],
+                  ratio: float, exclude: Sequence[str] = (), keep: Mapping[str, torch.Tensor] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Merge `states`: Linear weights (modules named in `grams`) by RegMean, other floats by the mean, excluded
+    tensors from `keep` (default: the first state). Returns the merged dict and the names merged by regression."""
+    keep = keep if keep is not None else states[0]
+    merged: dict[str, torch.Tensor] = {}
+    regressed = []
+    for key, ref in states[0].items():
+        module = key.rpartition(".")[0]  # "" for a model that is itself a Linear
+        if excluded(key, exclude) or not ref.is_floating_point():
+            merged[key] = keep[key]
+        elif key.rpartition(".")[2] == "weight" and module in grams[0]:
+            merged[key] = regmean_weight([s[key] for s in states], [g[module] for g in grams], ratio)
+            regressed.append(key)
+        else:
+            merged[key] = torch.stack([s[key].float() for s in states]).mean(0).to(ref.dtype)
+    return merged, regressed
+
+
+class RegMean(Method):
+    """Merge every Linear layer by least squares on the experts' own layer inputs; average the rest."""
+
+    name = "regmean"
+    Params = Params
+    info = MethodInfo(kind="merge", data="labeled")
+
+    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
+        if ctx.taskpool is None:
+            raise MergebenchError("regmean needs a task pool for its training inputs")
+        p = self.params
+        cache = StatsCache.for_context(ctx)
+        experts = pool.expert_names
+        grams = [cached_linear_grams(cache, pool, e, ctx.taskpool, pool.task_of(e), n_examples=p.n_examples,
+                                     batch_size=p.batch_size, device=ctx.device, progress=ctx.track)
+                 for e in experts]
+        base_name = PRETRAINED if pool.has_pretrained else experts[0]
+        merged, regressed = regmean_merge([pool.state_dict(e) for e in experts], grams,
+                                          p.reduce_non_diagonal_ratio, p.exclude_param_names_regex,
+                                          keep=pool.state_dict(base_name))
+        model = pool.load_model(base_name)
+        model.load_state_dict(merged)
+        return MergeOutput(model, extras={"regressed": regressed,
+                                          "stats_cache": {"hits": cache.hits, "misses": cache.misses}})
+
+
+@hookimpl
+def register_methods(register):
+    register(RegMean)

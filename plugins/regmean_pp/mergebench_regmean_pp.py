@@ -1,0 +1,82 @@
+"""RegMean++ (Nguyen et al., "RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for Model
+Merging", 2025).
+
+RegMean merges each Linear layer from Gram matrices of the inputs that layer sees inside each *expert*. RegMean++
+instead takes the inputs from the *merged* model: layers are merged in forward order, and the Gram matrix G_t of
+layer l is computed by running task t's training data through the merged model, whose layers before l are already
+merged. So each layer is fitted to the activations it will actually receive, carrying dependencies across layers.
+The closed form per layer, the off-diagonal scaling and the treatment of every other tensor are RegMean's
+(see mergebench-regmean, whose functions this plugin reuses).
+
+Granularity: the paper and FusionBench merge a transformer block at a time (the linear layers inside one block see
+inputs from the merged previous blocks and each expert's own block); here every Linear layer is its own step,
+which needs no knowledge of the architecture and is the same thing for models made of single-layer blocks.
+The statistics depend on the merge so far, so they are not cached; each step runs the forward only up to the layer
+being merged.
+
+Defaults (FusionBench's CLIP configuration, as for RegMean): `n_examples` = 256,
+`reduce_non_diagonal_ratio` = 0.95, `exclude_param_names_regex` = [].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
+from mergebench_core.stats import forward_order, linear_input_grams
+from mergebench_regmean import excluded, regmean_merge, regmean_weight
+
+
+@dataclass
+class Params:
+    n_examples: int = 256
+    """Training examples per task for each layer's Gram matrix."""
+    reduce_non_diagonal_ratio: float = 0.95
+    """α: off-diagonal Gram entries are multiplied by it."""
+    exclude_param_names_regex: list[str] = field(default_factory=list)
+    """Tensors whose names match any pattern keep the pretrained value."""
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.reduce_non_diagonal_ratio <= 1.0:
+            raise ValueError(f"reduce_non_diagonal_ratio must be in [0, 1], got {self.reduce_non_diagonal_ratio}")
+
+
+class RegMeanPlusPlus(Method):
+    """RegMean with each layer's Gram matrices taken from the merged model's own activations, layer by layer."""
+
+    name = "regmean_pp"
+    Params = Params
+    info = MethodInfo(kind="merge", data="labeled")
+
+    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
+        if ctx.taskpool is None:
+            raise MergebenchError("regmean_pp needs a task pool for its training inputs")
+        p, taskpool = self.params, ctx.taskpool
+        experts = pool.expert_names
+        tasks = [pool.task_of(e) for e in experts]
+        states = [pool.state_dict(e) for e in experts]
+        base_name = PRETRAINED if pool.has_pretrained else experts[0]
+        # start from the plain average (RegMean with no Linear layers), then replace Linear weights in forward order
+        merged, _ = regmean_merge(states, [{} for _ in states], p.reduce_non_diagonal_ratio,
+                                  p.exclude_param_names_regex, keep=pool.state_dict(base_name))
+        model = pool.load_model(base_name)
+        model.load_state_dict(merged)
+        model.to(ctx.device)
+        order = forward_order(model, taskpool, tasks[0])
+        regressed = []
+        for layer in ctx.track(order, desc="regmean++ layers", total=len(order)):
+            key = f"{layer}.weight" if layer else "weight"
+            if excluded(key, p.exclude_param_names_regex):
+                continue
+            grams = [linear_input_grams(model, taskpool, t, p.n_examples, batch_size=p.batch_size,
+                                        device=ctx.device, modules=[layer])[layer] for t in tasks]
+            weight = regmean_weight([s[key] for s in states], grams, p.reduce_non_diagonal_ratio)
+            model.get_submodule(layer).weight.data.copy_(weight.to(ctx.device))
+            regressed.append(key)
+        return MergeOutput(model.cpu(), extras={"regressed_in_order": regressed})
+
+
+@hookimpl
+def register_methods(register):
+    register(RegMeanPlusPlus)

@@ -57,12 +57,33 @@ class MergeStream:
             yield key, base, experts
 
     def task_vectors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, stacked τ of shape (n_experts, *shape)) for every key; needs a base."""
+        """(key, stacked τ of shape (n_experts, *shape)) for every key; needs a base.
+
+        Experts are read straight into the rows of the result and the base is subtracted in place, so each key costs
+        one allocation of the stacked size instead of one per expert plus the stacked copy.
+        """
         if self.base is None:
             raise MergebenchError("task vectors need a pretrained model, and this pool has none")
-        for key, base, experts in self:
-            b = base.to(dtype)  # type: ignore[union-attr]
-            yield key, torch.stack([e.to(dtype) - b for e in experts])
+        for key in self.keys:
+            base = self.base.get(key)
+            out = torch.empty((len(self.experts), *base.shape), dtype=dtype)
+            check = key not in self._checked
+            if check:
+                check_finite(base, key, self.base.name)
+            for i, src in enumerate(self.experts):
+                read_into = getattr(src, "read_into", None)
+                if read_into is not None and src.dtype(key) == dtype:
+                    read_into(key, out[i])
+                    if check:
+                        check_finite(out[i], key, src.name)
+                else:
+                    value = src.get(key)
+                    if check:
+                        check_finite(value, key, src.name)
+                    out[i].copy_(value)
+            self._checked.add(key)
+            out -= base if base.dtype == dtype else base.to(dtype)
+            yield key, out
 
 
 class TensorMergeMethod(Method):

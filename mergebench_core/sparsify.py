@@ -18,6 +18,7 @@ import torch
 
 _HI = 1 << 15  # |x| has a zero sign bit, so the high 16 bits of its pattern are below 2**15
 _LO = 1 << 16
+_INT32_MAX = (1 << 31) - 1
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -71,9 +72,15 @@ class StreamingTopK:
         self.take_at_threshold: list[int] = []
 
     def observe_high(self, rows: torch.Tensor) -> None:
+        # One bincount over all rows at once: row r's high halves are shifted into bins [r·2^15, (r+1)·2^15).
+        # int32 indices are counted directly (converting to int64 first would double the memory traffic).
         bits = magnitude_bits(rows).reshape(len(self.counts), -1)
-        for r in range(len(self.counts)):
-            self.hi_hist[r] += torch.bincount((bits[r] >> 16).long(), minlength=_HI).cpu()
+        hi = bits >> 16
+        hi += self._row_offsets(_HI, hi.device)
+        self.hi_hist += torch.bincount(hi.view(-1), minlength=len(self.counts) * _HI).view(-1, _HI).cpu()
+
+    def _row_offsets(self, width: int, device: torch.device) -> torch.Tensor:
+        return (torch.arange(len(self.counts), dtype=torch.int32, device=device) * width).view(-1, 1)
 
     def _find_buckets(self) -> None:
         if self.bucket:
@@ -92,12 +99,15 @@ class StreamingTopK:
     def observe_low(self, rows: torch.Tensor) -> None:
         self._find_buckets()
         bits = magnitude_bits(rows).reshape(len(self.counts), -1)
-        for r, b in enumerate(self.bucket):
-            if b < 0:
-                continue
-            inside = bits[r][(bits[r] >> 16) == b]
-            if inside.numel():
-                self.lo_hist[r] += torch.bincount((inside & 0xFFFF).long(), minlength=_LO).cpu()
+        if bits.shape[1] == 0:
+            return
+        # rows without a bucket (count 0) carry -1, which no high half (always >= 0) equals
+        buckets = torch.tensor(self.bucket, dtype=torch.int32, device=bits.device).view(-1, 1)
+        inside = torch.nonzero(((bits >> 16) == buckets).view(-1)).squeeze(1)
+        if inside.numel():
+            row = torch.div(inside, bits.shape[1], rounding_mode="floor")
+            low = (bits.view(-1)[inside] & 0xFFFF).long() + row * _LO
+            self.lo_hist += torch.bincount(low, minlength=len(self.counts) * _LO).view(-1, _LO).cpu()
 
     def _find_thresholds(self) -> None:
         if self.threshold:
@@ -121,12 +131,12 @@ class StreamingTopK:
         """The keep-mask of this tensor's rows; tensors must come in the order they were observed."""
         self._find_thresholds()
         bits = magnitude_bits(rows).reshape(len(self.counts), -1)
-        out = torch.zeros_like(bits, dtype=torch.bool)
+        # a row that keeps nothing compares against INT32_MAX, which no magnitude pattern exceeds
+        thresholds = torch.tensor([t if t >= 0 else _INT32_MAX for t in self.threshold], dtype=torch.int32,
+                                  device=bits.device).view(-1, 1)
+        out = bits > thresholds
         for r, thr in enumerate(self.threshold):
-            if thr < 0:
-                continue
-            out[r] = bits[r] > thr
-            if self.take_at_threshold[r] > 0:
+            if thr >= 0 and self.take_at_threshold[r] > 0:
                 equal = torch.nonzero(bits[r] == thr).flatten()[: self.take_at_threshold[r]]
                 out[r][equal] = True
                 self.take_at_threshold[r] -= int(equal.numel())

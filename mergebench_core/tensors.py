@@ -65,7 +65,7 @@ class SafetensorsSource:
     """One or more safetensors files (a sharded checkpoint, or a Hugging Face model folder), read lazily.
 
     The header of each file is parsed and checked up front (so a truncated or corrupt file is reported by name
-    before any work starts); tensor data is memory-mapped and read only when asked for.
+    before any work starts); tensor data is read only when asked for, one tensor at a time.
     """
 
     def __init__(self, path: str | os.PathLike[str], name: str | None = None):
@@ -74,12 +74,15 @@ class SafetensorsSource:
         self.files = resolve_checkpoint_files(self.path)
         self._where: dict[str, Path] = {}
         self._meta: dict[str, dict] = {}
-        self._handles: dict[Path, object] = {}
+        self._data_start: dict[Path, int] = {}
+        self._fds: dict[Path, int] = {}
         for f in self.files:
             for key, meta in read_safetensors_header(f).items():
                 if key in self._where:
                     raise CheckpointError(f"tensor {key!r} appears in both {self._where[key]} and {f}")
                 self._where[key], self._meta[key] = f, meta
+            with open(f, "rb") as fh:
+                self._data_start[f] = 8 + struct.unpack("<Q", fh.read(8))[0]
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -91,19 +94,50 @@ class SafetensorsSource:
         return _ST_DTYPES[self._meta[key]["dtype"]]
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
+        """A fresh tensor read with one positioned read (pread) into memory the caller owns.
 
+        Reading into an anonymous buffer, not a memory map of the file, keeps the process's resident memory at the
+        tensors actually alive: pages of a mapped file stay resident (and counted) for as long as the file is open,
+        so a merge of nine 350 MB checkpoints would otherwise hold all 3 GB of them.
+        """
+        out = torch.empty(self.shape(key), dtype=self.dtype(key))
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read tensor `key` into `out` (contiguous, same dtype and number of elements), skipping an allocation."""
         f = self._where[key]
+        start, end = self._meta[key]["data_offsets"]
+        if out.dtype != self.dtype(key) or out.numel() != torch.Size(self.shape(key)).numel() \
+                or not out.is_contiguous():
+            raise ValueError(f"read_into({key!r}) needs a contiguous {self.dtype(key)} tensor of shape "
+                             f"{list(self.shape(key))}, got {out.dtype} {list(out.shape)}")
+        if end == start:
+            return
         try:
-            handle = self._handles.get(f)
-            if handle is None:
-                handle = self._handles[f] = safe_open(str(f), framework="pt")
-            return handle.get_tensor(key)  # type: ignore[attr-defined]
+            fd = self._fds.get(f)
+            if fd is None:
+                fd = self._fds[f] = os.open(f, os.O_RDONLY)
+            buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+            offset, done = self._data_start[f] + start, 0
+            while done < end - start:
+                n = os.preadv(fd, [buf[done:]], offset + done)
+                if n <= 0:
+                    raise OSError(f"file ended after {done} of {end - start} bytes")
+                done += n
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {key!r} from {f}: {exc}") from exc
 
     def close(self) -> None:
-        self._handles.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
 
 
 def resolve_checkpoint_files(path: Path) -> list[Path]:
@@ -214,7 +248,8 @@ class StreamingSafetensorsWriter:
         t = tensor.detach().to("cpu").contiguous()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: write its raw 16-bit pattern
             t = t.view(torch.int16)
-        self._fh.write(t.numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            self._fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))  # no intermediate bytes copy
         self._next += 1
 
     def commit(self) -> Path:
@@ -261,7 +296,15 @@ def check_compatible(sources: Sequence[TensorSource], keys: Iterable[str] | None
 
 
 def check_finite(tensor: torch.Tensor, key: str, source: str) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Raise if `tensor` holds NaN or ±inf.
+
+    min and max of a tensor are both finite exactly when every entry is (NaN propagates through them); one fused
+    min/max reduction costs about as much as a sum, where `isfinite(t).all()` writes a mask first (~20x slower).
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    lo, hi = torch.aminmax(tensor)
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"tensor {key!r} in {source} has {bad} non-finite values (NaN or inf)")
 
@@ -273,9 +316,16 @@ def task_vector(expert: torch.Tensor, base: torch.Tensor, dtype: torch.dtype = t
 
 def task_vectors(experts: Sequence[torch.Tensor], base: torch.Tensor,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Stacked task vectors, shape (n_experts, *base.shape)."""
-    b = base.to(dtype)
-    return torch.stack([e.to(dtype) - b for e in experts])
+    """Stacked task vectors, shape (n_experts, *base.shape), written in place into one fresh tensor.
+
+    Subtracting into slices of a preallocated result avoids the temporary per expert that `torch.stack` would copy,
+    and tensors already in `dtype` are not converted at all.
+    """
+    b = base if base.dtype == dtype else base.to(dtype)
+    out = torch.empty((len(experts), *base.shape), dtype=dtype, device=base.device)
+    for i, e in enumerate(experts):
+        torch.sub(e if e.dtype == dtype else e.to(dtype), b, out=out[i])
+    return out
 
 
 def is_mergeable(tensor_dtype: torch.dtype) -> bool:

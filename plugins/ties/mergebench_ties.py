@@ -47,18 +47,25 @@ class Params:
 
 def elect_and_combine(trimmed: torch.Tensor, combine: str) -> torch.Tensor:
     """Elect a sign per entry from trimmed task vectors (T, ...) and combine the entries that agree with it."""
+    return elect_and_combine_(trimmed.clone(), combine)
+
+
+def elect_and_combine_(trimmed: torch.Tensor, combine: str) -> torch.Tensor:
+    """`elect_and_combine` that overwrites `trimmed`, sparing a full-size temporary (for callers that own it)."""
     elected = torch.sign(trimmed.sum(0))
     majority = torch.sign(elected.sum())
     elected = torch.where(elected == 0, majority, elected)
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    kept = trimmed * agree
+    # with elected in {-1, 0, 1}: t·e > 0 exactly when sign(t) == e and t != 0
+    agree = torch.mul(trimmed, elected) > 0
+    kept = trimmed.mul_(agree)
     if combine == "sum":
         return kept.sum(0)
     return kept.sum(0) / agree.sum(0).clamp(min=1)
 
 
 def ties_merge(base: torch.Tensor, taus: torch.Tensor, keep: torch.Tensor, params: Params) -> torch.Tensor:
-    return base.to(torch.float32) + params.scaling_factor * elect_and_combine(taus * keep, params.combine)
+    """θ_0 + λ · TIES(τ); `taus` is overwritten with the trimmed task vectors."""
+    return base.to(torch.float32) + params.scaling_factor * elect_and_combine_(taus.mul_(keep), params.combine)
 
 
 class Ties(TensorMergeMethod):

@@ -203,6 +203,15 @@ class Method(ABC):
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
         """Merge (or fuse, or train) the pool into something the task pool can evaluate."""
 
+    @classmethod
+    def unsuitable_for(cls, pool: ModelPool, params: Any) -> str | None:
+        """Why this method cannot run on `pool` with `params`, or None when it can.
+
+        `mergebench run` over every installed method skips such cells (SLERP on an eight-expert pool) instead of
+        failing the grid; a method the user names explicitly still runs, and fails with its own clear error.
+        """
+        return None
+
 
 @dataclass(frozen=True)
 class Registration:

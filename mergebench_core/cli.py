@@ -50,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("%d cells planned; results go to %s", len(cells), args.store)
     report = runner.run(cells)
     print(render(report.results, args.format))
+    for line in report.not_applicable:
+        print(f"(not run: {line})", file=sys.stderr)
     if report.skipped:
         print(f"\n({report.skipped} cells reused from {args.store}; --rerun recomputes them)", file=sys.stderr)
     if report.failed:

@@ -71,6 +71,7 @@ class Cell:
 class RunReport:
     results: list[CellResult] = field(default_factory=list)
     skipped: int = 0
+    not_applicable: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[CellResult]:
@@ -183,6 +184,12 @@ class Runner:
         for pool_name, taskpool_name in dict.fromkeys((c.modelpool, c.taskpool) for c in cells):
             report.results.extend(self.references(pool_name, taskpool_name))
         for cell in cells:
+            if not self.options.methods:  # "every installed method": skip those that cannot apply to this pool
+                reason = cell.method_cls.unsuitable_for(self.modelpool(cell.modelpool), cell.params)
+                if reason:
+                    log.info("skipping %s: %s", cell.label, reason)
+                    report.not_applicable.append(f"{cell.method} on {cell.modelpool}: {reason}")
+                    continue
             key = self.key(cell)
             if not self.options.rerun and self.store.finished(key):
                 log.info("skipping %s (already in the store)", cell.label)

@@ -121,12 +121,27 @@ class TinyTasks(TaskPool):
         return model(inputs)
 
 
+class NeedsThreeExperts(TensorMergeMethod):
+    """Applies only to pools of three experts."""
+
+    name = "needs_three"
+    Params = NoParams
+
+    @classmethod
+    def unsuitable_for(cls, pool, params):
+        return None if len(pool.expert_names) == 3 else f"needs 3 experts, the pool has {len(pool.expert_names)}"
+
+    def merge_tensor(self, key, base, experts):
+        return base
+
+
 def third_party_module():
     mod = types.ModuleType("thirdparty_inprocess")
 
     @hookimpl
     def register_methods(register):
         register(Explodes)
+        register(NeedsThreeExperts)
 
     @hookimpl
     def register_modelpools(register):
@@ -148,6 +163,15 @@ def with_third_party(monkeypatch):
     reg = registry_module.build_registry(extra_modules=[third_party_module()])
     monkeypatch.setattr(registry_module, "_REGISTRY", reg)
     return reg
+
+
+def test_every_method_run_skips_inapplicable_ones_but_named_ones_fail(cli_env, monkeypatch, capsys):
+    reg = registry_module.build_registry(entry_points=[], extra_modules=[third_party_module()])
+    monkeypatch.setattr(registry_module, "_REGISTRY", reg)
+    assert main(["run", "-p", "tiny"]) == 1  # explodes fails; needs_three is not applicable and not run
+    assert "not run: needs_three on tiny: needs 3 experts, the pool has 2" in capsys.readouterr().err
+    assert {r.method for r in stored(cli_env)} == {"pretrained", "individual", "explodes"}
+    assert main(["run", "-p", "tiny", "-m", "needs_three"]) == 0  # named explicitly: the user asked for it
 
 
 def test_a_failing_cell_is_stored_and_the_grid_goes_on(cli_env, with_third_party, capsys):

@@ -75,6 +75,12 @@ class Slerp(TensorMergeMethod):
     def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
         return slerp(self.params.t, experts[0], experts[1], self.params.dot_threshold)
 
+    @classmethod
+    def unsuitable_for(cls, pool: ModelPool, params: Params) -> str | None:
+        if params.models is None and len(pool.expert_names) != 2:
+            return f"slerp needs two experts and the pool has {len(pool.expert_names)} (choose with slerp.models=[a,b])"
+        return None
+
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
         names = self.params.models
         if names is None:

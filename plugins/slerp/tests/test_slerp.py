@@ -62,3 +62,14 @@ def test_on_the_embedded_pool(digits_pools):
     out = Slerp(Params(models=["digits", "rot90"])).run(pool, RunContext(taskpool=taskpool))
     metrics = evaluate(taskpool, out.model, tasks=["digits", "rot90"])
     assert all(m["accuracy"] > 0.3 for m in metrics.values())  # 10 classes: chance is 0.1
+
+
+def test_a_grid_over_every_method_skips_slerp_on_pools_without_two_experts():
+    from mergebench_slerp import Params as SlerpParams
+    from mergebench_slerp import Slerp
+
+    class Pool:
+        expert_names = ["a", "b", "c"]
+
+    assert "needs two experts" in Slerp.unsuitable_for(Pool(), SlerpParams())
+    assert Slerp.unsuitable_for(Pool(), SlerpParams(models=["a", "c"])) is None

@@ -11,8 +11,11 @@ whole model, and only entries whose sign agrees with the elected sign (the sign 
 Defaults and where they come from: λ initialised to 0.3 (the paper's prior, FusionBench's `init_values`),
 Adam with lr 1e-3 (paper and FusionBench), batch 16 per task (paper), 500 steps (the paper's task-wise runs;
 FusionBench's layer-wise CLIP configuration uses 1,000), TIES k = 0.2 (the paper's AdaMerging++ setting).
-Test batches are taken in order and cycled, so a run needs no randomness. The learned λ are stored with the
-result (`mergebench show` prints them), with the entropy at the first and last step.
+Test batches are drawn in a shuffled order, as both the authors' code and FusionBench draw them (a class-sorted
+test split read in order would give one-class batches): a split of at most `shuffle_buffer` examples is held whole
+and reshuffled every pass; a larger one goes through a buffer of that many examples, from which each batch is drawn
+at random and refilled from the split read in order. The shuffling is seeded by the run's seed. The learned λ are
+stored with the result (`mergebench show` prints them), with the entropy at the first and last step.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ class Params:
     """Unlabeled test inputs per task per step."""
     init: float = 0.3
     """Initial value of every coefficient."""
+    shuffle_buffer: int = 1024
+    """Test inputs per task held for shuffling (the whole split when it is no larger)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or not 0.0 <= self.init <= 1.0:
-            raise ValueError("steps must be >= 0, batch_size >= 1 and init in [0, 1]")
+        if self.steps < 0 or self.batch_size < 1 or self.shuffle_buffer < self.batch_size or not 0.0 <= self.init <= 1.0:
+            raise ValueError("steps must be >= 0, batch_size >= 1, shuffle_buffer >= batch_size and init in [0, 1]")
 
 
 @dataclass
@@ -100,7 +105,7 @@ class _AdaMerging(Method):
         coeffs = nn.Parameter(torch.full(shape, float(p.init), device=device))
         model = pool.load_model(PRETRAINED).to(device).eval().requires_grad_(False)
         wrappers = {t: LogitsOf(model, taskpool, t) for t in taskpool.tasks}
-        streams = {t: self._inputs(ctx, t) for t in taskpool.tasks}
+        streams = {t: self._inputs(ctx, t, offset=i) for i, t in enumerate(taskpool.tasks)}
         optimizer = torch.optim.Adam([coeffs], lr=p.lr)
 
         def merged_params() -> dict[str, torch.Tensor]:
@@ -130,17 +135,39 @@ class _AdaMerging(Method):
         return MergeOutput(model.cpu(), extras={"coefficients": learned, "entropy_first": history[:1],
                                                 "entropy_last": history[-1:], "steps": p.steps})
 
-    def _inputs(self, ctx: RunContext, task: str) -> Iterator[torch.Tensor]:
-        """Unlabeled test inputs of `task`, batch after batch, cycling (labels are dropped on purpose)."""
+    def _inputs(self, ctx: RunContext, task: str, offset: int = 0) -> Iterator[torch.Tensor]:
+        """Unlabeled test inputs of `task` in shuffled batches, without end (labels are dropped on purpose)."""
+        p, gen = self.params, ctx.generator(offset=offset)
+        rows = self._rows(ctx, task)
+        held = list(itertools.islice(rows, p.shuffle_buffer))
+        if not held:
+            raise MergebenchError(f"task {task!r} has no test inputs for {self.name}")
+        pool = torch.stack(held)
+        more = next(rows, None)
+        if more is None:  # the whole split is held: reshuffle it every pass, as a shuffling data loader does
+            while True:
+                order = torch.randperm(len(pool), generator=gen)
+                for i in range(0, len(pool), p.batch_size):
+                    yield pool[order[i:i + p.batch_size]].to(ctx.device)
+
+        def refill() -> Iterator[torch.Tensor]:  # the rest of the split, then the split over and over, in order
+            yield more
+            yield from rows
+            while True:
+                yield from self._rows(ctx, task)
+
+        ordered = refill()
+        while True:  # a larger split: draw each batch from the buffer and refill those slots in split order
+            slots = torch.randperm(len(pool), generator=gen)[:p.batch_size]
+            yield pool[slots].to(ctx.device)
+            for slot in slots.tolist():
+                pool[slot] = next(ordered)
+
+    def _rows(self, ctx: RunContext, task: str) -> Iterator[torch.Tensor]:
+        """One pass over the split's inputs, one example at a time, in order."""
         assert ctx.taskpool is not None
-        taskpool = ctx.taskpool
-        for _ in itertools.count():
-            empty = True
-            for inputs, _labels in taskpool.batches(task, "test", batch_size=self.params.batch_size):
-                empty = False
-                yield inputs.to(ctx.device)
-            if empty:
-                raise MergebenchError(f"task {task!r} has no test inputs for {self.name}")
+        for inputs, _labels in ctx.taskpool.batches(task, "test", batch_size=256):
+            yield from inputs
 
 
 class TaskWiseAdaMerging(_AdaMerging):

@@ -58,3 +58,37 @@ def test_plus_plus_runs_from_ties_vectors(digits_pools, tmp_path):
     out = AdaMergingPlusPlus(TiesParams(steps=5)).run(pool, RunContext(taskpool=taskpool, cache_dir=tmp_path))
     assert set(out.extras["coefficients"]) == set(pool.expert_names)
     assert TiesParams().k == 0.2 and Params().init == 0.3 and Params().lr == 1e-3
+
+
+def _take(method, taskpool, seed, n):
+    stream = method._inputs(RunContext(taskpool=taskpool, seed=seed), "digits")
+    return [next(stream) for _ in range(n)]
+
+
+def test_test_batches_are_shuffled_seeded_and_cover_the_split(digits_pools):
+    """As the authors' code and FusionBench: shuffled batches, every pass a permutation of the whole test split."""
+    _, taskpool = digits_pools
+    inputs = torch.cat([x for x, _ in taskpool.batches("digits", "test")])
+    n, bs = len(inputs), 16
+    method = LayerWiseAdaMerging(Params(batch_size=bs))
+    passes = -(-n // bs)
+    batches = _take(method, taskpool, 0, 2 * passes)
+    first, second = torch.cat(batches[:passes]), torch.cat(batches[passes:])
+    for one in (first, second):  # each pass holds every test input exactly once
+        assert torch.equal(torch.sort(one.sum(1)).values, torch.sort(inputs.sum(1)).values)
+    assert not torch.equal(first[:bs], inputs[:bs]) and not torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(batches, _take(method, taskpool, 0, 2 * passes)))
+    assert not torch.equal(batches[0], _take(method, taskpool, 1, 1)[0])
+
+
+def test_a_split_larger_than_the_buffer_is_drawn_through_it(digits_pools):
+    _, taskpool = digits_pools
+    inputs = torch.cat([x for x, _ in taskpool.batches("digits", "test")])
+    method = LayerWiseAdaMerging(Params(batch_size=16, shuffle_buffer=64))
+    batches = _take(method, taskpool, 0, 60)  # 960 inputs drawn: more than the split, so the reading wraps
+    seen = torch.cat(batches)
+    assert all(b.shape == (16, inputs.shape[1]) for b in batches)
+    assert (torch.cdist(seen, inputs).min(1).values == 0).all()  # every input drawn is a test input
+    assert len(torch.unique(seen, dim=0)) > 64  # the buffer is refilled from the rest of the split
+    with pytest.raises(ValueError):
+        Params(batch_size=16, shuffle_buffer=8)

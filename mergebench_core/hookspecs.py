@@ -7,7 +7,6 @@ these hooks with `@mergebench_core.hookimpl`. Each hook receives a `register` ca
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pluggy
 

@@ -190,11 +190,9 @@ class Runner:
                     log.info("skipping %s: %s", cell.label, reason)
                     report.not_applicable.append(f"{cell.method} on {cell.modelpool}: {reason}")
                     continue
-            key = self.key(cell)
-            if not self.options.rerun and self.store.finished(key):
+            stored = None if self.options.rerun else self.store.get(self.key(cell))
+            if stored is not None and stored.status == "ok":
                 log.info("skipping %s (already in the store)", cell.label)
-                stored = self.store.get(key)
-                assert stored is not None
                 report.results.append(stored)
                 report.skipped += 1
                 continue
@@ -233,9 +231,8 @@ class Runner:
     def _reference(self, pool: ModelPool, taskpool: TaskPool, label: str,
                    compute: Callable[[], Metrics]) -> CellResult:
         key = cell_key("reference", label, {}, pool.name, taskpool.name, 0, self.options.limit, None)
-        if not self.options.rerun and self.store.finished(key):
-            stored = self.store.get(key)
-            assert stored is not None
+        stored = None if self.options.rerun else self.store.get(key)
+        if stored is not None and stored.status == "ok":
             return stored
         result = CellResult("reference", label, {}, pool.name, taskpool.name, 0, self.options.limit,
                             versions=environment_versions())

@@ -111,11 +111,6 @@ class ResultStore:
         rows = list(self._query("WHERE cell_key = ?", (key,)))
         return rows[0] if rows else None
 
-    def finished(self, key: str) -> bool:
-        cur = self.db.execute("SELECT status FROM results WHERE cell_key = ?", (key,))
-        row = cur.fetchone()
-        return bool(row) and row[0] == "ok"
-
     def all(self, modelpool: str | None = None, taskpool: str | None = None) -> list[CellResult]:
         where, args = [], []
         if modelpool:

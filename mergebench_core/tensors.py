@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -309,11 +309,6 @@ def check_finite(tensor: torch.Tensor, key: str, source: str) -> None:
         raise CheckpointError(f"tensor {key!r} in {source} has {bad} non-finite values (NaN or inf)")
 
 
-def task_vector(expert: torch.Tensor, base: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """τ = θ_expert − θ_base, computed in `dtype` so low-precision checkpoints do not lose the small differences."""
-    return expert.to(dtype) - base.to(dtype)
-
-
 def task_vectors(experts: Sequence[torch.Tensor], base: torch.Tensor,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Stacked task vectors, shape (n_experts, *base.shape), written in place into one fresh tensor.
@@ -333,9 +328,13 @@ def is_mergeable(tensor_dtype: torch.dtype) -> bool:
     return tensor_dtype.is_floating_point
 
 
-def iter_source(source: TensorSource, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    for k in keys if keys is not None else source.keys():
-        yield k, source.get(k)
+def polar_factor(a: torch.Tensor) -> torch.Tensor:
+    """The orthonormal matrix nearest to `a` in Frobenius norm (orthogonal Procrustes): U Vᵀ from a = U Σ Vᵀ.
+
+    The spectral methods (TSV-M, Iso-CTS) use it to decorrelate concatenated singular bases.
+    """
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    return u @ vh
 
 
 def save_state_dict(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],

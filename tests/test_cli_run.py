@@ -1,7 +1,6 @@
 """The `mergebench run | leaderboard | show | list` paths a user takes, in process, on the embedded pool."""
 
 import json
-import sys
 import types
 from dataclasses import dataclass
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.tensors import task_vectors
+from mergebench_core.tensors import polar_factor, task_vectors
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,6 @@ class IsoCTSParams:
         _check_alpha(self.scaling_factor)
         if not 0.0 <= self.common_space_fraction <= 1.0:
             raise ValueError(f"common_space_fraction must be in [0, 1], got {self.common_space_fraction}")
-
-
-def polar_factor(a: torch.Tensor) -> torch.Tensor:
-    """The orthonormal matrix nearest to `a` (orthogonal Procrustes): U Vᵀ from a = U Σ Vᵀ."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
-    return u @ vh
 
 
 def iso_c_matrix(taus: torch.Tensor) -> torch.Tensor:

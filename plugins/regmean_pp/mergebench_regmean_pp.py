@@ -20,26 +20,9 @@ Defaults (FusionBench's CLIP configuration, as for RegMean): `n_examples` = 256,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
 from mergebench_core.stats import forward_order, linear_input_grams
-from mergebench_regmean import excluded, regmean_merge, regmean_weight
-
-
-@dataclass
-class Params:
-    n_examples: int = 256
-    """Training examples per task for each layer's Gram matrix."""
-    reduce_non_diagonal_ratio: float = 0.95
-    """α: off-diagonal Gram entries are multiplied by it."""
-    exclude_param_names_regex: list[str] = field(default_factory=list)
-    """Tensors whose names match any pattern keep the pretrained value."""
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.reduce_non_diagonal_ratio <= 1.0:
-            raise ValueError(f"reduce_non_diagonal_ratio must be in [0, 1], got {self.reduce_non_diagonal_ratio}")
+from mergebench_regmean import Params, excluded, regmean_merge, regmean_weight
 
 
 class RegMeanPlusPlus(Method):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.tensors import task_vectors
+from mergebench_core.tensors import polar_factor, task_vectors
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,6 @@ class Params:
     def __post_init__(self) -> None:
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha}")
-
-
-def polar_factor(a: torch.Tensor) -> torch.Tensor:
-    """The orthonormal matrix nearest to `a` in Frobenius norm (orthogonal Procrustes): U Vᵀ from a = U Σ Vᵀ."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
-    return u @ vh
 
 
 def tsv_merge_matrix(taus: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mergebench_tsv_m import Params, TsvMerge, polar_factor
+from mergebench_core.tensors import polar_factor
+from mergebench_tsv_m import Params, TsvMerge
 
 from mergebench_core.merging import merge_sources
 from mergebench_core.tensors import StateDictSource

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import zlib
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -20,7 +20,30 @@ from .api import PRETRAINED, MergeOutput, Method, ModelPool, RunContext
 from .errors import CheckpointError, MergebenchError
 from .tensors import TensorSource, check_compatible, check_finite, is_mergeable
 
-Sink = Callable[[str, torch.Tensor], None]
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where merged tensors go: `write` each once, in key order; `patch` corrects entries of one already written."""
+
+    def write(self, key: str, tensor: torch.Tensor) -> None: ...
+
+    def patch(self, key: str, index: torch.Tensor | None, values: torch.Tensor) -> None: ...
+
+
+class DictSink:
+    """A sink that keeps the merged tensors in a dict (benchmark runs, tests)."""
+
+    def __init__(self, tensors: MutableMapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self.tensors[key] = tensor
+
+    def patch(self, key: str, index: torch.Tensor | None, values: torch.Tensor) -> None:
+        if index is None:
+            self.tensors[key] = values.reshape(self.tensors[key].shape)
+        else:  # merge_tensor results are fresh tensors, so writing into them touches no input
+            self.tensors[key].view(-1)[index] = values
 
 
 class MergeStream:
@@ -35,6 +58,9 @@ class MergeStream:
     @property
     def num_experts(self) -> int:
         return len(self.experts)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple((self.base or self.experts[0]).shape(key))
 
     def numel(self) -> int:
         ref = self.base or self.experts[0]
@@ -86,6 +112,27 @@ class MergeStream:
             yield key, out
 
 
+    def task_vector_slices(self, key: str, starts: Sequence[int], length: int) -> torch.Tensor:
+        """τ at `length` consecutive flat entries from each of `starts`, shape (n_experts, len(starts), length).
+
+        Reads only those entries from sources that can read slices (safetensors); others are read whole.
+        """
+        if self.base is None:
+            raise MergebenchError("task vectors need a pretrained model, and this pool has none")
+        sources = [self.base, *self.experts]
+        out = torch.empty((len(sources), len(starts), length), dtype=torch.float32)
+        for i, src in enumerate(sources):
+            read_into = getattr(src, "read_into", None)
+            if read_into is not None and src.dtype(key) == torch.float32:
+                for j, start in enumerate(starts):
+                    read_into(key, out[i, j], start)
+            else:
+                flat = src.get(key).reshape(-1)
+                index = (torch.as_tensor(list(starts)).view(-1, 1) + torch.arange(length)).view(-1)
+                out[i] = flat[index].view(len(starts), length).to(torch.float32)
+        return out[1:] - out[0]
+
+
 class TensorMergeMethod(Method):
     """A data-free method computed tensor by tensor; runs on pools (`mergebench run`) and files (`merge`)."""
 
@@ -103,6 +150,14 @@ class TensorMergeMethod(Method):
     def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
         """The merged value of tensor `key`, given its value in the base (None without one) and in each expert."""
 
+    def finish(self) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
+        """Corrections to tensors already merged, once every tensor has been: (key, flat indices, values).
+
+        Indices None replace the whole tensor. Methods that settle a few entries only after seeing the whole model
+        (TIES's one-pass global top-k) yield them here, which spares them a pass over the inputs beforehand.
+        """
+        return iter(())
+
     def generator(self, key: str) -> torch.Generator:
         """A generator for tensor `key` that depends only on the seed and the key, not on the order of tensors."""
         return torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
@@ -119,16 +174,19 @@ class TensorMergeMethod(Method):
         base = source(PRETRAINED) if pool.has_pretrained else None
         experts = [source(n) for n in pool.expert_names]
         merged: dict[str, torch.Tensor] = {}
-        merge_sources(self, base, experts, sink=merged.__setitem__, seed=ctx.seed, progress=ctx.track)
+        merge_sources(self, base, experts, sink=merged, seed=ctx.seed, progress=ctx.track)
         model = pool.load_model(PRETRAINED if pool.has_pretrained else pool.expert_names[0])
         model.load_state_dict(merged)
         return MergeOutput(model, extras=dict(self.extras))
 
 
 def merge_sources(method: TensorMergeMethod, base: TensorSource | None, experts: Sequence[TensorSource], *,
-                  sink: Sink, seed: int = 0, check_values: bool = True,
+                  sink: Sink | MutableMapping[str, torch.Tensor], seed: int = 0, check_values: bool = True,
                   progress: Callable[..., Iterator[Any]] | None = None) -> None:
-    """Run `method` over the sources, handing each output tensor to `sink` in the base's key order."""
+    """Run `method` over the sources, handing each output tensor to `sink` (a `Sink`, or a dict to fill) in the
+    base's key order, then the method's corrections (`finish`)."""
+    if not isinstance(sink, Sink):
+        sink = DictSink(sink)
     if not experts:
         raise MergebenchError("nothing to merge: no expert models were given")
     if method.requires_base and base is None:
@@ -150,11 +208,13 @@ def merge_sources(method: TensorMergeMethod, base: TensorSource | None, experts:
                 if not torch.equal(src.get(key), value):
                     raise CheckpointError(f"non-floating tensor {key!r} differs between {ref.name} and {src.name}; "
                                           "it cannot be merged")
-            sink(key, value)
+            sink.write(key, value)
             continue
         b, ex = stream.read(key)
         out = method.merge_tensor(key, b, ex)
         if tuple(out.shape) != tuple(ref.shape(key)):
             raise MergebenchError(f"method {method.name!r} returned shape {list(out.shape)} for {key!r}, "
                                   f"expected {list(ref.shape(key))}")
-        sink(key, out.to(ref.dtype(key)))
+        sink.write(key, out.to(ref.dtype(key)))
+    for key, index, values in method.finish():
+        sink.patch(key, index, values.to(ref.dtype(key)))

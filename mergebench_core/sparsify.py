@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .merging import MergeStream
 
 _HI = 1 << 15  # |x| has a zero sign bit, so the high 16 bits of its pattern are below 2**15
 _LO = 1 << 16
@@ -141,3 +146,147 @@ class StreamingTopK:
                 out[r][equal] = True
                 self.take_at_threshold[r] -= int(equal.numel())
         return out.view(rows.shape)
+
+
+class OnePassTopK:
+    """Exact top-`counts[r]` magnitude selection for each of R rows, decided during the merge pass itself.
+
+    `StreamingTopK` needs two extra reads of every input before merging. This class needs none: a small sample of
+    the task vectors (`from_sample`, about 1/64 of the entries) brackets each row's threshold, lo ≤ t ≤ hi, with a
+    margin of `z` standard errors. During the merge pass `classify` settles every entry above hi (kept) and below lo
+    (dropped) for good, and the caller `hold`s the few entries in between (the boundary, about 1% of a model) with
+    whatever it needs to recompute them. Once every tensor has been seen, `resolve` picks exactly the right boundary
+    entries (largest magnitudes first, the earlier entry on ties, as `topk_mask` does) and the caller patches its
+    output there. If the exact counts show the sample misled the bracket, `resolve` returns False and the caller
+    falls back to `StreamingTopK`: the answer is exact either way, only the speed depends on the sample.
+
+    Masks come back as float32 0/1 tensors: torch's CPU comparisons that write floats run several times faster
+    than those that write bools, and the caller multiplies by them anyway.
+    """
+
+    def __init__(self, counts: Iterable[int], lo: torch.Tensor, hi: torch.Tensor):
+        self.counts = torch.tensor([int(c) for c in counts], dtype=torch.int64)
+        self.lo = lo.to(torch.float32).reshape(-1, 1)
+        self.hi = hi.to(torch.float32).reshape(-1, 1)
+        self.above = torch.zeros(len(self.counts), dtype=torch.float64)
+        self._held: list[tuple[torch.Tensor, torch.Tensor]] = []  # per ticket: (boundary mask, values), (R, m) each
+        self._selected: list[torch.Tensor] | None = None
+
+    @classmethod
+    def from_sample(cls, stream: MergeStream, counts: Iterable[int], *, seed: int = 0, rate: float = 1 / 64,
+                    chunk: int = 1024, z: float = 6.0) -> OnePassTopK:
+        """Bracket each row's threshold from chunks of the stream's task vectors, sampled at `rate`.
+
+        Tensors of at most 4 chunks are read whole; larger ones contribute max(2, ⌈rate·n/chunk⌉) random chunks.
+        The count above a threshold is estimated per tensor (stratum) and summed; its standard error comes from
+        the spread of the per-chunk fractions, so entries that are correlated within a chunk widen the bracket
+        instead of breaking it.
+        """
+        counts = [int(c) for c in counts]
+        gen = torch.Generator().manual_seed(seed)
+        values, weights, strata = [], [], []  # strata: (first column, chunks, chunk length, n) of sampled tensors
+        column = 0
+        for key in stream.keys:
+            n = torch.Size(stream.shape(key)).numel()
+            if n == 0:
+                continue
+            if n <= 4 * chunk:
+                sample = stream.task_vector_slices(key, [0], n).reshape(len(counts), n)
+                weights.append(torch.ones(n, dtype=torch.float64))
+            else:
+                slots = n // chunk
+                c = min(slots, max(2, math.ceil(rate * n / chunk)))
+                starts = (torch.randperm(slots, generator=gen)[:c].sort().values * chunk).tolist()
+                sample = stream.task_vector_slices(key, starts, chunk).reshape(len(counts), c * chunk)
+                weights.append(torch.full((c * chunk,), n / (c * chunk), dtype=torch.float64))
+                strata.append((column, c, chunk, n))
+            values.append(sample.abs())
+            column += sample.shape[1]
+        x = torch.cat(values, 1)
+        w = torch.cat(weights)
+        lo, hi = torch.empty(len(counts)), torch.empty(len(counts))
+        for r, k in enumerate(counts):
+            lo[r], hi[r] = _bracket(x[r], w, strata, k, z)
+        return cls(counts, lo, hi)
+
+    def classify(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept, boundary) float 0/1 masks of a (R, m) block, in stream order; counts the kept entries."""
+        mags = rows.abs()
+        kept = torch.empty_like(mags)
+        torch.gt(mags, self.hi, out=kept)
+        boundary = torch.empty_like(mags)
+        torch.ge(mags, self.lo, out=boundary)
+        boundary -= kept  # hi >= lo, so kept entries are candidates too
+        # float32 counts are exact below 2**24 entries a row, and summing them is 7x faster than into float64
+        self.above += kept.sum(1) if rows.shape[1] < 1 << 24 else kept.sum(1, dtype=torch.float64)
+        return kept, boundary
+
+    def hold(self, boundary: torch.Tensor, values: torch.Tensor) -> int:
+        """Keep the boundary entries of some columns, given in stream order: `boundary` (R, m) marks them (0/1) and
+        `values` (R, m) holds the entries (the caller's copy; it must not change). Returns a ticket for `selected`."""
+        self._held.append((boundary > 0, values))
+        return len(self._held) - 1
+
+    def resolve(self) -> bool:
+        """Choose the boundary entries to keep; False when the counts show the bracket missed the threshold."""
+        rows = len(self.counts)
+        inside = torch.zeros(rows, dtype=torch.int64)
+        for boundary, _ in self._held:
+            inside += boundary.sum(1)
+        need = self.counts - self.above.round().to(torch.int64)
+        if bool(((need < 0) | (need > inside)).any()):
+            return False
+        boundary = torch.cat([b for b, _ in self._held], 1) if self._held else torch.zeros(rows, 0, dtype=torch.bool)
+        chosen = torch.zeros_like(boundary)
+        for r in range(rows):
+            if need[r] > 0:
+                columns = torch.nonzero(boundary[r]).view(-1)  # stream order: ticket, then column
+                mags = torch.cat([values[r] for _, values in self._held])[columns].abs()
+                top = torch.argsort(mags, descending=True, stable=True)[: int(need[r])]
+                chosen[r, columns[top]] = True
+        self._selected = list(torch.split(chosen, [b.shape[1] for b, _ in self._held], 1))
+        return True
+
+    def selected(self, ticket: int) -> torch.Tensor:
+        """Bool (R, m) mask of the held entries of `ticket` that are in the top-k (after a successful `resolve`)."""
+        if self._selected is None:
+            raise RuntimeError("resolve() has not succeeded yet")
+        return self._selected[ticket]
+
+
+def _bracket(x: torch.Tensor, w: torch.Tensor, strata: list[tuple[int, int, int, int]], k: int,
+             z: float) -> tuple[float, float]:
+    """(lo, hi) magnitudes such that, with high probability, at most k entries exceed hi and at least k reach lo."""
+    total = float(w.sum())
+    if k <= 0:
+        return math.inf, math.inf  # nothing is kept, nothing is in doubt
+    if k >= round(total):
+        return -1.0, -1.0  # everything is kept
+    values, weights = x.numpy(), w.numpy()
+    top_half = values.view(np.int32) >> 16  # magnitudes are >= 0, so their bit patterns order like them
+    from_top = np.cumsum(np.bincount(top_half, weights=weights, minlength=_HI)[::-1])
+
+    def value_at(rank: float) -> float:
+        """The magnitude that `rank` entries (in estimated count) reach: the bucket of the top 16 bits first, then
+        an exact weighted order inside that one bucket, which keeps the sort small."""
+        i = min(int(np.searchsorted(from_top, rank)), _HI - 1)
+        inside = np.flatnonzero(top_half == _HI - 1 - i)
+        inside = inside[np.argsort(-values[inside])]
+        if len(inside) == 0:
+            return 0.0
+        reached = (from_top[i - 1] if i > 0 else 0.0) + np.cumsum(weights[inside])
+        return float(values[inside[min(int(np.searchsorted(reached, rank)), len(inside) - 1)]])
+
+    estimate = value_at(k)
+    variance = 0.0
+    for start, c, length, n in strata:
+        frac = (x[start:start + c * length] > estimate).view(c, length).to(torch.float64).mean(1)
+        variance += n * n * (1 - c * length / n) * float(frac.var()) / c
+    # Rare events defeat the spread estimate (no sampled chunk may hold any of k = 7 entries): never trust it below
+    # the Poisson variance of counting them with the sample's coarsest weight.
+    if strata:  # (with no sampled tensor the "sample" is the whole model and the estimate is exact)
+        variance = max(variance, float(w.max()) * (min(k, total - k) + 1))
+    margin = z * math.sqrt(variance)
+    hi = value_at(k - margin) if k - margin >= 1 else math.inf
+    lo = value_at(k + margin) if k + margin < total else 0.0
+    return lo, max(hi, lo)

@@ -104,14 +104,20 @@ class SafetensorsSource:
         self.read_into(key, out)
         return out
 
-    def read_into(self, key: str, out: torch.Tensor) -> None:
-        """Read tensor `key` into `out` (contiguous, same dtype and number of elements), skipping an allocation."""
+    def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        """Read `out.numel()` entries of tensor `key`, from flat index `start` on, into `out` (contiguous, same dtype).
+
+        With the default `start` and an `out` of the tensor's size this reads the whole tensor without allocating;
+        a smaller `out` reads a slice (the sampling pass of `sparsify.OnePassTopK` reads a few of them).
+        """
         f = self._where[key]
-        start, end = self._meta[key]["data_offsets"]
-        if out.dtype != self.dtype(key) or out.numel() != torch.Size(self.shape(key)).numel() \
-                or not out.is_contiguous():
-            raise ValueError(f"read_into({key!r}) needs a contiguous {self.dtype(key)} tensor of shape "
-                             f"{list(self.shape(key))}, got {out.dtype} {list(out.shape)}")
+        numel = torch.Size(self.shape(key)).numel()
+        if out.dtype != self.dtype(key) or not out.is_contiguous() or start < 0 or start + out.numel() > numel:
+            raise ValueError(f"read_into({key!r}) needs a contiguous {self.dtype(key)} tensor of at most "
+                             f"{numel - start} entries, got {out.dtype} {list(out.shape)} from index {start}")
+        size = out.element_size()
+        begin = self._meta[key]["data_offsets"][0] + start * size
+        start, end = begin, begin + out.numel() * size
         if end == start:
             return
         try:
@@ -227,16 +233,20 @@ class StreamingSafetensorsWriter:
             header["__metadata__"] = dict(metadata)
         offset = 0
         self._expected: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        self._offsets: dict[str, int] = {}
         for key, shape, dtype in layout:
             nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
             header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._offsets[key] = offset
             offset += nbytes
             self._expected.append((key, tuple(shape), dtype))
+        self._position = {key: i for i, (key, _, _) in enumerate(self._expected)}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.tmp, "wb")
+        self._fh = open(self.tmp, "w+b")  # readable too: `patch` reads a written tensor back
         self._fh.write(struct.pack("<Q", len(blob)) + blob)
+        self._data_start = 8 + len(blob)
         self._next = 0
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -251,6 +261,39 @@ class StreamingSafetensorsWriter:
         if t.numel():
             self._fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))  # no intermediate bytes copy
         self._next += 1
+
+    def patch(self, key: str, index: torch.Tensor | None, values: torch.Tensor) -> None:
+        """Overwrite entries of a tensor already written: those at flat `index`, or all of it when `index` is None.
+
+        A method that settles a few entries only after its merge pass (TIES's one-pass top-k) corrects them here,
+        before `commit()`; only that tensor is read back.
+        """
+        position = self._position.get(key)
+        if position is None or position >= self._next:
+            raise ValueError(f"cannot patch {key!r}: it has not been written yet")
+        _, shape, dtype = self._expected[position]
+        raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype  # numpy has no bfloat16
+        current = torch.empty(torch.Size(shape).numel(), dtype=dtype)
+        if index is None:
+            current.copy_(values.reshape(-1))
+        else:
+            self._fh.flush()
+            self._pread(current.view(raw_dtype), self._data_start + self._offsets[key])
+            current[index] = values.to(dtype)
+        self._fh.flush()
+        buf = memoryview(current.view(raw_dtype).numpy()).cast("B")
+        offset, done = self._data_start + self._offsets[key], 0
+        while done < len(buf):
+            done += os.pwrite(self._fh.fileno(), buf[done:], offset + done)
+
+    def _pread(self, out: torch.Tensor, offset: int) -> None:
+        buf = memoryview(out.numpy()).cast("B")
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fh.fileno(), [buf[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{self.tmp} ended while reading back a tensor")
+            done += n
 
     def commit(self) -> Path:
         if self._next != len(self._expected):

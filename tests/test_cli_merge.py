@@ -12,7 +12,8 @@ from mergebench_ties import Params, Ties
 
 def random_models(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shapes = {"layer.0.weight": (16, 8), "layer.0.bias": (16,), "layer.1.weight": (4, 16), "position_ids": (5,)}
+    # layer.0.weight is large enough (> 4 sample chunks) for TIES to settle its boundary by patching the file
+    shapes = {"layer.0.weight": (96, 64), "layer.0.bias": (96,), "layer.1.weight": (4, 96), "position_ids": (5,)}
     models = []
     for _ in range(n):
         sd = {k: torch.randn(s, generator=g) for k, s in shapes.items() if k != "position_ids"}
@@ -30,7 +31,7 @@ def test_ties_on_files_equals_ties_in_memory(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     expected = {}
     merge_sources(Ties(Params(k=0.3, combine="mean")), StateDictSource(base), [StateDictSource(e) for e in experts],
-                  sink=expected.__setitem__)
+                  sink=expected)
     got = load_state_dict(out)
     assert list(got) == list(base)  # the base's key order
     for k in expected:
@@ -64,16 +65,16 @@ def test_bad_inputs_leave_no_output(tmp_path, capsys):
     assert main(["merge", "-m", "ties", "--base", str(good), "--models", str(broken), "--out", str(out)]) == 2
     assert "broken.safetensors is truncated" in capsys.readouterr().err
 
-    odd = dict(e1, **{"layer.1.weight": torch.zeros(16, 4)})
+    odd = dict(e1, **{"layer.1.weight": torch.zeros(96, 4)})
     odd_path = save_state_dict(odd, tmp_path / "odd.safetensors")
     assert main(["merge", "-m", "ties", "--base", str(good), "--models", str(odd_path), "--out", str(out)]) == 2
-    assert "tensor 'layer.1.weight' has shape [4, 16]" in capsys.readouterr().err
+    assert "tensor 'layer.1.weight' has shape [4, 96]" in capsys.readouterr().err
 
-    nan = dict(e1, **{"layer.0.bias": torch.full((16,), float("nan"))})
+    nan = dict(e1, **{"layer.0.bias": torch.full((96,), float("nan"))})
     nan_path = save_state_dict(nan, tmp_path / "nan.safetensors")
     assert main(["merge", "-m", "ties", "--base", str(good), "--models", str(nan_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "tensor 'layer.0.bias' in" in err and "16 non-finite values" in err
+    assert "tensor 'layer.0.bias' in" in err and "96 non-finite values" in err
 
     assert main(["merge", "-m", "ties", "--base", str(good), "--models", str(good), "--out", str(out),
                  "method.k=0.1,0.2"]) == 2

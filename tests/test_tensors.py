@@ -88,14 +88,14 @@ def test_non_finite_input_is_named():
     base = StateDictSource({"w": torch.zeros(3)}, "base")
     bad = StateDictSource({"w": torch.tensor([0.0, float("nan"), 1.0])}, "expert-2")
     with pytest.raises(CheckpointError, match="tensor 'w' in expert-2 has 1 non-finite"):
-        merge_sources(TaskArithmetic(), base, [bad], sink=lambda *_: None)
+        merge_sources(TaskArithmetic(), base, [bad], sink={})
 
 
 def test_integer_buffers_are_copied_not_merged():
     base = StateDictSource({"ids": torch.arange(3), "w": torch.zeros(2)}, "base")
     e = StateDictSource({"ids": torch.arange(3), "w": torch.ones(2)}, "e")
     out = {}
-    merge_sources(TaskArithmetic(), base, [e], sink=out.__setitem__)
+    merge_sources(TaskArithmetic(), base, [e], sink=out)
     assert torch.equal(out["ids"], torch.arange(3)) and torch.allclose(out["w"], torch.full((2,), 0.3))
 
 
@@ -103,10 +103,41 @@ def test_merge_keeps_input_dtype():
     base = StateDictSource({"w": torch.zeros(4, dtype=torch.bfloat16)}, "base")
     e = StateDictSource({"w": torch.ones(4, dtype=torch.bfloat16)}, "e")
     out = {}
-    merge_sources(TaskArithmetic(), base, [e], sink=out.__setitem__)
+    merge_sources(TaskArithmetic(), base, [e], sink=out)
     assert out["w"].dtype == torch.bfloat16
 
 
 def test_load_state_dict_reads_everything(tmp_path):
     path = save_state_dict({"a": torch.ones(2, 2)}, tmp_path / "x.safetensors")
     assert torch.equal(load_state_dict(path)["a"], torch.ones(2, 2))
+
+
+def test_writer_patches_written_tensors_in_place(tmp_path):
+    tensors = {"a": torch.arange(6, dtype=torch.float32).view(2, 3), "b": torch.ones(4, dtype=torch.bfloat16),
+               "c": torch.zeros(2)}
+    path = tmp_path / "out.safetensors"
+    with StreamingSafetensorsWriter(path, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]) as w:
+        w.write("a", tensors["a"])
+        w.write("b", tensors["b"])
+        w.patch("a", torch.tensor([1, 5]), torch.tensor([-1.0, -5.0]))
+        w.patch("b", torch.tensor([2]), torch.tensor([3.5]))  # values are cast to the tensor's dtype
+        with pytest.raises(ValueError, match="has not been written"):
+            w.patch("c", None, torch.ones(2))
+        w.write("c", tensors["c"])
+        w.patch("c", None, torch.tensor([7.0, 8.0]))
+        w.commit()
+    out = load_state_dict(path)
+    assert torch.equal(out["a"], torch.tensor([[0.0, -1.0, 2.0], [3.0, 4.0, -5.0]]))
+    assert out["b"].dtype == torch.bfloat16 and out["b"].tolist() == [1.0, 1.0, 3.5, 1.0]
+    assert out["c"].tolist() == [7.0, 8.0]
+
+
+def test_sources_read_slices(tmp_path):
+    t = torch.arange(20, dtype=torch.float32)
+    save_state_dict({"t": t}, tmp_path / "m.safetensors")
+    src = SafetensorsSource(tmp_path / "m.safetensors")
+    out = torch.empty(5)
+    src.read_into("t", out, start=12)
+    assert out.tolist() == [12.0, 13.0, 14.0, 15.0, 16.0]
+    with pytest.raises(ValueError, match="at most 3 entries"):
+        src.read_into("t", out, start=17)

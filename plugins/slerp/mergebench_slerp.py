@@ -99,7 +99,7 @@ class Slerp(TensorMergeMethod):
             return tensor_source(name) if tensor_source is not None else StateDictSource(pool.state_dict(name), name)
 
         merged: dict[str, torch.Tensor] = {}
-        merge_sources(self, None, [source(n) for n in names], sink=merged.__setitem__, seed=ctx.seed,
+        merge_sources(self, None, [source(n) for n in names], sink=merged, seed=ctx.seed,
                       progress=ctx.track)
         model = pool.load_model(PRETRAINED if pool.has_pretrained else names[0])
         model.load_state_dict(merged)

@@ -181,7 +181,7 @@ class TallMasks(Method):
 
         shared: dict[str, torch.Tensor] = {}
         work = _TallMaskPass(self.params)
-        merge_sources(work, source(PRETRAINED), [source(n) for n in pool.expert_names], sink=shared.__setitem__,
+        merge_sources(work, source(PRETRAINED), [source(n) for n in pool.expert_names], sink=shared,
                       seed=ctx.seed, progress=ctx.track)
         models = {}
         for task, tensors in zip(tasks, work.per_task):

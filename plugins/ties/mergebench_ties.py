@@ -16,13 +16,17 @@ Conventions (each a parameter):
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from mergebench_core import MergeStream, MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.sparsify import StreamingTopK, keep_count, topk_mask
+from mergebench_core.sparsify import OnePassTopK, StreamingTopK, keep_count, topk_mask
 from mergebench_core.tensors import task_vectors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,25 +51,68 @@ class Params:
 
 def elect_and_combine(trimmed: torch.Tensor, combine: str) -> torch.Tensor:
     """Elect a sign per entry from trimmed task vectors (T, ...) and combine the entries that agree with it."""
-    return elect_and_combine_(trimmed.clone(), combine)
+    sums = signed_sums(trimmed.reshape(len(trimmed), -1), combine)
+    return pick_agreeing(sums, majority_sign(sums[0]), combine).view(trimmed.shape[1:])
 
 
-def elect_and_combine_(trimmed: torch.Tensor, combine: str) -> torch.Tensor:
-    """`elect_and_combine` that overwrites `trimmed`, sparing a full-size temporary (for callers that own it)."""
-    elected = torch.sign(trimmed.sum(0))
-    majority = torch.sign(elected.sum())
-    elected = torch.where(elected == 0, majority, elected)
-    # with elected in {-1, 0, 1}: t·e > 0 exactly when sign(t) == e and t != 0
-    agree = torch.mul(trimmed, elected) > 0
-    kept = trimmed.mul_(agree)
-    if combine == "sum":
-        return kept.sum(0)
-    return kept.sum(0) / agree.sum(0).clamp(min=1)
+def signed_sums(trimmed: torch.Tensor, combine: str,
+                out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """Per column of trimmed task vectors (T, m): the sum, the sum of positive entries, the sum of negative ones,
+    and for "mean" the counts of each (written into `out` when given).
+
+    The entries agreeing with an elected sign are the positive ones (sign +) or the negative ones (sign −), so their
+    sum is one of these two, summed in the same order as masking the disagreeing entries would: no (T, m) mask of
+    agreement is built, which makes this several times faster than the direct formulation on CPU.
+    """
+    n_out = 3 if combine == "sum" else 5
+    out = out or tuple(torch.empty(trimmed.shape[1:], dtype=trimmed.dtype) for _ in range(n_out))
+    torch.sum(trimmed, 0, out=out[0])
+    part = torch.relu(trimmed)
+    torch.sum(part, 0, out=out[1])
+    torch.sub(trimmed, part, out=part)  # t − max(t, 0) = min(t, 0), exactly
+    torch.sum(part, 0, out=out[2])
+    if combine == "mean":
+        torch.sum(torch.gt(trimmed, 0, out=part), 0, out=out[3])  # a float 0/1 output is faster than a bool one
+        torch.sum(torch.lt(trimmed, 0, out=part), 0, out=out[4])
+    return out
 
 
-def ties_merge(base: torch.Tensor, taus: torch.Tensor, keep: torch.Tensor, params: Params) -> torch.Tensor:
-    """θ_0 + λ · TIES(τ); `taus` is overwritten with the trimmed task vectors."""
-    return base.to(torch.float32) + params.scaling_factor * elect_and_combine_(taus.mul_(keep), params.combine)
+def elected_sides(total: torch.Tensor, majority: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float 0/1 weights (positive side, negative side) per column: sign(total) elected, `majority` where it is 0.
+
+    Float-valued comparisons and arithmetic only: torch runs them several times faster on CPU than bool masks.
+    """
+    up, down = torch.empty_like(total), torch.empty_like(total)
+    (torch.ge if majority > 0 else torch.gt)(total, 0, out=up)
+    (torch.le if majority < 0 else torch.lt)(total, 0, out=down)
+    return up, down
+
+
+def pick_agreeing(sums: tuple[torch.Tensor, ...], majority: float, combine: str) -> torch.Tensor:
+    """The combined value per column: the positive or negative side of `signed_sums`, as the election says."""
+    up, down = elected_sides(sums[0], majority)
+    picked = torch.mul(sums[1], up).addcmul_(sums[2], down)  # x·1 + y·0 = x exactly
+    if combine == "mean":
+        picked /= torch.mul(sums[3], up).addcmul_(sums[4], down).clamp_(min=1)
+    return picked
+
+
+def majority_sign(total: torch.Tensor) -> float:
+    """The sign most columns elect (the fill where a column's sum is exactly 0)."""
+    return float(torch.sign(torch.count_nonzero(total > 0) - torch.count_nonzero(total < 0)))
+
+
+@dataclass
+class _Held:
+    """What a tensor's merge left open until the global threshold is known: the columns to recompute."""
+
+    columns: torch.Tensor  # flat indices: boundary columns first, then zero-sum columns
+    taus: torch.Tensor  # (T, m): τ at boundary columns, trimmed τ at zero-sum columns
+    tickets: list[int]  # OnePassTopK tickets of the boundary columns, in order
+    n_boundary: int
+    base: torch.Tensor  # (m,) base values at `columns`
+    elected_before: torch.Tensor  # (m,) sign of the provisional sums at `columns`
+    elected_total: torch.Tensor  # Σ of the provisional elected signs over the whole tensor
 
 
 class Ties(TensorMergeMethod):
@@ -74,28 +121,105 @@ class Ties(TensorMergeMethod):
     name = "ties"
     Params = Params
     info = MethodInfo(kind="merge", data="none")
+    block_entries = 1 << 19
+    """Entries (over all task vectors) processed at once: 2 MB blocks keep every temporary in cache."""
 
     def prepare(self, stream: MergeStream) -> None:
+        self._stream = stream
         self._topk: StreamingTopK | None = None
+        self._onepass: OnePassTopK | None = None
+        self._held: dict[str, _Held] = {}
         if self.params.scope != "global":
             return
         count = keep_count(self.params.k, stream.numel())
-        self._topk = StreamingTopK([count] * stream.num_experts)
-        for _, taus in stream.task_vectors():
-            self._topk.observe_high(taus)
-        for _, taus in stream.task_vectors():
-            self._topk.observe_low(taus)
         self.extras["kept_per_task"] = count
+        self._onepass = OnePassTopK.from_sample(stream, [count] * stream.num_experts, seed=self.seed)
 
     def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
         assert base is not None
         taus = task_vectors(experts, base)
+        if self._onepass is not None:
+            return self._merge_onepass(key, base, taus)
         if self._topk is not None:
             keep = self._topk.mask(taus)
         else:
             count = keep_count(self.params.k, base.numel())
             keep = torch.stack([topk_mask(t, count) for t in taus])
         return ties_merge(base, taus, keep, self.params)
+
+    def _merge_onepass(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        topk, combine = self._onepass, self.params.combine
+        assert topk is not None
+        flat = taus.view(len(taus), -1)
+        step = max(1, self.block_entries // len(taus))
+        sums = tuple(torch.empty(flat.shape[1]) for _ in range(3 if combine == "sum" else 5))
+        columns, held_taus, tickets = [], [], []
+        for j in range(0, flat.shape[1], step):
+            block = flat[:, j:j + step]
+            kept, boundary = topk.classify(block)
+            open_columns = torch.nonzero(boundary.sum(0)).view(-1)
+            if open_columns.numel():
+                held = block[:, open_columns]
+                tickets.append(topk.hold(boundary[:, open_columns], held))
+                columns.append(open_columns + j)
+                held_taus.append(held)
+            # boundary entries are left out for now
+            signed_sums(block.mul_(kept), combine, out=tuple(x[j:j + step] for x in sums))
+        total = sums[0]
+        elected_total = torch.count_nonzero(total > 0) - torch.count_nonzero(total < 0)
+        combined = pick_agreeing(sums, float(torch.sign(elected_total)), combine)
+        # Columns whose sum is exactly 0 but hold entries take the tensor's majority sign, which the boundary
+        # decisions may flip: hold them too (few; a column whose entries were all trimmed stays 0 anyway).
+        zero = torch.nonzero(torch.eq(total, 0, out=torch.empty_like(total)).mul_(sums[1])).view(-1)
+        boundary_columns = torch.cat(columns) if columns else zero[:0]
+        zero = zero[~torch.isin(zero, boundary_columns)]
+        at = torch.cat([boundary_columns, zero])
+        if at.numel():
+            self._held[key] = _Held(at, torch.cat([*held_taus, flat[:, zero]], 1), tickets, len(boundary_columns),
+                                    base.reshape(-1)[at], torch.sign(total[at]), elected_total)
+        return apply(base, combined.view(base.shape), self.params.scaling_factor)
+
+    def finish(self) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
+        topk = self._onepass
+        if topk is None:
+            return
+        if not topk.resolve():
+            yield from self._exact_rerun()
+            return
+        for key, held in self._held.items():
+            nb = held.n_boundary
+            keep = torch.ones(held.taus.shape, dtype=torch.bool)  # zero-sum columns: already trimmed
+            if nb:
+                chosen = torch.cat([topk.selected(t) for t in held.tickets], 1)
+                keep[:, :nb] = (held.taus[:, :nb].abs() > topk.hi) | chosen
+            trimmed = held.taus * keep
+            sums = signed_sums(trimmed, self.params.combine)
+            total = held.elected_total - held.elected_before.sum() + torch.sign(sums[0]).sum()
+            combined = pick_agreeing(sums, float(torch.sign(total)), self.params.combine)
+            yield key, held.columns, apply(held.base, combined, self.params.scaling_factor)
+        self._held = {}
+
+    def _exact_rerun(self) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
+        """The sampled bracket missed (the exact counts say so): find the thresholds exactly and merge again."""
+        log.warning("ties: the sampled threshold bracket missed; finding it exactly with two more passes")
+        self._onepass, self._held = None, {}
+        self._topk = StreamingTopK([self.extras["kept_per_task"]] * self._stream.num_experts)
+        for _, taus in self._stream.task_vectors():
+            self._topk.observe_high(taus)
+        for _, taus in self._stream.task_vectors():
+            self._topk.observe_low(taus)
+        for key, base, experts in self._stream:
+            yield key, None, self.merge_tensor(key, base, experts)
+
+
+def ties_merge(base: torch.Tensor, taus: torch.Tensor, keep: torch.Tensor, params: Params) -> torch.Tensor:
+    """θ_0 + λ · TIES(τ); `taus` is overwritten with the trimmed task vectors."""
+    return apply(base, elect_and_combine(taus.mul_(keep), params.combine), params.scaling_factor)
+
+
+def apply(base: torch.Tensor, combined: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """θ_0 + λ · combined, one formula for every path (so a patched entry equals an unpatched one bit for bit)."""
+    return torch.add(base.to(torch.float32), combined, alpha=scaling_factor)
 
 
 @hookimpl

@@ -127,7 +127,7 @@ def test_ties_on_clip_vit_b32_ta8_offline_matches_independent_zero_shot(world, o
 
     merged: dict[str, torch.Tensor] = {}
     merge_sources(Ties(), StateDictSource(base.state_dict(), "base"),
-                  [StateDictSource(experts[t].state_dict(), t) for t in world.tasks], sink=merged.__setitem__)
+                  [StateDictSource(experts[t].state_dict(), t) for t in world.tasks], sink=merged)
     merged_model = vision(BASE)
     merged_model.load_state_dict(merged)
     _check(rows["ties"].metrics, reference.metrics(merged_model, world.tasks))

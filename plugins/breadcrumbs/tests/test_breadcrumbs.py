@@ -15,7 +15,7 @@ from mergebench_core.tensors import StateDictSource
 def merge(params, base, experts):
     out = {}
     merge_sources(Breadcrumbs(params), StateDictSource(base, "base"),
-                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out.__setitem__)
+                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out)
     return out
 
 

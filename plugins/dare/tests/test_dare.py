@@ -15,7 +15,7 @@ from mergebench_dare import DareTaskArithmetic, DareTies, TaParams, TiesParams
 def merge(method, base, experts, seed=0):
     out = {}
     merge_sources(method, StateDictSource(base, "base"),
-                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out.__setitem__, seed=seed)
+                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out, seed=seed)
     return out
 
 

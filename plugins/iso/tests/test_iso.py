@@ -12,7 +12,7 @@ from mergebench_core.tensors import StateDictSource
 
 def merge(method, base: dict, experts: list[dict]) -> dict:
     out: dict[str, torch.Tensor] = {}
-    merge_sources(method, StateDictSource(base), [StateDictSource(e) for e in experts], sink=out.__setitem__, seed=0)
+    merge_sources(method, StateDictSource(base), [StateDictSource(e) for e in experts], sink=out, seed=0)
     return out
 
 

@@ -12,7 +12,7 @@ from mergebench_magmax import MagMax, Params
 def merge(params, base, experts):
     out = {}
     merge_sources(MagMax(params), StateDictSource(base, "base"),
-                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out.__setitem__)
+                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out)
     return out
 
 

@@ -16,7 +16,7 @@ def merge(base, experts, method=None):
     method = method or ModelStock()
     out = {}
     merge_sources(method, StateDictSource(base, "base"),
-                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out.__setitem__)
+                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out)
     return out
 
 

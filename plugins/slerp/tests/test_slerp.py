@@ -19,7 +19,7 @@ R = math.sqrt(0.5)
 def merge(params, experts, base=None):
     out = {}
     merge_sources(Slerp(params), StateDictSource(base, "base") if base is not None else None,
-                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out.__setitem__)
+                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out)
     return out["w"]
 
 

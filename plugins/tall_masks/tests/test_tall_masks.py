@@ -18,7 +18,7 @@ from mergebench_ties import Params as TiesParams, Ties
 def merge(method, base, experts):
     out = {}
     merge_sources(method, StateDictSource(base, "base"),
-                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out.__setitem__)
+                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out)
     return out
 
 

@@ -11,7 +11,7 @@ def test_task_arithmetic_hand_computed():
     e2 = {"w": torch.tensor([[1.0, 4.0], [1.0, 4.0]]), "b": torch.tensor([0.5])}  # τ2 = [[0,2],[-2,0]], [0]
     out = {}
     merge_sources(TaskArithmetic(Params(scaling_factor=0.5)), StateDictSource(base),
-                  [StateDictSource(e1), StateDictSource(e2)], sink=out.__setitem__)
+                  [StateDictSource(e1), StateDictSource(e2)], sink=out)
     assert torch.allclose(out["w"], torch.tensor([[1.5, 3.0], [2.0, 2.0]]))
     assert torch.allclose(out["b"], torch.tensor([1.0]))
 

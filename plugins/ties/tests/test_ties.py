@@ -14,7 +14,7 @@ from mergebench_ties import Params, Ties
 def merge(params, base, experts):
     out = {}
     merge_sources(Ties(params), StateDictSource(base, "base"),
-                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out.__setitem__)
+                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out)
     return out
 
 
@@ -77,3 +77,62 @@ def test_bad_parameters_are_reported_with_their_name():
         build_params("ties", Params, {}, parse_overrides(["ties.combine=max"]))
     with pytest.raises(ConfigError, match="parameter 'k' expects float"):
         build_params("ties", Params, {}, parse_overrides(["method.k=abc"]))
+
+
+def reference_ties(base, experts, k, lam, combine):
+    """TIES written the direct way, over the whole model held in memory: the answer the streaming merge must give."""
+    from mergebench_core.sparsify import keep_count, topk_mask
+
+    keys = list(base)
+    taus = torch.stack([torch.cat([(e[key] - base[key]).reshape(-1) for key in keys]) for e in experts])
+    count = keep_count(k, taus.shape[1])
+    trimmed = torch.stack([t * topk_mask(t, count) for t in taus])
+    out, offset = {}, 0
+    for key in keys:
+        seg = trimmed[:, offset:offset + base[key].numel()]
+        offset += base[key].numel()
+        elected = torch.sign(seg.sum(0))
+        elected = torch.where(elected == 0, torch.sign(elected.sum()), elected)
+        agree = seg * elected > 0
+        merged = (seg * agree).sum(0)
+        if combine == "mean":
+            merged = merged / agree.sum(0).clamp(min=1)
+        out[key] = base[key] + lam * merged.view(base[key].shape)
+    return out
+
+
+def quantized_pool(seed, shapes, experts=4):
+    """Task vectors on a coarse grid: many equal magnitudes at the threshold and many exact cancellations."""
+    g = torch.Generator().manual_seed(seed)
+    base = {f"t{i}": torch.randn(shape, generator=g) for i, shape in enumerate(shapes)}
+    pool = [{key: value + torch.randint(-4, 5, value.shape, generator=g) * 0.25 for key, value in base.items()}
+            for _ in range(experts)]
+    return base, pool
+
+
+@pytest.mark.parametrize("combine", ["sum", "mean"])
+def test_one_pass_global_top_k_equals_the_whole_model_answer(combine):
+    # tensors large enough to be sampled (not read whole), so the boundary is held and patched after the pass
+    shapes = [(100, 60), (5000,), (7,), (50, 50), (1,)]
+    for seed in range(4):
+        base, experts = quantized_pool(seed, shapes)
+        for k in (0.1, 0.37, 0.9):
+            params = Params(k=k, combine=combine, scaling_factor=0.3)
+            got = merge(params, base, experts)
+            want = reference_ties(base, experts, k, 0.3, combine)
+            for key in base:
+                assert torch.allclose(got[key], want[key], atol=1e-6, rtol=0), (seed, k, key)
+
+
+def test_a_missed_bracket_falls_back_to_the_exact_passes(monkeypatch, caplog):
+    from mergebench_core.sparsify import OnePassTopK
+
+    def misleading_sample(stream, counts, **_):  # a bracket far too low: far more than k entries lie above it
+        return OnePassTopK(counts, torch.zeros(len(counts)), torch.full((len(counts),), 1e-3))
+
+    monkeypatch.setattr(OnePassTopK, "from_sample", misleading_sample)
+    base, experts = quantized_pool(0, [(100, 60), (5000,)])
+    got = merge(Params(k=0.2), base, experts)
+    want = reference_ties(base, experts, 0.2, 0.3, "sum")
+    assert all(torch.allclose(got[key], want[key], atol=1e-6, rtol=0) for key in base)
+    assert "bracket missed" in caplog.text

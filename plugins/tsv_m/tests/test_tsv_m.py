@@ -14,7 +14,7 @@ from mergebench_core.tensors import StateDictSource
 def merge(base: dict, experts: list[dict], **params) -> dict:
     out: dict[str, torch.Tensor] = {}
     merge_sources(TsvMerge(Params(**params)), StateDictSource(base), [StateDictSource(e) for e in experts],
-                  sink=out.__setitem__, seed=0)
+                  sink=out, seed=0)
     return out
 
 

@@ -17,7 +17,7 @@ EXPERTS = [{"w": torch.tensor([4.0, 0.0])}, {"w": torch.tensor([0.0, 8.0])}]
 def merge(params, experts=EXPERTS):
     method = WeightedAverage(params)
     out = {}
-    merge_sources(method, None, [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out.__setitem__)
+    merge_sources(method, None, [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out)
     return out["w"], method.extras
 
 

@@ -13,7 +13,7 @@ from mergebench_core.tensors import StateDictSource
 def merge(base: dict, experts: list[dict], seed: int = 0, **params) -> dict:
     out: dict[str, torch.Tensor] = {}
     merge_sources(Wudi(Params(**params)), StateDictSource(base), [StateDictSource(e) for e in experts],
-                  sink=out.__setitem__, seed=seed)
+                  sink=out, seed=seed)
     return out
 
 

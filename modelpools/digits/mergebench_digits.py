@@ -7,9 +7,12 @@ whether the digit is at least 5).
 
 Models, mirroring CLIP's recipe:
 1. a shared MLP encoder is pretrained *without labels* (a denoising autoencoder on the train images of every view);
-2. each task gets a frozen linear head fit on one labeled example per class (the analogue of CLIP's zero-shot
-   head), so the pretrained model is a weak but real classifier;
-3. each expert fine-tunes the whole encoder on its task with that head frozen.
+2. each task gets a frozen zero-shot head built as CLIP builds its heads, without training: its rows are the
+   unit-norm class embeddings (here the normalised encoder features of one labeled example per class) times one
+   logit scale shared by every task, and logits = scale · cosine(encoder features, class embedding). The scale is
+   the one that calibrates the pretrained model on the train splits (minimum cross-entropy over all tasks), so the
+   pretrained model is a weak but real classifier whose confidence means what it says;
+3. each expert fine-tunes the whole encoder on its task, briefly, with that head frozen.
 Only the encoder is merged; heads live in the task pool. Everything is seeded, and the checkpoints are cached as
 safetensors under a hash of the recipe, so the pool is rebuilt only when the recipe changes.
 """
@@ -21,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,7 +43,7 @@ log = logging.getLogger(__name__)
 POOL_NAME = "digits-mlp_TA8"
 TASKPOOL_NAME = "digits_TA8"
 TASKS = ("digits", "rot90", "rot180", "mirror", "shift", "transpose", "parity", "magnitude")
-RECIPE_VERSION = 2  # bump when the build code changes in a way the recipe fields do not show
+RECIPE_VERSION = 3  # bump when the build code changes in a way the recipe fields do not show
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,11 @@ class Recipe:
     n_train: int = 1200
     hidden: int = 256
     features: int = 128
-    pretrain_steps: int = 600
+    pretrain_steps: int = 1200
     pretrain_lr: float = 3e-3
     pretrain_mask: float = 0.3
     probe_shots: int = 1
-    probe_steps: int = 200
-    probe_lr: float = 1e-2
-    finetune_steps: int = 400
+    finetune_steps: int = 200
     finetune_lr: float = 3e-4
     batch_size: int = 64
     tasks: tuple[str, ...] = TASKS
@@ -149,19 +151,62 @@ def _pretrain(recipe: Recipe, data: DigitsData, gen: torch.Generator) -> Encoder
     return encoder.eval()
 
 
-def _probe(recipe: Recipe, encoder: Encoder, x: torch.Tensor, y: torch.Tensor) -> nn.Linear:
+def _prototypes(recipe: Recipe, encoder: Encoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(classes, features): the unit-norm mean of the unit-norm features of each class's first probe shots."""
     classes = int(y.max()) + 1
-    shots = torch.cat([torch.nonzero(y == c)[: recipe.probe_shots, 0] for c in range(classes)])
-    head = nn.Linear(recipe.features, classes)
     with torch.no_grad():
-        feats = encoder(x[shots])
-    opt = torch.optim.Adam(head.parameters(), lr=recipe.probe_lr)
-    for _ in range(recipe.probe_steps):
-        loss = F.cross_entropy(head(feats), y[shots])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return head.requires_grad_(False).eval()
+        feats = F.normalize(encoder(x), dim=-1)
+        rows = [feats[torch.nonzero(y == c)[: recipe.probe_shots, 0]].mean(0) for c in range(classes)]
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
+def _calibrated_scale(encoder: Encoder, prototypes: dict[str, torch.Tensor],
+                      splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The one logit scale s, shared by every task, that minimises the pretrained model's cross-entropy on the train
+    splits (each task's mean, summed over tasks): its zero-shot predictions are then calibrated, neither over- nor
+    under-confident. A golden-section search over log s in [0, log 1000] (the loss is convex in s)."""
+    with torch.no_grad():
+        cosines = {t: F.normalize(encoder(x), dim=-1) @ prototypes[t].T for t, (x, _) in splits.items()}
+
+    def loss(log_s: float) -> float:
+        return sum(float(F.cross_entropy(math.exp(log_s) * c, splits[t][1])) for t, c in cosines.items())
+
+    lo, hi = 0.0, math.log(1000.0)
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(40):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return math.exp((lo + hi) / 2.0)
+
+
+def _zero_shot_heads(recipe: Recipe, encoder: Encoder, data: DigitsData) -> dict[str, nn.Linear]:
+    """CLIP-style zero-shot heads: the rows are unit-norm class prototypes times one shared logit scale, no bias;
+    `DigitsTaskPool.logits` applies them to unit-norm features, so logits = scale · cosine(feature, prototype)."""
+    splits = {t: data.split(t, "train") for t in recipe.tasks}
+    prototypes = {t: _prototypes(recipe, encoder, x, y) for t, (x, y) in splits.items()}
+    scale = _calibrated_scale(encoder, prototypes, splits)
+    log.info("zero-shot heads: logit scale %.2f", scale)
+    heads = {}
+    for t, rows in prototypes.items():
+        head = nn.Linear(recipe.features, len(rows))
+        with torch.no_grad():
+            head.weight.copy_(scale * rows)
+            head.bias.zero_()
+        heads[t] = head.requires_grad_(False).eval()
+    return heads
+
+
+def zero_shot_logits(head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    """A task's logits from encoder features: its head applied to the unit-norm features (CLIP's zero-shot form)."""
+    return head(F.normalize(features, dim=-1))
 
 
 def _finetune(recipe: Recipe, encoder: Encoder, head: nn.Linear, x: torch.Tensor, y: torch.Tensor,
@@ -170,7 +215,7 @@ def _finetune(recipe: Recipe, encoder: Encoder, head: nn.Linear, x: torch.Tensor
     opt = torch.optim.Adam(expert.parameters(), lr=recipe.finetune_lr)
     for _ in range(recipe.finetune_steps):
         idx = torch.randint(0, len(x), (recipe.batch_size,), generator=gen)
-        loss = F.cross_entropy(head(expert(x[idx])), y[idx])
+        loss = F.cross_entropy(zero_shot_logits(head, expert(x[idx])), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -197,7 +242,7 @@ def _build(recipe: Recipe, folder: Path) -> None:
     with torch.random.fork_rng():  # module initialisation draws from the global generator: pin it, then restore
         torch.manual_seed(recipe.seed)
         encoder = _pretrain(recipe, data, gen)
-        heads = {t: _probe(recipe, encoder, *data.split(t, "train")) for t in recipe.tasks}
+        heads = _zero_shot_heads(recipe, encoder, data)
         experts = {t: _finetune(recipe, encoder, heads[t], *data.split(t, "train"), gen) for t in recipe.tasks}
     folder.mkdir(parents=True, exist_ok=True)
     save_state_dict(encoder.state_dict(), folder / f"{PRETRAINED}.safetensors")
@@ -309,7 +354,7 @@ class DigitsTaskPool(TaskPool):
         features = model(inputs)
         if head.weight.device != features.device:  # Module.to rebinds parameters, which torch.func transforms forbid
             head = head.to(features.device)
-        return head(features)
+        return zero_shot_logits(head, features)
 
     def version_info(self) -> dict[str, str]:
         return {"digits_recipe": self.recipe.digest()}

@@ -221,10 +221,11 @@ class OnePassTopK:
         self.above += kept.sum(1) if rows.shape[1] < 1 << 24 else kept.sum(1, dtype=torch.float64)
         return kept, boundary
 
-    def hold(self, boundary: torch.Tensor, values: torch.Tensor) -> int:
-        """Keep the boundary entries of some columns, given in stream order: `boundary` (R, m) marks them (0/1) and
-        `values` (R, m) holds the entries (the caller's copy; it must not change). Returns a ticket for `selected`."""
-        self._held.append((boundary > 0, values))
+    def hold(self, values: torch.Tensor) -> int:
+        """Keep some columns (R, m) of the stream, in stream order, to settle their boundary entries (those with
+        lo ≤ |x| ≤ hi, as `classify` marked them) later; `values` must not change. Returns a ticket for `selected`."""
+        mags = values.abs()
+        self._held.append(((mags >= self.lo) & ~(mags > self.hi), values))
         return len(self._held) - 1
 
     def resolve(self) -> bool:

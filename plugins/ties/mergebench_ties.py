@@ -108,7 +108,7 @@ class _Held:
 
     columns: torch.Tensor  # flat indices: boundary columns first, then zero-sum columns
     taus: torch.Tensor  # (T, m): τ at boundary columns, trimmed τ at zero-sum columns
-    tickets: list[int]  # OnePassTopK tickets of the boundary columns, in order
+    ticket: int  # the OnePassTopK ticket of the boundary columns
     n_boundary: int
     base: torch.Tensor  # (m,) base values at `columns`
     elected_before: torch.Tensor  # (m,) sign of the provisional sums at `columns`
@@ -153,18 +153,15 @@ class Ties(TensorMergeMethod):
         flat = taus.view(len(taus), -1)
         step = max(1, self.block_entries // len(taus))
         sums = tuple(torch.empty(flat.shape[1]) for _ in range(3 if combine == "sum" else 5))
-        columns, held_taus, tickets = [], [], []
+        columns = []
+        trimmed = torch.empty(len(taus), min(step, flat.shape[1]))
         for j in range(0, flat.shape[1], step):
             block = flat[:, j:j + step]
             kept, boundary = topk.classify(block)
-            open_columns = torch.nonzero(boundary.sum(0)).view(-1)
-            if open_columns.numel():
-                held = block[:, open_columns]
-                tickets.append(topk.hold(boundary[:, open_columns], held))
-                columns.append(open_columns + j)
-                held_taus.append(held)
-            # boundary entries are left out for now
-            signed_sums(block.mul_(kept), combine, out=tuple(x[j:j + step] for x in sums))
+            columns.append(torch.nonzero(boundary.sum(0)).view(-1).add_(j))
+            # boundary entries are left out for now; `flat` keeps the untrimmed τ for `hold`
+            part = trimmed[:, :block.shape[1]]
+            signed_sums(torch.mul(block, kept, out=part), combine, out=tuple(x[j:j + step] for x in sums))
         total = sums[0]
         elected_total = torch.count_nonzero(total > 0) - torch.count_nonzero(total < 0)
         combined = pick_agreeing(sums, float(torch.sign(elected_total)), combine)
@@ -175,8 +172,11 @@ class Ties(TensorMergeMethod):
         zero = zero[~torch.isin(zero, boundary_columns)]
         at = torch.cat([boundary_columns, zero])
         if at.numel():
-            self._held[key] = _Held(at, torch.cat([*held_taus, flat[:, zero]], 1), tickets, len(boundary_columns),
-                                    base.reshape(-1)[at], torch.sign(total[at]), elected_total)
+            held = torch.index_select(flat, 1, at)  # one gather per tensor: far cheaper than one per block
+            held[:, len(boundary_columns):] *= held[:, len(boundary_columns):].abs() > topk.hi  # trimmed (settled)
+            ticket = topk.hold(held[:, :len(boundary_columns)])
+            self._held[key] = _Held(at, held, ticket, len(boundary_columns), base.reshape(-1)[at],
+                                    torch.sign(total[at]), elected_total)
         return apply(base, combined.view(base.shape), self.params.scaling_factor)
 
     def finish(self) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
@@ -190,8 +190,7 @@ class Ties(TensorMergeMethod):
             nb = held.n_boundary
             keep = torch.ones(held.taus.shape, dtype=torch.bool)  # zero-sum columns: already trimmed
             if nb:
-                chosen = torch.cat([topk.selected(t) for t in held.tickets], 1)
-                keep[:, :nb] = (held.taus[:, :nb].abs() > topk.hi) | chosen
+                keep[:, :nb] = (held.taus[:, :nb].abs() > topk.hi) | topk.selected(held.ticket)
             trimmed = held.taus * keep
             sums = signed_sums(trimmed, self.params.combine)
             total = held.elected_total - held.elected_before.sum() + torch.sign(sums[0]).sum()

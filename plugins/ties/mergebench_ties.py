@@ -66,14 +66,26 @@ def signed_sums(trimmed: torch.Tensor, combine: str,
     """
     n_out = 3 if combine == "sum" else 5
     out = out or tuple(torch.empty(trimmed.shape[1:], dtype=trimmed.dtype) for _ in range(n_out))
-    torch.sum(trimmed, 0, out=out[0])
+    sum_rows(trimmed, out[0])
     part = torch.relu(trimmed)
-    torch.sum(part, 0, out=out[1])
+    sum_rows(part, out[1])
     torch.sub(trimmed, part, out=part)  # t − max(t, 0) = min(t, 0), exactly
-    torch.sum(part, 0, out=out[2])
+    sum_rows(part, out[2])
     if combine == "mean":
-        torch.sum(torch.gt(trimmed, 0, out=part), 0, out=out[3])  # a float 0/1 output is faster than a bool one
-        torch.sum(torch.lt(trimmed, 0, out=part), 0, out=out[4])
+        sum_rows(torch.gt(trimmed, 0, out=part), out[3])  # a float 0/1 output is faster than a bool one
+        sum_rows(torch.lt(trimmed, 0, out=part), out[4])
+    return out
+
+
+def sum_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Σ over the first dimension, added row by row in order: the same bits whatever the layout or the block of
+    columns, so an entry patched after the merge pass equals what an unpatched merge computes. (torch's reduction
+    may group the additions differently for different shapes.)"""
+    if len(x) == 1:
+        return out.copy_(x[0])
+    torch.add(x[0], x[1], out=out)
+    for row in x[2:]:
+        out += row
     return out
 
 

@@ -122,10 +122,9 @@ class MergeStream:
         sources = [self.base, *self.experts]
         out = torch.empty((len(sources), len(starts), length), dtype=torch.float32)
         for i, src in enumerate(sources):
-            read_into = getattr(src, "read_into", None)
-            if read_into is not None and src.dtype(key) == torch.float32:
-                for j, start in enumerate(starts):
-                    read_into(key, out[i, j], start)
+            read_slices = getattr(src, "read_slices", None)
+            if read_slices is not None and src.dtype(key) == torch.float32:
+                read_slices(key, starts, out[i])
             else:
                 flat = src.get(key).reshape(-1)
                 index = (torch.as_tensor(list(starts)).view(-1, 1) + torch.arange(length)).view(-1)

@@ -242,7 +242,7 @@ class OnePassTopK:
         for r in range(rows):
             if need[r] > 0:
                 columns = torch.nonzero(boundary[r]).view(-1)  # stream order: ticket, then column
-                mags = torch.cat([values[r] for _, values in self._held])[columns].abs()
+                mags = torch.cat([values[r][b[r]] for b, values in self._held]).abs()  # same order as `columns`
                 top = torch.argsort(mags, descending=True, stable=True)[: int(need[r])]
                 chosen[r, columns[top]] = True
         self._selected = list(torch.split(chosen, [b.shape[1] for b, _ in self._held], 1))

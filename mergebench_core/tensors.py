@@ -134,6 +134,35 @@ class SafetensorsSource:
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {key!r} from {f}: {exc}") from exc
 
+    def read_slices(self, key: str, starts: Sequence[int], out: torch.Tensor) -> None:
+        """Read `out.shape[1]` entries of tensor `key` from each flat index in `starts` into the rows of `out`.
+
+        One positioned read per slice and no other per-slice work: the sampling pass of `sparsify.OnePassTopK`
+        reads thousands of small slices.
+        """
+        if len(starts) == 0:
+            return
+        length = out.shape[1]
+        numel = torch.Size(self.shape(key)).numel()
+        if out.dtype != self.dtype(key) or not out.is_contiguous() or out.shape[0] != len(starts) \
+                or min(starts) < 0 or max(starts) + length > numel:
+            raise ValueError(f"read_slices({key!r}) needs a contiguous {self.dtype(key)} tensor of "
+                             f"{len(starts)} rows and slices inside the tensor's {numel} entries")
+        f = self._where[key]
+        fd = self._fds.get(f)
+        if fd is None:
+            fd = self._fds[f] = os.open(f, os.O_RDONLY)
+        size = out.element_size()
+        nbytes = length * size
+        begin = self._data_start[f] + self._meta[key]["data_offsets"][0]
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        try:
+            for i, start in enumerate(starts):
+                if os.preadv(fd, [buf[i * nbytes:(i + 1) * nbytes]], begin + start * size) != nbytes:
+                    self.read_into(key, out[i], start)  # a short read: the careful path retries or names the error
+        except OSError as exc:
+            raise CheckpointError(f"cannot read tensor {key!r} from {f}: {exc}") from exc
+
     def close(self) -> None:
         fds, self._fds = self._fds, {}
         for fd in fds.values():

@@ -141,3 +141,8 @@ def test_sources_read_slices(tmp_path):
     assert out.tolist() == [12.0, 13.0, 14.0, 15.0, 16.0]
     with pytest.raises(ValueError, match="at most 3 entries"):
         src.read_into("t", out, start=17)
+    many = torch.empty(3, 4)
+    src.read_slices("t", [0, 9, 16], many)
+    assert many.tolist() == [[0.0, 1.0, 2.0, 3.0], [9.0, 10.0, 11.0, 12.0], [16.0, 17.0, 18.0, 19.0]]
+    with pytest.raises(ValueError, match="slices inside"):
+        src.read_slices("t", [0, 17], torch.empty(2, 4))

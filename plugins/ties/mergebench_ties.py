@@ -5,8 +5,11 @@ Conventions (each a parameter):
 - `k`: the fraction of each task vector's entries kept by magnitude. Exactly ⌊k·n⌋ entries are kept; among equal
   magnitudes the earlier entry (key order, then flat index) wins. The paper's code keeps every entry at least as
   large as the (n − ⌊k·n⌋)-th smallest, which is one entry more, and more with ties.
-- `scope`: "global" ranks magnitudes over the whole model, as the paper's code and FusionBench do (an exact
-  threshold found in two streaming passes); "tensor" ranks within each tensor, as MergeKit does.
+- `scope`: "global" ranks magnitudes over the whole model, as the paper's code and FusionBench do; "tensor" ranks
+  within each tensor, as MergeKit does. The global selection is exact and costs one pass over the inputs: a sample
+  brackets each task's threshold, the merge pass holds the columns with an entry inside the bracket, and `finish`
+  recomputes them once the exact threshold is known (`mergebench_core.sparsify.OnePassTopK`). Should the sample
+  mislead the bracket, two exact radix-select passes and a second merge run instead; both paths give the same bits.
 - Sign election: the sign of the sum of trimmed task vectors. Where that sum is exactly zero, the sign held by
   most of the tensor's elected entries is used (the paper's code takes the majority over the whole model; the two
   differ only where trimmed vectors cancel exactly).

@@ -112,6 +112,10 @@ def pick_agreeing(sums: tuple[torch.Tensor, ...], majority: float, combine: str)
     return picked
 
 
+def sign(x: int) -> int:
+    return (x > 0) - (x < 0)
+
+
 def majority_sign(total: torch.Tensor) -> float:
     """The sign most columns elect (the fill where a column's sum is exactly 0)."""
     return float(torch.sign(torch.count_nonzero(total > 0) - torch.count_nonzero(total < 0)))
@@ -121,13 +125,12 @@ def majority_sign(total: torch.Tensor) -> float:
 class _Held:
     """What a tensor's merge left open until the global threshold is known: the columns to recompute."""
 
-    columns: torch.Tensor  # flat indices: boundary columns first, then zero-sum columns
-    taus: torch.Tensor  # (T, m): τ at boundary columns, trimmed τ at zero-sum columns
-    ticket: int  # the OnePassTopK ticket of the boundary columns
-    n_boundary: int
+    columns: torch.Tensor  # flat indices of the columns with an entry in the bracket or an exactly zero sum
+    taus: torch.Tensor  # (T, m): untrimmed τ at those columns
+    ticket: int  # their OnePassTopK ticket
     base: torch.Tensor  # (m,) base values at `columns`
     elected_before: torch.Tensor  # (m,) sign of the provisional sums at `columns`
-    elected_total: torch.Tensor  # Σ of the provisional elected signs over the whole tensor
+    elected_total: int  # Σ of the provisional elected signs over the whole tensor
 
 
 class Ties(TensorMergeMethod):
@@ -168,30 +171,26 @@ class Ties(TensorMergeMethod):
         flat = taus.view(len(taus), -1)
         step = max(1, self.block_entries // len(taus))
         sums = tuple(torch.empty(flat.shape[1]) for _ in range(3 if combine == "sum" else 5))
-        columns = []
+        in_doubt = torch.empty(flat.shape[1])  # per column: how many entries lie inside the bracket
         trimmed = torch.empty(len(taus), min(step, flat.shape[1]))
         for j in range(0, flat.shape[1], step):
             block = flat[:, j:j + step]
             kept, boundary = topk.classify(block)
-            columns.append(torch.nonzero(boundary.sum(0)).view(-1).add_(j))
+            torch.sum(boundary, 0, out=in_doubt[j:j + step])
             # boundary entries are left out for now; `flat` keeps the untrimmed τ for `hold`
             part = trimmed[:, :block.shape[1]]
             signed_sums(torch.mul(block, kept, out=part), combine, out=tuple(x[j:j + step] for x in sums))
         total = sums[0]
-        elected_total = torch.count_nonzero(total > 0) - torch.count_nonzero(total < 0)
-        combined = pick_agreeing(sums, float(torch.sign(elected_total)), combine)
+        elected_total = int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))  # exact
+        combined = pick_agreeing(sums, float(sign(elected_total)), combine)
         # Columns whose sum is exactly 0 but hold entries take the tensor's majority sign, which the boundary
         # decisions may flip: hold them too (few; a column whose entries were all trimmed stays 0 anyway).
-        zero = torch.nonzero(torch.eq(total, 0, out=torch.empty_like(total)).mul_(sums[1])).view(-1)
-        boundary_columns = torch.cat(columns) if columns else zero[:0]
-        zero = zero[~torch.isin(zero, boundary_columns)]
-        at = torch.cat([boundary_columns, zero])
+        in_doubt += torch.eq(total, 0, out=torch.empty_like(total)).mul_(sums[1])
+        at = torch.nonzero(in_doubt).view(-1)
         if at.numel():
-            held = torch.index_select(flat, 1, at)  # one gather per tensor: far cheaper than one per block
-            held[:, len(boundary_columns):] *= held[:, len(boundary_columns):].abs() > topk.hi  # trimmed (settled)
-            ticket = topk.hold(held[:, :len(boundary_columns)])
-            self._held[key] = _Held(at, held, ticket, len(boundary_columns), base.reshape(-1)[at],
-                                    torch.sign(total[at]), elected_total)
+            held = torch.index_select(flat, 1, at)  # untrimmed τ; one gather per tensor, not one per block
+            self._held[key] = _Held(at, held, topk.hold(held), base.reshape(-1)[at], torch.sign(total[at]),
+                                    elected_total)
         return apply(base, combined.view(base.shape), self.params.scaling_factor)
 
     def finish(self) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
@@ -202,14 +201,10 @@ class Ties(TensorMergeMethod):
             yield from self._exact_rerun()
             return
         for key, held in self._held.items():
-            nb = held.n_boundary
-            keep = torch.ones(held.taus.shape, dtype=torch.bool)  # zero-sum columns: already trimmed
-            if nb:
-                keep[:, :nb] = (held.taus[:, :nb].abs() > topk.hi) | topk.selected(held.ticket)
-            trimmed = held.taus * keep
+            trimmed = held.taus * ((held.taus.abs() > topk.hi) | topk.selected(held.ticket))
             sums = signed_sums(trimmed, self.params.combine)
-            total = held.elected_total - held.elected_before.sum() + torch.sign(sums[0]).sum()
-            combined = pick_agreeing(sums, float(torch.sign(total)), self.params.combine)
+            changed = int(torch.sign(sums[0]).to(torch.int64).sum() - held.elected_before.to(torch.int64).sum())
+            combined = pick_agreeing(sums, float(sign(held.elected_total + changed)), self.params.combine)
             yield key, held.columns, apply(held.base, combined, self.params.scaling_factor)
         self._held = {}
 

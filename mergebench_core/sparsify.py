@@ -243,7 +243,14 @@ class OnePassTopK:
             if need[r] > 0:
                 columns = torch.nonzero(boundary[r]).view(-1)  # stream order: ticket, then column
                 mags = torch.cat([values[r][b[r]] for b, values in self._held]).abs()  # same order as `columns`
-                top = torch.argsort(mags, descending=True, stable=True)[: int(need[r])]
+                # larger magnitude first, then the earlier entry: one distinct int64 key per entry, so an unsorted
+                # top-k (a selection, cheaper than the stable sort it equals) picks exactly the right set
+                if len(mags) < 1 << 32:
+                    earlier = torch.arange(len(mags) - 1, -1, -1, dtype=torch.int64)
+                    key = (magnitude_bits(mags).to(torch.int64) << 32) | earlier
+                    top = torch.topk(key, int(need[r]), sorted=False).indices
+                else:  # pragma: no cover - more held entries than the key has room for
+                    top = torch.argsort(mags, descending=True, stable=True)[: int(need[r])]
                 chosen[r, columns[top]] = True
         self._selected = list(torch.split(chosen, [b.shape[1] for b, _ in self._held], 1))
         return True

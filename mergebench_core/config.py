@@ -13,8 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, normalize_name
 
@@ -74,6 +72,8 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
+    from omegaconf import OmegaConf
+
     try:
         data = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
     except Exception as exc:
@@ -146,6 +146,14 @@ def _unknown(method: str, key: str, types: Mapping[str, str]) -> ConfigError:
 
 def _instantiate(method: str, params_cls: type, base: Mapping[str, Any], dotlist: list[str],
                  types: Mapping[str, str]) -> Any:
+    if not base and not dotlist:  # the defaults: no need to import omegaconf (a fifth of a second at start-up)
+        try:
+            return params_cls()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"method {method!r}: {exc}") from None
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         cfg = OmegaConf.structured(params_cls)
         cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(base)), OmegaConf.from_dotlist(dotlist))

@@ -10,7 +10,6 @@ number of models, not with model size.
 from __future__ import annotations
 
 import zlib
-from abc import abstractmethod
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -18,7 +17,7 @@ import torch
 
 from .api import PRETRAINED, MergeOutput, Method, ModelPool, RunContext
 from .errors import CheckpointError, MergebenchError
-from .tensors import TensorSource, check_compatible, check_finite, is_mergeable
+from .tensors import TensorSource, check_compatible, check_finite, is_mergeable, task_vectors
 
 
 @runtime_checkable
@@ -83,34 +82,37 @@ class MergeStream:
             yield key, base, experts
 
     def task_vectors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, stacked τ of shape (n_experts, *shape)) for every key; needs a base.
+        """(key, stacked τ of shape (n_experts, *shape)) for every key; needs a base."""
+        for key in self.keys:
+            yield key, self.read_task_vectors(key, dtype)[1]
+
+    def read_task_vectors(self, key: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, stacked τ of shape (n_experts, *shape)) of one key, checked like `read`.
 
         Experts are read straight into the rows of the result and the base is subtracted in place, so each key costs
         one allocation of the stacked size instead of one per expert plus the stacked copy.
         """
         if self.base is None:
             raise MergebenchError("task vectors need a pretrained model, and this pool has none")
-        for key in self.keys:
-            base = self.base.get(key)
-            out = torch.empty((len(self.experts), *base.shape), dtype=dtype)
-            check = key not in self._checked
-            if check:
-                check_finite(base, key, self.base.name)
-            for i, src in enumerate(self.experts):
-                read_into = getattr(src, "read_into", None)
-                if read_into is not None and src.dtype(key) == dtype:
-                    read_into(key, out[i])
-                    if check:
-                        check_finite(out[i], key, src.name)
-                else:
-                    value = src.get(key)
-                    if check:
-                        check_finite(value, key, src.name)
-                    out[i].copy_(value)
-            self._checked.add(key)
-            out -= base if base.dtype == dtype else base.to(dtype)
-            yield key, out
-
+        base = self.base.get(key)
+        out = torch.empty((len(self.experts), *base.shape), dtype=dtype)
+        check = key not in self._checked
+        if check:
+            check_finite(base, key, self.base.name)
+        for i, src in enumerate(self.experts):
+            read_into = getattr(src, "read_into", None)
+            if read_into is not None and src.dtype(key) == dtype:
+                read_into(key, out[i])
+                if check:
+                    check_finite(out[i], key, src.name)
+            else:
+                value = src.get(key)
+                if check:
+                    check_finite(value, key, src.name)
+                out[i].copy_(value)
+        self._checked.add(key)
+        out -= base if base.dtype == dtype else base.to(dtype)
+        return base, out
 
     def task_vector_slices(self, key: str, starts: Sequence[int], length: int) -> torch.Tensor:
         """τ at `length` consecutive flat entries from each of `starts`, shape (n_experts, len(starts), length).
@@ -145,9 +147,24 @@ class TensorMergeMethod(Method):
     def prepare(self, stream: MergeStream) -> None:
         """Gather whole-model statistics in passes over `stream` before merging; most methods need none."""
 
-    @abstractmethod
     def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        """The merged value of tensor `key`, given its value in the base (None without one) and in each expert."""
+        """The merged value of tensor `key`, given its value in the base (None without one) and in each expert.
+
+        Implement this, or `merge_task_vectors` for a method written on task vectors.
+        """
+        if base is None:
+            raise MergebenchError(f"method {self.name!r} works on task vectors and needs a pretrained (base) model")
+        return self.merge_task_vectors(key, base, task_vectors(experts, base))
+
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        """The merged value of tensor `key` from the base and the stacked task vectors τ (n_experts, *shape), which
+        the method may overwrite. The engine then reads every expert straight into τ, sparing a copy per tensor."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither merge_tensor nor merge_task_vectors")
+
+    @classmethod
+    def _works_on_task_vectors(cls) -> bool:
+        return cls.merge_tensor is TensorMergeMethod.merge_tensor and \
+            cls.merge_task_vectors is not TensorMergeMethod.merge_task_vectors
 
     def finish(self) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
         """Corrections to tensors already merged, once every tensor has been: (key, flat indices, values).
@@ -199,6 +216,7 @@ def merge_sources(method: TensorMergeMethod, base: TensorSource | None, experts:
     stream = MergeStream(float_keys, base, experts, check_values=check_values)
     method.prepare(stream)
     float_set = set(float_keys)
+    on_task_vectors = base is not None and type(method)._works_on_task_vectors()
     iterator = progress(keys, desc=f"merging ({method.name})", total=len(keys)) if progress else keys
     for key in iterator:
         if key not in float_set:  # integer buffers are copied, after checking the experts agree
@@ -209,8 +227,12 @@ def merge_sources(method: TensorMergeMethod, base: TensorSource | None, experts:
                                           "it cannot be merged")
             sink.write(key, value)
             continue
-        b, ex = stream.read(key)
-        out = method.merge_tensor(key, b, ex)
+        if on_task_vectors:
+            b, taus = stream.read_task_vectors(key)
+            out = method.merge_task_vectors(key, b, taus)
+        else:
+            b, ex = stream.read(key)
+            out = method.merge_tensor(key, b, ex)
         if tuple(out.shape) != tuple(ref.shape(key)):
             raise MergebenchError(f"method {method.name!r} returned shape {list(out.shape)} for {key!r}, "
                                   f"expected {list(ref.shape(key))}")

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.tensors import task_vectors
 
 
 @dataclass
@@ -26,9 +25,8 @@ class TaskArithmetic(TensorMergeMethod):
     Params = Params
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        return base.to(torch.float32) + self.params.scaling_factor * task_vectors(experts, base).sum(0)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        return base.to(torch.float32) + self.params.scaling_factor * taus.sum(0)
 
 
 @hookimpl

@@ -27,7 +27,6 @@ import torch
 
 from mergebench_core import MergeStream, MethodInfo, TensorMergeMethod, hookimpl
 from mergebench_core.sparsify import OnePassTopK, StreamingTopK, keep_count, topk_mask
-from mergebench_core.tensors import task_vectors
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +152,7 @@ class Ties(TensorMergeMethod):
         self.extras["kept_per_task"] = count
         self._onepass = OnePassTopK.from_sample(stream, [count] * stream.num_experts, seed=self.seed)
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = task_vectors(experts, base)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         if self._onepass is not None:
             return self._merge_onepass(key, base, taus)
         if self._topk is not None:

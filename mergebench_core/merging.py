@@ -1,10 +1,11 @@
 """The streaming merge engine, and the base class of every data-free method.
 
-A `TensorMergeMethod` says how to merge one tensor from the base and the experts (`merge_tensor`) and, if it needs
-a statistic over the whole model (TIES's global threshold), how to gather it in passes over a `MergeStream` first
-(`prepare`). The engine then reads one tensor from each model at a time, merges it and hands it to a sink (a dict
-for benchmark runs, a safetensors file for `mergebench merge`), so memory grows with the largest tensor times the
-number of models, not with model size.
+A `TensorMergeMethod` says how to merge one tensor from the base and the experts (`merge_tensor`, or
+`merge_task_vectors` from stacked task vectors) and, if it needs a statistic over the whole model, how to gather it
+in passes over a `MergeStream` first (`prepare`), or which entries to correct once every tensor has been merged
+(`finish`, as TIES's one-pass global threshold does). The engine reads one tensor from each model at a time, merges
+it and hands it to a sink (a dict for benchmark runs, a safetensors file for `mergebench merge`) that can also patch
+what it was given, so memory grows with the largest tensor times the number of models, not with model size.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ What it does
 Run it (not part of the test suite):
     /work/venv/bin/python bench/merge_streaming.py            # 8 experts, temp dir under $TMPDIR
     /work/venv/bin/python bench/merge_streaming.py --repeat 2 --keep --workdir /tmp/mb-bench
+    /work/venv/bin/python bench/merge_streaming.py --methods ties --check-exact   # + one-pass == exact fallback
 Targets: TIES on 8 models within 3x the floor's wall time, and peak RSS under 2 GB.
 """
 
@@ -104,6 +105,35 @@ def read_floor(paths: list[str]) -> None:
     print(f"floor checksum {total:.6g}")
 
 
+def check_exact(base: Path, experts: list[Path]) -> int:
+    """TIES's one-pass global top-k against its exact fallback (forced by a useless bracket), bit for bit."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+    from mergebench_ties import Ties
+
+    from mergebench_core.merging import merge_sources
+    from mergebench_core.sparsify import OnePassTopK
+    from mergebench_core.tensors import SafetensorsSource
+
+    def run() -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        merge_sources(Ties(), SafetensorsSource(base), [SafetensorsSource(e) for e in experts], sink=out)
+        return out
+
+    one_pass = run()
+    sample = OnePassTopK.from_sample
+    OnePassTopK.from_sample = classmethod(lambda cls, stream, counts, **_: cls(counts, torch.zeros(len(counts)),
+                                                                               torch.zeros(len(counts))))
+    try:
+        exact = run()
+    finally:
+        OnePassTopK.from_sample = sample
+    differing = [k for k in one_pass if not torch.equal(one_pass[k], exact[k])]
+    print(f"ties one-pass vs exact fallback: {len(one_pass) - len(differing)} of {len(one_pass)} tensors identical"
+          + (f"; differing: {', '.join(differing[:5])}" if differing else ""))
+    return 1 if differing else 0
+
+
 def measure(cmd: list[str]) -> tuple[float, float, int, float]:
     """(wall seconds, peak RSS in MiB, exit code, CPU seconds) of one child process.
 
@@ -135,6 +165,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (reused by a later run)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest is reported")
     parser.add_argument("--methods", default="ties,task_arithmetic,dare_ta")
+    parser.add_argument("--check-exact", action="store_true",
+                        help="also check, in-process, that TIES's one-pass output equals its exact fallback's")
     parser.add_argument("--floor-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_child:
@@ -197,7 +229,7 @@ def main() -> int:
         print(f"\n{os.cpu_count()} CPU cores, load average {load:.1f} at the end; best of {args.repeat} run(s) per row\n")
         print(tabulate(table, headers=["run", "wall s", "CPU s", "peak RSS MiB", "wall / floor", "CPU / floor",
                                        "RSS / floor", "note"], tablefmt="github"))
-        return 0
+        return check_exact(base, experts) if args.check_exact else 0
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from .errors import ConfigError, normalize_name
 
 COMMON = "method"

@@ -3,12 +3,12 @@ vector."""
 
 import pytest
 import torch
+from mergebench_ties import Params, Ties
 
-from mergebench_core.errors import ConfigError
 from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.errors import ConfigError
 from mergebench_core.merging import merge_sources
 from mergebench_core.tensors import StateDictSource
-from mergebench_ties import Params, Ties
 
 
 def merge(params, base, experts):

@@ -20,7 +20,6 @@ import torch
 
 from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
 from mergebench_core.sparsify import bottomk_mask, keep_count, topk_mask
-from mergebench_core.tensors import task_vectors
 
 
 @dataclass
@@ -55,9 +54,7 @@ class Breadcrumbs(TensorMergeMethod):
     Params = Params
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = task_vectors(experts, base)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         masks = torch.stack([breadcrumbs_mask(t, self.params.density, self.params.gamma) for t in taus])
         return base.to(torch.float32) + self.params.scaling_factor * (taus * masks).sum(0)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.tensors import polar_factor, task_vectors
+from mergebench_core.tensors import polar_factor
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ class IsoC(TensorMergeMethod):
     Params = IsoCParams
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = task_vectors(experts, base)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         merged = iso_c_matrix(taus) if taus.dim() == 3 else taus.mean(0)
         return base.to(torch.float32) + self.params.scaling_factor * merged
 
@@ -118,9 +116,7 @@ class IsoCTS(TensorMergeMethod):
     Params = IsoCTSParams
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = task_vectors(experts, base)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         if taus.dim() == 3:
             merged = iso_cts_matrix(taus, self.params.common_space_fraction)
         else:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.tensors import task_vectors
 
 
 @dataclass
@@ -39,9 +38,8 @@ class MagMax(TensorMergeMethod):
     Params = Params
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        return base.to(torch.float32) + self.params.scaling_factor * max_magnitude(task_vectors(experts, base))
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        return base.to(torch.float32) + self.params.scaling_factor * max_magnitude(taus)
 
 
 @hookimpl

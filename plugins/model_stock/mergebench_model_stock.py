@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MergebenchError, MergeStream, MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.tensors import task_vectors
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +62,13 @@ class ModelStock(TensorMergeMethod):
         self.extras["ratio"] = {}
         self.extras["negative_cosine_tensors"] = 0
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = task_vectors(experts, base)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         cos = mean_pairwise_cosine(taus)
         if cos < 0:
             log.debug("model_stock: %s has mean cosine %.3f < 0; using the pretrained tensor", key, cos)
             self.extras["negative_cosine_tensors"] += 1
             cos = 0.0
-        t = stock_ratio(cos, len(experts))
+        t = stock_ratio(cos, len(taus))
         self.extras["ratio"][key] = t
         # t·mean(θ_t) + (1 − t)·θ_0 = θ_0 + t·mean(τ_t)
         return base.to(torch.float32) + t * taus.mean(0)

@@ -29,7 +29,7 @@ from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, MergeStrea
 from mergebench_core import PerTaskModels, RunContext, TensorMergeMethod, hookimpl
 from mergebench_core.merging import merge_sources
 from mergebench_core.sparsify import StreamingTopK, keep_count
-from mergebench_core.tensors import StateDictSource, TensorSource, task_vectors
+from mergebench_core.tensors import StateDictSource, TensorSource
 from mergebench_ties import elect_and_combine
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,7 @@ class Consensus(TensorMergeMethod):
         self._kept = 0
         self._total = stream.numel()
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = task_vectors(experts, base)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         mtl = self._mtl(taus)
         keep = tall_masks(taus, mtl, self.params.tall_mask_lambda).sum(0) >= self.params.k
         self._kept += int(keep.sum())
@@ -149,9 +147,7 @@ class _TallMaskPass(TensorMergeMethod):
         self.kept = [0] * stream.num_experts
         self.total = stream.numel()
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = task_vectors(experts, base)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         mtl = self._mtl(taus)
         masks = tall_masks(taus, mtl, self.params.tall_mask_lambda)
         b = base.to(torch.float32)

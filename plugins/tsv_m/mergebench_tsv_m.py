@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.tensors import polar_factor, task_vectors
+from mergebench_core.tensors import polar_factor
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ class TsvMerge(TensorMergeMethod):
     Params = Params
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = task_vectors(experts, base)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         if taus.dim() == 3:
             if min(taus.shape[1:]) < taus.shape[0]:
                 log.warning("tsv_m: %s %s has fewer singular directions than tasks (%d); its update is zero, as in "

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.tensors import task_vectors
 
 
 @dataclass
@@ -84,9 +83,7 @@ class Wudi(TensorMergeMethod):
     Params = Params
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = task_vectors(experts, base)
+    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         if taus.dim() == 3:
             merged = wudi_matrix(taus, self.params.steps, self.params.lr)
         else:

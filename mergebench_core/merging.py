@@ -63,8 +63,7 @@ class MergeStream:
         return tuple((self.base or self.experts[0]).shape(key))
 
     def numel(self) -> int:
-        ref = self.base or self.experts[0]
-        return sum(torch.Size(ref.shape(k)).numel() for k in self.keys)
+        return sum(torch.Size(self.shape(k)).numel() for k in self.keys)
 
     def read(self, key: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base = self.base.get(key) if self.base is not None else None

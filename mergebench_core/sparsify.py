@@ -40,20 +40,19 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
 
 def topk_mask(x: torch.Tensor, count: int) -> torch.Tensor:
     """Boolean mask of the `count` largest |x| entries; ties go to the earlier flat index."""
-    flat = magnitude_bits(x).flatten()
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=x.device)
-    if count > 0:
-        order = torch.argsort(flat, descending=True, stable=True)
-        mask[order[:count]] = True
-    return mask.view(x.shape)
+    return _first_in_order(x, count, descending=True)
 
 
 def bottomk_mask(x: torch.Tensor, count: int) -> torch.Tensor:
     """Boolean mask of the `count` smallest |x| entries; ties go to the earlier flat index."""
+    return _first_in_order(x, count, descending=False)
+
+
+def _first_in_order(x: torch.Tensor, count: int, descending: bool) -> torch.Tensor:
     flat = magnitude_bits(x).flatten()
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=x.device)
     if count > 0:
-        order = torch.argsort(flat, descending=False, stable=True)
+        order = torch.argsort(flat, descending=descending, stable=True)
         mask[order[:count]] = True
     return mask.view(x.shape)
 
@@ -231,13 +230,10 @@ class OnePassTopK:
     def resolve(self) -> bool:
         """Choose the boundary entries to keep; False when the counts show the bracket missed the threshold."""
         rows = len(self.counts)
-        inside = torch.zeros(rows, dtype=torch.int64)
-        for boundary, _ in self._held:
-            inside += boundary.sum(1)
-        need = self.counts - self.above.round().to(torch.int64)
-        if bool(((need < 0) | (need > inside)).any()):
-            return False
         boundary = torch.cat([b for b, _ in self._held], 1) if self._held else torch.zeros(rows, 0, dtype=torch.bool)
+        need = self.counts - self.above.round().to(torch.int64)
+        if bool(((need < 0) | (need > boundary.sum(1))).any()):
+            return False
         chosen = torch.zeros_like(boundary)
         for r in range(rows):
             if need[r] > 0:

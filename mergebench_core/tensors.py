@@ -115,24 +115,20 @@ class SafetensorsSource:
         if out.dtype != self.dtype(key) or not out.is_contiguous() or start < 0 or start + out.numel() > numel:
             raise ValueError(f"read_into({key!r}) needs a contiguous {self.dtype(key)} tensor of at most "
                              f"{numel - start} entries, got {out.dtype} {list(out.shape)} from index {start}")
-        size = out.element_size()
-        begin = self._meta[key]["data_offsets"][0] + start * size
-        start, end = begin, begin + out.numel() * size
-        if end == start:
+        if out.numel() == 0:
             return
+        offset = self._data_start[f] + self._meta[key]["data_offsets"][0] + start * out.element_size()
         try:
-            fd = self._fds.get(f)
-            if fd is None:
-                fd = self._fds[f] = os.open(f, os.O_RDONLY)
-            buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-            offset, done = self._data_start[f] + start, 0
-            while done < end - start:
-                n = os.preadv(fd, [buf[done:]], offset + done)
-                if n <= 0:
-                    raise OSError(f"file ended after {done} of {end - start} bytes")
-                done += n
+            _pread_exact(self._fd(f), memoryview(out.view(-1).view(torch.uint8).numpy()), offset)
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {key!r} from {f}: {exc}") from exc
+
+    def _fd(self, f: Path) -> int:
+        """The file's descriptor, opened on first use and kept until `close`."""
+        fd = self._fds.get(f)
+        if fd is None:
+            fd = self._fds[f] = os.open(f, os.O_RDONLY)
+        return fd
 
     def read_slices(self, key: str, starts: Sequence[int], out: torch.Tensor) -> None:
         """Read `out.shape[1]` entries of tensor `key` from each flat index in `starts` into the rows of `out`.
@@ -149,14 +145,12 @@ class SafetensorsSource:
             raise ValueError(f"read_slices({key!r}) needs a contiguous {self.dtype(key)} tensor of "
                              f"{len(starts)} rows and slices inside the tensor's {numel} entries")
         f = self._where[key]
-        fd = self._fds.get(f)
-        if fd is None:
-            fd = self._fds[f] = os.open(f, os.O_RDONLY)
         size = out.element_size()
         nbytes = length * size
         begin = self._data_start[f] + self._meta[key]["data_offsets"][0]
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         try:
+            fd = self._fd(f)
             for i, start in enumerate(starts):
                 if os.preadv(fd, [buf[i * nbytes:(i + 1) * nbytes]], begin + start * size) != nbytes:
                     self.read_into(key, out[i], start)  # a short read: the careful path retries or names the error
@@ -173,6 +167,16 @@ class SafetensorsSource:
             self.close()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
+
+
+def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill `buf` from file offset `offset`, however many reads it takes; a file that ends first is an error."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"file ended after {done} of {len(buf)} bytes")
+        done += n
 
 
 def resolve_checkpoint_files(path: Path) -> list[Path]:
@@ -307,22 +311,14 @@ class StreamingSafetensorsWriter:
             current.copy_(values.reshape(-1))
         else:
             self._fh.flush()
-            self._pread(current.view(raw_dtype), self._data_start + self._offsets[key])
+            _pread_exact(self._fh.fileno(), memoryview(current.view(raw_dtype).numpy()).cast("B"),
+                         self._data_start + self._offsets[key])
             current[index] = values.to(dtype)
         self._fh.flush()
         buf = memoryview(current.view(raw_dtype).numpy()).cast("B")
         offset, done = self._data_start + self._offsets[key], 0
         while done < len(buf):
             done += os.pwrite(self._fh.fileno(), buf[done:], offset + done)
-
-    def _pread(self, out: torch.Tensor, offset: int) -> None:
-        buf = memoryview(out.numpy()).cast("B")
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self._fh.fileno(), [buf[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"{self.tmp} ended while reading back a tensor")
-            done += n
 
     def commit(self) -> Path:
         if self._next != len(self._expected):

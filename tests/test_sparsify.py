@@ -61,7 +61,7 @@ def _one_pass_masks(stream, topk, block=500):
     for _, taus in stream.task_vectors():
         flat = taus.reshape(len(taus), -1)
         for j in range(0, flat.shape[1], block):
-            keep, boundary = topk.classify(flat[:, j:j + block])
+            keep, _ = topk.classify(flat[:, j:j + block])
             kept.append(keep > 0)
             tickets.append(topk.hold(flat[:, j:j + block].clone()))
     return kept, tickets

@@ -54,7 +54,7 @@ class Params:
 def elect_and_combine(trimmed: torch.Tensor, combine: str) -> torch.Tensor:
     """Elect a sign per entry from trimmed task vectors (T, ...) and combine the entries that agree with it."""
     sums = signed_sums(trimmed.reshape(len(trimmed), -1), combine)
-    return pick_agreeing(sums, majority_sign(sums[0]), combine).view(trimmed.shape[1:])
+    return pick_agreeing(sums, majority_sign(sign_balance(sums[0])), combine).view(trimmed.shape[1:])
 
 
 def signed_sums(trimmed: torch.Tensor, combine: str,
@@ -111,13 +111,14 @@ def pick_agreeing(sums: tuple[torch.Tensor, ...], majority: float, combine: str)
     return picked
 
 
-def sign(x: int) -> int:
-    return (x > 0) - (x < 0)
+def sign_balance(total: torch.Tensor) -> int:
+    """Σ sign(total), counted exactly: columns electing + minus columns electing −."""
+    return int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
 
 
-def majority_sign(total: torch.Tensor) -> float:
-    """The sign most columns elect (the fill where a column's sum is exactly 0)."""
-    return float(torch.sign(torch.count_nonzero(total > 0) - torch.count_nonzero(total < 0)))
+def majority_sign(balance: int) -> float:
+    """The sign most columns elect (the fill where a column's sum is exactly 0), from their `sign_balance`."""
+    return float((balance > 0) - (balance < 0))
 
 
 @dataclass
@@ -128,8 +129,7 @@ class _Held:
     taus: torch.Tensor  # (T, m): untrimmed τ at those columns
     ticket: int  # their OnePassTopK ticket
     base: torch.Tensor  # (m,) base values at `columns`
-    elected_before: torch.Tensor  # (m,) sign of the provisional sums at `columns`
-    elected_total: int  # Σ of the provisional elected signs over the whole tensor
+    balance_elsewhere: int  # sign_balance of the tensor's other columns, which the boundary decisions leave alone
 
 
 class Ties(TensorMergeMethod):
@@ -178,16 +178,17 @@ class Ties(TensorMergeMethod):
             part = trimmed[:, :block.shape[1]]
             signed_sums(torch.mul(block, kept, out=part), combine, out=tuple(x[j:j + step] for x in sums))
         total = sums[0]
-        elected_total = int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))  # exact
-        combined = pick_agreeing(sums, float(sign(elected_total)), combine)
+        balance = sign_balance(total)
+        combined = pick_agreeing(sums, majority_sign(balance), combine)
         # Columns whose sum is exactly 0 but hold entries take the tensor's majority sign, which the boundary
         # decisions may flip: hold them too (few; a column whose entries were all trimmed stays 0 anyway).
         in_doubt += torch.eq(total, 0, out=torch.empty_like(total)).mul_(sums[1])
         at = torch.nonzero(in_doubt).view(-1)
         if at.numel():
             held = torch.index_select(flat, 1, at)  # untrimmed τ; one gather per tensor, not one per block
-            self._held[key] = _Held(at, held, topk.hold(held), base.reshape(-1)[at], torch.sign(total[at]),
-                                    elected_total)
+            # the balance without these columns, to which `finish` adds their final elections
+            self._held[key] = _Held(at, held, topk.hold(held), base.reshape(-1)[at],
+                                    balance - sign_balance(total[at]))
         return apply(base, combined.view(base.shape), self.params.scaling_factor)
 
     def finish(self) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
@@ -200,8 +201,8 @@ class Ties(TensorMergeMethod):
         for key, held in self._held.items():
             trimmed = held.taus * ((held.taus.abs() > topk.hi) | topk.selected(held.ticket))
             sums = signed_sums(trimmed, self.params.combine)
-            changed = int(torch.sign(sums[0]).to(torch.int64).sum() - held.elected_before.to(torch.int64).sum())
-            combined = pick_agreeing(sums, float(sign(held.elected_total + changed)), self.params.combine)
+            balance = held.balance_elsewhere + sign_balance(sums[0])
+            combined = pick_agreeing(sums, majority_sign(balance), self.params.combine)
             yield key, held.columns, apply(held.base, combined, self.params.scaling_factor)
         self._held = {}
 

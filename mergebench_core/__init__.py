@@ -3,11 +3,13 @@
 from importlib import metadata as _metadata
 
 from .api import (
+    ACCURACY,
     PRETRAINED,
     Ensemble,
     MergeOutput,
     Method,
     MethodInfo,
+    MetricSpec,
     ModelPool,
     PerTaskModels,
     RunContext,
@@ -23,7 +25,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
     __version__ = "0+unknown"
 
 __all__ = [
-    "PRETRAINED", "CheckpointError", "ConfigError", "Ensemble", "MergeOutput", "MergeStream", "MergebenchError",
+    "ACCURACY", "MetricSpec", "PRETRAINED", "CheckpointError", "ConfigError", "Ensemble", "MergeOutput", "MergeStream", "MergebenchError",
     "Method", "MethodInfo", "ModelPool", "PerTaskModels", "RunContext", "TaskPool", "TensorMergeMethod",
     "UnknownNameError", "hookimpl", "__version__",
 ]

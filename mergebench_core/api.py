@@ -12,10 +12,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .alignment import PermutationSpec
 
 PRETRAINED = "_pretrained_"
 """The name of the pretrained model in every pool (FusionBench's convention)."""
@@ -25,6 +28,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 MethodKind = Literal["merge", "ensemble", "fusion", "training"]
 DataNeed = Literal["none", "unlabeled", "labeled"]
+PoolRelation = Literal["finetuned", "independent"]
+Split = Literal["train", "val", "test"]
+"""Task-pool splits. "val" is a deterministic 10 % of "train" (seed 0, as FusionBench carves it), for methods that
+tune on held-out data; "train" stays whole, so statistics computed on it do not change when "val" is used."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,30 @@ class MethodInfo:
     stochastic: bool = False
     task_specific: bool = False
     """True when the method yields one model per task (EMR-Merging); tables mark such rows apart."""
+    preference_aware: bool = False
+    """True when the method reads `RunContext.preference`: it then runs once per preference vector of the grid.
+    Other methods run once per pool, whatever preferences the grid names."""
+    task_vectors: bool = False
+    """True when the method works on task vectors θ_t − θ_0: it needs a pretrained model that every expert was
+    fine-tuned from, so it refuses pools of independently trained models. (Data-free `TensorMergeMethod`s declare
+    this through `requires_base` instead.)"""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric a task pool reports for a task. The first one a task declares is its primary metric: the one averaged
+    in tables, normalised against the experts, and used as an objective on Pareto fronts.
+
+    `compute(logits, labels)` gets every test example of the task at once (concatenated batches); None means the
+    evaluation loop's own streamed accuracy.
+    """
+
+    name: str
+    higher_is_better: bool = True
+    compute: Callable[[torch.Tensor, torch.Tensor], float] | None = None
+
+
+ACCURACY = MetricSpec("accuracy")
 
 
 class ModelPool(ABC):
@@ -48,6 +79,9 @@ class ModelPool(ABC):
     name: str = ""
     default_taskpool: str | None = None
     has_pretrained: bool = True
+    relation: PoolRelation = "finetuned"
+    """"finetuned": experts fine-tuned from one pretrained model (task vectors exist). "independent": models trained
+    from different random initialisations, with no pretrained model; they must be aligned before they are fused."""
 
     @property
     @abstractmethod
@@ -73,6 +107,11 @@ class ModelPool(ABC):
     def version_info(self) -> dict[str, str]:
         """Extra provenance stored with every result (recipe hashes, hub revisions)."""
         return {}
+
+    def permutation_spec(self) -> PermutationSpec | None:
+        """Which axes of which tensors share a permutation of hidden units (for aligning independent models), or
+        None when the architecture declares none. See `mergebench_core.alignment`."""
+        return None
 
     def configure(self, *, dtype: str | None = None, trust_pickle: bool = False) -> None:
         """Run-wide options from the command line (`--dtype`, `--trust-pickle`); pools that have no use for them
@@ -105,7 +144,8 @@ class TaskPool(ABC):
     @abstractmethod
     def batches(self, task: str, split: str = "test", *, batch_size: int = 256,
                 limit: int | None = None) -> Iterable[Batch]:
-        """Labeled batches of `task`'s `split` ("train" or "test"); `limit` keeps the first N examples."""
+        """Labeled batches of `task`'s `split` ("train", "val" or "test", see `Split`); `limit` keeps the first N
+        examples. `mergebench_core.splits.validation_indices` carves "val" the same way for every pool."""
 
     @abstractmethod
     def logits(self, model: nn.Module, task: str, inputs: torch.Tensor) -> torch.Tensor:
@@ -114,6 +154,11 @@ class TaskPool(ABC):
     def num_examples(self, task: str, split: str = "test") -> int | None:
         """How many examples the split holds, for progress bars; None when unknown."""
         return None
+
+    def metrics(self, task: str) -> Sequence[MetricSpec]:
+        """The metrics reported for `task`, primary first (accuracy unless a pool says otherwise: Matthews
+        correlation for CoLA, Spearman for STS-B)."""
+        return (ACCURACY,)
 
     def version_info(self) -> dict[str, str]:
         return {}
@@ -168,7 +213,13 @@ class RunContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     preference: tuple[float, ...] | None = None
-    """A preference vector over the pool's experts (in `expert_names` order), for preference-aware methods."""
+    """For preference-aware methods: a preference vector over `tasks` (non-negative, summing to 1)."""
+    tasks: tuple[str, ...] = ()
+    """The tasks of this cell, in the task pool's order (a `--tasks` selection restricts them)."""
+    eval_only: bool = False
+    """Training methods must not train: load the cached model or fail (`--eval-only`)."""
+    metrics_logger: Callable[[int, Mapping[str, float]], None] | None = None
+    """Receives per-step metrics (training curves); `log_metrics` is the way to call it."""
     cache_dir: Path = field(default_factory=lambda: Path(".mergebench-cache"))
     progress: Callable[..., Iterator[Any]] | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("mergebench"))
@@ -176,6 +227,17 @@ class RunContext:
     def generator(self, device: torch.device | str = "cpu", offset: int = 0) -> torch.Generator:
         """A fresh generator seeded from the run's seed; every random choice of a method takes one."""
         return torch.Generator(device=device).manual_seed(self.seed + offset)
+
+    def task_weights(self) -> dict[str, float]:
+        """The preference as {task: weight}; uniform over `tasks` when the cell has no preference."""
+        if self.preference is None:
+            return {t: 1.0 / len(self.tasks) for t in self.tasks} if self.tasks else {}
+        return dict(zip(self.tasks, self.preference))
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Hand per-step metrics to the run's loggers (JSON lines beside the store, W&B, ...)."""
+        if self.metrics_logger is not None:
+            self.metrics_logger(step, metrics)
 
     def track(self, iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterator[T]:
         """Wrap long loops so the user sees progress; a no-op when no progress reporter is set."""
@@ -204,12 +266,22 @@ class Method(ABC):
         """Merge (or fuse, or train) the pool into something the task pool can evaluate."""
 
     @classmethod
+    def needs_task_vectors(cls) -> bool:
+        """Whether the method needs experts fine-tuned from one pretrained model (see `MethodInfo.task_vectors`)."""
+        return cls.info.task_vectors
+
+    @classmethod
     def unsuitable_for(cls, pool: ModelPool, params: Any) -> str | None:
         """Why this method cannot run on `pool` with `params`, or None when it can.
 
-        `mergebench run` over every installed method skips such cells (SLERP on an eight-expert pool) instead of
-        failing the grid; a method the user names explicitly still runs, and fails with its own clear error.
+        `mergebench run` over every installed method skips such cells (SLERP on an eight-expert pool) and lists
+        them; a method the user names explicitly is refused before any work, with this reason. Overrides should
+        return `super().unsuitable_for(pool, params)` when they find nothing wrong themselves.
         """
+        if cls.needs_task_vectors() and (pool.relation == "independent" or not pool.has_pretrained):
+            return (f"it works on task vectors θ_t − θ_0, and pool {pool.name!r} holds independently trained models "
+                    f"with no shared pretrained model; align and fuse them instead (a fusion method such as "
+                    f"git_rebasin)")
         return None
 
 

@@ -162,6 +162,10 @@ class TensorMergeMethod(Method):
         raise NotImplementedError(f"{type(self).__name__} implements neither merge_tensor nor merge_task_vectors")
 
     @classmethod
+    def needs_task_vectors(cls) -> bool:
+        return cls.requires_base
+
+    @classmethod
     def _works_on_task_vectors(cls) -> bool:
         return cls.merge_tensor is TensorMergeMethod.merge_tensor and \
             cls.merge_task_vectors is not TensorMergeMethod.merge_task_vectors

@@ -84,7 +84,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 class _AdaMerging(Method):
     layer_wise: ClassVar[bool]
     ties: ClassVar[bool] = False
-    info = MethodInfo(kind="merge", data="unlabeled")
+    info = MethodInfo(kind="merge", data="unlabeled", task_vectors=True)
 
     def _task_vectors(self, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
                       keys: list[str]) -> dict[str, torch.Tensor]:

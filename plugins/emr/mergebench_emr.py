@@ -102,7 +102,7 @@ class Emr(Method):
 
     name = "emr"
     Params = Params
-    info = MethodInfo(kind="merge", data="none", task_specific=True)
+    info = MethodInfo(kind="merge", data="none", task_specific=True, task_vectors=True)
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
         if not pool.has_pretrained:

@@ -76,7 +76,7 @@ class GradientMatching(Method):
 
     name = "gradient_matching"
     Params = Params
-    info = MethodInfo(kind="merge", data="labeled")
+    info = MethodInfo(kind="merge", data="labeled", task_vectors=True)
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
         if ctx.taskpool is None or not pool.has_pretrained:

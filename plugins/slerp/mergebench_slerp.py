@@ -79,7 +79,7 @@ class Slerp(TensorMergeMethod):
     def unsuitable_for(cls, pool: ModelPool, params: Params) -> str | None:
         if params.models is None and len(pool.expert_names) != 2:
             return f"slerp needs two experts and the pool has {len(pool.expert_names)} (choose with slerp.models=[a,b])"
-        return None
+        return super().unsuitable_for(pool, params)
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
         names = self.params.models

@@ -162,7 +162,7 @@ class TallMasks(Method):
 
     name = "tall_masks"
     Params = TallParams
-    info = MethodInfo(kind="merge", data="none", task_specific=True)
+    info = MethodInfo(kind="merge", data="none", task_specific=True, task_vectors=True)
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
         if not pool.has_pretrained:

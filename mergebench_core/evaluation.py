@@ -34,8 +34,8 @@ def task_logits(taskpool: TaskPool, model: nn.Module | Ensemble, task: str, inpu
 
 def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] | None = None,
              limit: int | None = None, device: torch.device | str = "cpu", batch_size: int = 256,
-             progress: Callable[..., Iterator[Any]] | None = None) -> Metrics:
-    """{task: {"accuracy": fraction correct, "loss": mean cross-entropy}} on each task's test split."""
+             progress: Callable[..., Iterator[Any]] | None = None, split: str = "test") -> Metrics:
+    """{task: {"accuracy": fraction correct, "loss": mean cross-entropy}} on each task's `split` (test by default)."""
     device = torch.device(device)
     tasks = list(tasks) if tasks is not None else taskpool.tasks
     if isinstance(evaluable, PerTaskModels):
@@ -51,7 +51,7 @@ def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] |
         else:
             model = _prepare(evaluable, device)
         correct, seen, loss_sum = 0, 0, 0.0
-        batches = taskpool.batches(task, "test", batch_size=batch_size, limit=limit)
+        batches = taskpool.batches(task, split, batch_size=batch_size, limit=limit)
         if progress is not None:
             batches = progress(batches, desc=f"eval {task}")
         with torch.inference_mode():
@@ -62,6 +62,6 @@ def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] |
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                 seen += int(labels.numel())
         if seen == 0:
-            raise ValueError(f"task {task!r} of task pool {taskpool.name!r} has no test examples")
+            raise ValueError(f"task {task!r} of task pool {taskpool.name!r} has no {split} examples")
         results[task] = {"accuracy": correct / seen, "loss": loss_sum / seen, "examples": float(seen)}
     return results

@@ -53,6 +53,9 @@ class CellResult:
     eval_limit: int | None = None
     preference: list[float] | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    primary_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """{task: {"metric": name, "higher_is_better": bool}}: the metric tables and fronts use for each task; a task
+    missing here uses accuracy (higher is better)."""
     mean: float | None = None
     normalized_mean: float | None = None
     merge_seconds: float | None = None

@@ -1,0 +1,219 @@
+"""Pareto analysis: every expected value below is worked out by hand in the comments."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from mergebench_core.pareto import front_summaries, hypervolume, non_dominated, render_pareto, simplex_grid
+from mergebench_core.store import CellResult
+
+# ---------------------------------------------------------------------------------------------------- non_dominated
+
+
+def test_non_dominated_ties_and_duplicates_maximised():
+    points = [(1, 2), (2, 1), (1, 2), (1, 1), (0, 2), (3, 0)]
+    # (1,2) twice: duplicates, neither dominates the other -> both kept; (2,1) and (3,0) trade off against them;
+    # (1,1) is beaten by (1,2) in y with a tie in x; (0,2) is beaten by (1,2) in x with a tie in y.
+    assert non_dominated(points).tolist() == [True, True, True, False, False, True]
+
+
+def test_non_dominated_minimised():
+    points = [(1, 2), (2, 1), (1, 2), (1, 1), (0, 2), (3, 0)]
+    # minimising: (1,1) beats (1,2) twice and (2,1); (0,2), (1,1), (3,0) trade off.
+    assert non_dominated(points, maximize=False).tolist() == [False, False, False, True, True, True]
+
+
+def test_non_dominated_three_objectives():
+    points = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 0), (1, 1, 0)]
+    # (1,1,0) dominates (1,0,0), (0,1,0) and (0,0,0); (0,0,1) is alone in the third objective.
+    assert non_dominated(points).tolist() == [False, False, True, False, True]
+
+
+def test_non_dominated_matches_brute_force():
+    rng = np.random.default_rng(0)
+    pts = rng.integers(0, 4, size=(60, 3)).astype(float)  # small integers: many ties and duplicates
+    expected = [not any((q >= p).all() and (q > p).any() for q in pts) for p in pts]
+    assert non_dominated(pts).tolist() == expected
+
+
+def test_non_dominated_rejects_1d():
+    with pytest.raises(ValueError, match="2-D"):
+        non_dominated([1.0, 2.0])
+
+
+# ------------------------------------------------------------------------------------------------------ hypervolume
+
+
+def test_hypervolume_2d_maximised():
+    # staircase above (0,0): columns x in (0,1] height 3, (1,2] height 2, (2,3] height 1 -> 3 + 2 + 1 = 6
+    assert hypervolume([(1, 3), (2, 2), (3, 1)], ref=(0, 0)) == pytest.approx(6.0)
+
+
+def test_hypervolume_2d_minimised():
+    # below (4,4): columns x in [1,2) height 1, [2,3) height 2, [3,4) height 3 -> 6
+    assert hypervolume([(1, 3), (2, 2), (3, 1)], ref=(4, 4), maximize=False) == pytest.approx(6.0)
+
+
+def test_hypervolume_convention_matters():
+    # (1,1) is below (2,2): it bounds a unit box when minimising, nothing when maximising
+    assert hypervolume([(1, 1)], ref=(2, 2), maximize=False) == pytest.approx(1.0)
+    assert hypervolume([(1, 1)], ref=(2, 2), maximize=True) == 0.0
+
+
+def test_hypervolume_3d_inclusion_exclusion():
+    a, b, c = (3, 1, 1), (1, 3, 1), (1, 1, 3)
+    # three boxes of volume 3; every pairwise and the triple intersection is the unit cube:
+    # 3 + 3 + 3 - 1 - 1 - 1 + 1 = 7
+    assert hypervolume([a, b, c], ref=(0, 0, 0)) == pytest.approx(7.0)
+    # adding d = (2,2,2): its cube (8) swallows all of a, b, c except one unit slab each -> 8 + 3 = 11
+    assert hypervolume([a, b, c, (2, 2, 2)], ref=(0, 0, 0)) == pytest.approx(11.0)
+
+
+def test_hypervolume_ignores_points_not_dominating_the_reference():
+    front = [(1, 3), (2, 2), (3, 1)]
+    # (-1, 5) is below the reference in x; (4, 0) only ties it in y: both bound no volume
+    assert hypervolume([*front, (-1, 5), (4, 0)], ref=(0, 0)) == pytest.approx(6.0)
+    assert hypervolume([(-1, 5), (4, 0)], ref=(0, 0)) == 0.0
+    assert hypervolume(np.empty((0, 2)), ref=(0, 0)) == 0.0
+
+
+def test_hypervolume_validates_shapes():
+    with pytest.raises(ValueError, match=r"shape \(n, 3\)"):
+        hypervolume([(1, 2)], ref=(0, 0, 0))
+    with pytest.raises(ValueError, match="ref"):
+        hypervolume([(1, 2)], ref=[[0, 0]])
+    with pytest.raises(ValueError, match="finite"):
+        hypervolume([(1, float("nan"))], ref=(0, 0))
+
+
+# ----------------------------------------------------------------------------------------------------- simplex_grid
+
+
+def test_simplex_grid_two_tasks_order_and_values():
+    assert simplex_grid(2, 5) == [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)]
+
+
+def test_simplex_grid_three_tasks_order():
+    assert simplex_grid(3, 3) == [(1.0, 0.0, 0.0), (0.5, 0.5, 0.0), (0.5, 0.0, 0.5), (0.0, 1.0, 0.0),
+                                  (0.0, 0.5, 0.5), (0.0, 0.0, 1.0)]
+
+
+@pytest.mark.parametrize(("m", "k", "count"), [(2, 5, 5), (3, 5, 15), (3, 2, 3), (4, 4, 20), (1, 3, 1)])
+def test_simplex_grid_counts_and_vertices(m, k, count):
+    grid = simplex_grid(m, k)
+    assert len(grid) == count == math.comb(k - 1 + m - 1, m - 1)
+    assert len(set(grid)) == count
+    for i in range(m):
+        assert tuple(1.0 if j == i else 0.0 for j in range(m)) in grid
+    assert grid[0] == tuple(1.0 if j == 0 else 0.0 for j in range(m))
+
+
+@pytest.mark.parametrize(("m", "k"), [(2, 5), (3, 5), (4, 9), (3, 17)])
+def test_simplex_grid_sums_to_one_exactly(m, k):
+    for vec in simplex_grid(m, k):
+        assert all(v >= 0 for v in vec)
+        assert sum(Fraction(v) for v in vec) == 1  # exact: K-1 is a power of two here
+
+
+def test_simplex_grid_entries_are_exact_fractions():
+    values = {v for vec in simplex_grid(3, 11) for v in vec}
+    assert values == {i / 10 for i in range(11)}
+    assert all(sum(vec) == pytest.approx(1.0, abs=1e-12) for vec in simplex_grid(3, 11))
+
+
+def test_simplex_grid_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="points_per_edge"):
+        simplex_grid(3, 1)
+    with pytest.raises(ValueError, match="num_tasks"):
+        simplex_grid(0, 5)
+
+
+# ------------------------------------------------------------------------------------------- front_summaries/render
+
+
+def _row(method, metrics, preference=None, kind="method", params=None, seed=0, status="ok", primary=None,
+         modelpool="mp", taskpool="tp"):
+    metrics = {t: v if isinstance(v, dict) else {"accuracy": v} for t, v in metrics.items()}
+    return CellResult(kind=kind, method=method, params=params if params is not None else {"scaling_factor": 0.3},
+                      modelpool=modelpool, taskpool=taskpool, seed=seed, preference=preference, metrics=metrics,
+                      primary_metrics=primary or {}, status=status)
+
+
+def _ta_rows(params=None):
+    return [
+        _row("ta", {"a": 0.9, "b": 0.5}, [1.0, 0.0], params=params),
+        _row("ta", {"a": 0.7, "b": 0.7}, [0.5, 0.5], params=params),
+        _row("ta", {"a": 0.6, "b": 0.6}, [0.0, 1.0], params=params),  # dominated by (0.7, 0.7)
+    ]
+
+
+def _references():
+    return [_row("pretrained", {"a": 0.5, "b": 0.4}, kind="reference", params={}),
+            _row("individual", {"a": 0.95, "b": 0.95}, kind="reference", params={})]
+
+
+def test_front_summaries_with_pretrained_reference():
+    failed = _row("ta", {}, [0.25, 0.75], status="failed")
+    (s,) = front_summaries([*_references(), *_ta_rows(), failed])
+    assert (s.method, s.tasks, s.points, s.non_dominated, s.reference) == ("ta", ["a", "b"], 3, 2, "pretrained")
+    # above ref (0.5, 0.4): boxes 0.4*0.1 = 0.04 and 0.2*0.3 = 0.06, overlapping in 0.2*0.1 = 0.02 -> 0.08
+    assert s.hypervolume == pytest.approx(0.08)
+    assert s.preferences == [[1.0, 0.0], [0.5, 0.5]]
+    assert s.front == [[0.9, 0.5], [0.7, 0.7]]
+
+
+def test_front_summaries_zero_reference_without_pretrained_row():
+    (s,) = front_summaries(_ta_rows())
+    assert s.reference == "zero"
+    # above (0,0): 0.9*0.5 + 0.7*0.7 - 0.7*0.5 = 0.45 + 0.49 - 0.35 = 0.59
+    assert s.hypervolume == pytest.approx(0.59)
+
+
+def test_front_summaries_groups_by_params_and_seed():
+    rows = [*_ta_rows({"scaling_factor": 0.3, "k": 1}), *_ta_rows({"k": 1, "scaling_factor": 0.3})]  # same params
+    rows += [_row("ta", {"a": 0.8, "b": 0.8}, [0.5, 0.5], params={"scaling_factor": 0.5})]
+    rows += [_row("ta", {"a": 0.8, "b": 0.8}, [0.5, 0.5], seed=1)]
+    summaries = front_summaries(rows)
+    assert [(s.params, s.seed, s.points) for s in summaries] == [
+        ({"scaling_factor": 0.3, "k": 1}, 0, 6), ({"scaling_factor": 0.5}, 0, 1), ({"scaling_factor": 0.3}, 1, 1)]
+
+
+def test_lower_is_better_metric_is_negated():
+    primary = {"b": {"metric": "loss", "higher_is_better": False}}
+    rows = [_row("ta", {"a": 0.9, "b": {"accuracy": 0.1, "loss": 0.3}}, [1.0, 0.0], primary=primary),
+            _row("ta", {"a": 0.8, "b": {"accuracy": 0.1, "loss": 0.2}}, [0.5, 0.5], primary=primary),
+            # higher loss and lower accuracy than both others: dominated only once the loss is negated
+            _row("ta", {"a": 0.7, "b": {"accuracy": 0.1, "loss": 0.4}}, [0.0, 1.0], primary=primary),
+            _row("pretrained", {"a": 0.5, "b": {"accuracy": 0.1, "loss": 1.0}}, kind="reference", params={})]
+    (s,) = front_summaries(rows)
+    assert s.non_dominated == 2
+    assert s.front == [[0.9, -0.3], [0.8, -0.2]]
+    # ref (0.5, -1.0): boxes 0.4*0.7 = 0.28 and 0.3*0.8 = 0.24, overlap 0.3*0.7 = 0.21 -> 0.31
+    assert s.hypervolume == pytest.approx(0.31)
+
+
+def test_render_pareto_github():
+    rows = [*_references(), *_ta_rows(), *_ta_rows({"scaling_factor": 0.5})[:1]]
+    text = render_pareto(rows)
+    lines = text.splitlines()
+    assert lines[0] == "### mp on tp: Pareto fronts (reference: pretrained model)"
+    best = next(i for i, line in enumerate(lines) if "ta (scaling_factor=0.3)" in line)
+    other = next(i for i, line in enumerate(lines) if "ta (scaling_factor=0.5)" in line)
+    assert best < other  # 0.08 before 0.04: sorted by hypervolume, descending
+    assert "0.08" in lines[best] and "| 3 " in lines[best]
+    assert "0.04" in lines[other]
+
+
+def test_render_pareto_plain_label_and_json():
+    text = render_pareto(_ta_rows())
+    assert "| ta " in text and "scaling_factor" not in text  # one configuration: no parameters in the label
+    data = json.loads(render_pareto(_ta_rows(), fmt="json"))
+    assert data[0]["method"] == "ta" and data[0]["non_dominated"] == 2
+    assert data[0]["hypervolume"] == pytest.approx(0.59) and data[0]["reference"] == "zero"
+    with pytest.raises(ValueError, match="unknown format"):
+        render_pareto(_ta_rows(), fmt="xml")

@@ -19,6 +19,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .alignment import PermutationSpec
+    from .loggers import LoggerSet
 
 PRETRAINED = "_pretrained_"
 """The name of the pretrained model in every pool (FusionBench's convention)."""
@@ -220,6 +221,10 @@ class RunContext:
     """Training methods must not train: load the cached model or fail (`--eval-only`)."""
     metrics_logger: Callable[[int, Mapping[str, float]], None] | None = None
     """Receives per-step metrics (training curves); `log_metrics` is the way to call it."""
+    loggers: LoggerSet | None = None
+    """The run's loggers, for methods that train several models and log each apart (derived pools)."""
+    method_version: str = ""
+    """`distribution==version` of the plugin that provides the method: part of every trained model's cache key."""
     cache_dir: Path = field(default_factory=lambda: Path(".mergebench-cache"))
     progress: Callable[..., Iterator[Any]] | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("mergebench"))
@@ -271,18 +276,24 @@ class Method(ABC):
         return cls.info.task_vectors
 
     @classmethod
-    def unsuitable_for(cls, pool: ModelPool, params: Any) -> str | None:
-        """Why this method cannot run on `pool` with `params`, or None when it can.
-
-        `mergebench run` over every installed method skips such cells (SLERP on an eight-expert pool) and lists
-        them; a method the user names explicitly is refused before any work, with this reason. Overrides should
-        return `super().unsuitable_for(pool, params)` when they find nothing wrong themselves.
-        """
+    def cannot_run_on(cls, pool: ModelPool) -> str | None:
+        """Why the method can never run on `pool`, whatever its parameters (a task-vector method on independently
+        trained models), or None. Such a cell is refused before any work, even when the user names the method."""
         if cls.needs_task_vectors() and (pool.relation == "independent" or not pool.has_pretrained):
             return (f"it works on task vectors θ_t − θ_0, and pool {pool.name!r} holds independently trained models "
                     f"with no shared pretrained model; align and fuse them instead (a fusion method such as "
                     f"git_rebasin)")
         return None
+
+    @classmethod
+    def unsuitable_for(cls, pool: ModelPool, params: Any) -> str | None:
+        """Why this method should not run on `pool` with `params`, or None when it can.
+
+        `mergebench run` over every installed method skips such cells (SLERP on an eight-expert pool) and lists
+        them; a method the user names explicitly still runs (and fails with its own clear error if it must).
+        Overrides should return `super().unsuitable_for(pool, params)` when they find nothing wrong themselves.
+        """
+        return cls.cannot_run_on(pool)
 
 
 @dataclass(frozen=True)
@@ -291,7 +302,7 @@ class Registration:
 
     name: str
     obj: Any
-    kind: Literal["method", "modelpool", "taskpool"]
+    kind: Literal["method", "modelpool", "taskpool", "logger"]
     description: str = ""
     plugin: str = ""
     distribution: str = ""

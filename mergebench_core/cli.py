@@ -35,24 +35,46 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def _preferences(args: argparse.Namespace) -> Any:
+    from .preferences import PreferenceRequest, parse_simplex, parse_vector
+
+    vectors = tuple(parse_vector(v) for v in args.preference or [])
+    grids = tuple(parse_simplex(g) for g in args.preferences or [])
+    return PreferenceRequest(vectors, grids)
+
+
+def _seeds(values: Sequence[str] | None) -> list[int]:
+    seeds = []
+    for s in _split(values) or ["0"]:
+        try:
+            seeds.append(int(s))
+        except ValueError:
+            raise MergebenchError(f"--seed {s!r} is not an integer; write --seed 0 or --seed 0,1,2") from None
+    return seeds
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import Runner, RunOptions
     from .store import ResultStore
 
     registry = get_registry()
-    seeds = [int(s) for s in _split(args.seed) or ["0"]]
     options = RunOptions(methods=_split(args.method), modelpools=_split(args.modelpool), taskpool=args.taskpool,
-                         overrides=args.overrides, config_file=args.config, seeds=seeds, limit=args.limit,
-                         device=args.device, rerun=args.rerun, batch_size=args.batch_size, dtype=args.dtype,
-                         trust_pickle=_trust_pickle(args))
-    store = ResultStore(args.store)
-    runner = Runner(registry, store, options, progress=_progress)
-    cells = runner.plan()  # every name and parameter is checked before any work starts
+                         overrides=args.overrides, config_file=args.config, seeds=_seeds(args.seed),
+                         limit=args.limit, device=args.device, rerun=args.rerun, batch_size=args.batch_size,
+                         dtype=args.dtype, trust_pickle=_trust_pickle(args), tasks=_split(args.tasks),
+                         preferences=_preferences(args), eval_only=args.eval_only, loggers=_split(args.logger) or ())
+    runner = Runner(registry, None, options, progress=_progress)
+    for name in options.loggers:
+        registry.logger(name)  # an unknown logger is refused before any work
+    cells = runner.plan()  # every name, parameter, task and preference is checked before any work starts
+    runner.store = ResultStore(args.store)  # opened only now: a refused run writes nothing
     log.info("%d cells planned; results go to %s", len(cells), args.store)
     report = runner.run(cells)
     print(render(report.results, args.format))
     for line in report.not_applicable:
         print(f"(not run: {line})", file=sys.stderr)
+    for line in report.notes:
+        print(f"(note: {line})", file=sys.stderr)
     if report.skipped:
         print(f"\n({report.skipped} cells reused from {args.store}; --rerun recomputes them)", file=sys.stderr)
     if report.failed:
@@ -151,15 +173,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
+    from .trained import TrainingMethod
+
     registry = get_registry()
     for title, table in (("Methods", registry.methods), ("Model pools", registry.modelpools),
-                         ("Task pools", registry.taskpools)):
+                         ("Task pools", registry.taskpools), ("Loggers", registry.loggers)):
+        if title == "Loggers" and not table:
+            continue
         rows = []
         for name, reg in sorted(table.items()):
             extra = ""
             if reg.kind == "method":
                 info = reg.obj.info
-                extra = f"{info.kind}, data: {info.data}" + (", stochastic" if info.stochastic else "")
+                extra = f"{info.kind}, data: {info.data}" + (", stochastic" if info.stochastic else "") + \
+                    (", preference-aware" if info.preference_aware else "")
+                if issubclass(reg.obj, TrainingMethod) and reg.obj.produces == "pool":
+                    extra += ", derives pools"
             elif reg.default:
                 extra = "default"
             rows.append([name, f"{reg.distribution} {reg.version}".strip(), extra, reg.description])
@@ -167,6 +196,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(tabulate(rows, headers=["name", "provided by", "", "description"], tablefmt="simple")
               if rows else "  (none installed)")
         print()
+    makers = sorted(n for n, r in registry.methods.items()
+                    if issubclass(r.obj, TrainingMethod) and r.obj.produces == "pool")
+    if makers:
+        default = next((n for n, r in sorted(registry.modelpools.items()) if r.default), "POOL")
+        print("Derived pools: any pool with a pretrained model, its experts re-trained by a method that derives "
+              f"pools ({', '.join(makers)}),\n  named POOL+METHOD or POOL+METHOD(param=value,...): e.g. "
+              f"{default}+{makers[0]}, {default}+{makers[0]}(lr=0.0001).\n"
+              f"  Any pool name takes [task,...] to keep some tasks only: {default}[digits,rot90].\n")
     if registry.conflicts:
         print("Name conflicts (unusable until resolved):")
         for (kind, name), dists in registry.conflicts.items():
@@ -189,12 +226,18 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if not results:
         print("no results stored yet")
         return 0
+    if args.pareto:
+        from .pareto import render_pareto
+
+        print(render_pareto(results, args.format))
+        return 0
     print(render(results, args.format))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from .errors import normalize_name
+    from .loggers import log_path, read_log
     from .store import ResultStore
 
     if not Path(args.store).exists():
@@ -203,9 +246,17 @@ def cmd_show(args: argparse.Namespace) -> int:
             if (not args.method or r.method == normalize_name(args.method))
             and (not args.failed or r.status != "ok")]
     for r in rows:
-        print(json.dumps({"method": r.method, "params": r.params, "modelpool": r.modelpool, "taskpool": r.taskpool,
-                          "seed": r.seed, "status": r.status, "mean": r.mean, "error": r.error,
-                          "extras": r.extras, "versions": r.versions}, indent=2, default=str))
+        shown: dict[str, Any] = {
+            "method": r.method, "params": r.params, "modelpool": r.modelpool, "taskpool": r.taskpool,
+            "seed": r.seed, "preference": r.preference, "status": r.status, "mean": r.mean, "error": r.error,
+            "extras": r.extras, "versions": r.versions}
+        curve = read_log(log_path(Path(args.store), r.cell_key))
+        if curve:
+            shown["training_log"] = {"file": str(log_path(Path(args.store), r.cell_key)), "steps": len(curve),
+                                     "first": curve[0], "last": curve[-1]}
+            if args.curves:
+                shown["training_log"]["rows"] = curve
+        print(json.dumps(shown, indent=2, default=str))
         if args.failed and r.traceback:
             print(r.traceback)
     return 0
@@ -227,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--taskpool", help="score with this task pool instead of each pool's default")
     run.add_argument("--config", help="YAML file with `method:` and `<method name>:` sections")
     run.add_argument("--seed", action="append", help="seed(s), comma-separated (default 0)")
+    run.add_argument("--tasks", action="append",
+                     help="restrict every pool to these tasks (their experts, and scoring on them), comma-separated")
+    run.add_argument("--preference", action="append", metavar="R1,R2,...",
+                     help="a preference over the pool's tasks for preference-aware methods (repeatable)")
+    run.add_argument("--preferences", action="append", metavar="simplex:K",
+                     help="a grid of K points per edge of the simplex over the tasks, vertices included")
+    run.add_argument("--eval-only", action="store_true",
+                     help="never train: score cached trained models, refusing the run if one is missing")
+    run.add_argument("--logger", action="append",
+                     help="also send training curves to these registered loggers (JSON lines are always written)")
     run.add_argument("--limit", type=int, help="score only the first N test examples of each task")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     run.add_argument("--batch-size", type=int, default=256)
@@ -268,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--format", default="github", choices=FORMATS)
     lb.add_argument("--modelpool")
     lb.add_argument("--taskpool")
+    lb.add_argument("--pareto", action="store_true",
+                    help="per (pool, method): points, non-dominated points and hypervolume of the preference front")
     lb.set_defaults(func=cmd_leaderboard)
 
     show = sub.add_parser("show", help="show stored cells in full (parameters, learned values, errors)")
@@ -275,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--method")
     show.add_argument("--modelpool")
     show.add_argument("--failed", action="store_true", help="only failed cells, with tracebacks")
+    show.add_argument("--curves", action="store_true", help="print every logged training step")
     show.set_defaults(func=cmd_show)
     return parser
 

@@ -50,7 +50,10 @@ def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] |
             model = Ensemble([_prepare(m, device) for m in evaluable.models], evaluable.weights)
         else:
             model = _prepare(evaluable, device)
+        specs = list(taskpool.metrics(task))
+        keep = any(s.compute is not None for s in specs)  # whole-split metrics need every output
         correct, seen, loss_sum = 0, 0, 0.0
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         batches = taskpool.batches(task, split, batch_size=batch_size, limit=limit)
         if progress is not None:
             batches = progress(batches, desc=f"eval {task}")
@@ -58,10 +61,39 @@ def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] |
             for inputs, labels in batches:
                 inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 logits = task_logits(taskpool, model, task, inputs).float()
+                if keep:
+                    kept.append((logits.cpu(), labels.cpu()))
+                if labels.is_floating_point():  # regression targets (STS-B): no accuracy, no cross-entropy
+                    seen += int(labels.shape[0])
+                    continue
                 correct += int((logits.argmax(-1) == labels).sum())
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                 seen += int(labels.numel())
         if seen == 0:
             raise ValueError(f"task {task!r} of task pool {taskpool.name!r} has no {split} examples")
-        results[task] = {"accuracy": correct / seen, "loss": loss_sum / seen, "examples": float(seen)}
+        row: dict[str, float] = {"examples": float(seen)}
+        if not (kept and kept[0][1].is_floating_point()):
+            row.update(accuracy=correct / seen, loss=loss_sum / seen)
+        if keep:
+            all_logits = torch.cat([z for z, _ in kept])
+            all_labels = torch.cat([y for _, y in kept])
+            for spec in specs:
+                if spec.compute is not None:
+                    row[spec.name] = float(spec.compute(all_logits, all_labels))
+        results[task] = row
     return results
+
+
+def primary_metrics(taskpool: TaskPool, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """{task: {"metric": name, "higher_is_better": bool}}: the metric tables average for each task."""
+    out = {}
+    for task in tasks:
+        spec = list(taskpool.metrics(task))[0]
+        out[task] = {"metric": spec.name, "higher_is_better": spec.higher_is_better}
+    return out
+
+
+def primary_value(metrics: Metrics, primary: dict[str, dict[str, Any]], task: str) -> float | None:
+    """The primary metric of `task` in `metrics` (accuracy when `primary` does not name one)."""
+    name = primary.get(task, {}).get("metric", "accuracy")
+    return metrics.get(task, {}).get(name)

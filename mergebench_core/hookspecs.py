@@ -29,3 +29,9 @@ def register_taskpools(register: Callable[..., None]) -> None:
     """Register task pools: `register(name, factory, description="")`; `factory()` builds the TaskPool."""
 
 
+
+
+@hookspec
+def register_loggers(register: Callable[..., None]) -> None:
+    """Register per-step metric loggers: `register(name, factory)`; `factory(run_name, run_info)` returns an object
+    with `log(step, metrics)` and `close()`. Switched on with `mergebench run --logger NAME`."""

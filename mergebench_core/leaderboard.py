@@ -10,11 +10,20 @@ from dataclasses import asdict
 
 from tabulate import tabulate
 
+from .evaluation import primary_value
 from .store import CellResult
 
 FORMATS = ("github", "latex", "html", "csv", "json")
 _TABULATE = {"github": "github", "latex": "latex_booktabs", "html": "html"}
 REFERENCE_LABELS = {"pretrained": "Pretrained", "individual": "Individual (experts)"}
+
+
+def reference_label(method: str) -> str:
+    return REFERENCE_LABELS.get(method, method[0].upper() + method[1:] if method else method)
+
+
+def preference_label(preference: Sequence[float] | None) -> str:
+    return "" if preference is None else "r=(" + ", ".join(f"{v:.3g}" for v in preference) + ")"
 TASK_SPECIFIC_MARK = "†"
 
 
@@ -53,7 +62,8 @@ def method_labels(rows: Sequence[CellResult]) -> dict[int, str]:
         settings = [dict(r.params, seed=r.seed) for r in group_rows]
         varying = [k for k in settings[0] if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
         for r, s in zip(group_rows, settings):
-            suffix = ", ".join(f"{k}={s[k]}" for k in varying)
+            suffix = ", ".join([f"{k}={s[k]}" for k in varying] + ([preference_label(r.preference)]
+                                                                   if r.preference is not None else []))
             mark = TASK_SPECIFIC_MARK if r.task_specific else ""
             labels[id(r)] = f"{name}{mark}" + (f" ({suffix})" if suffix else "")
     return labels
@@ -64,18 +74,30 @@ def table_rows(rows: Sequence[CellResult]) -> tuple[list[str], list[list[str]], 
     tasks = task_order([r for r in rows if r.status == "ok"])
     ok = [r for r in rows if r.status == "ok"]
     failed = [r for r in rows if r.status != "ok"]
-    refs = sorted((r for r in ok if r.kind == "reference"), key=lambda r: list(REFERENCE_LABELS).index(r.method)
-                  if r.method in REFERENCE_LABELS else 99)
+    refs = sorted((r for r in ok if r.kind == "reference"), key=lambda r: (list(REFERENCE_LABELS).index(r.method)
+                  if r.method in REFERENCE_LABELS else 99, r.method))
     methods = sorted((r for r in ok if r.kind != "reference"), key=lambda r: -(r.mean or 0.0))
     labels = method_labels(methods)
     headers = ["Method", *tasks, "Avg.", "Norm.", "Merge (s)", "Peak mem (MB)"]
     body = []
     for r in refs + methods:
-        label = REFERENCE_LABELS.get(r.method, r.method) if r.kind == "reference" else labels[id(r)]
-        cells = [_pct(r.metrics[t]["accuracy"]) if t in r.metrics else "" for t in tasks]
+        label = reference_label(r.method) if r.kind == "reference" else labels[id(r)]
+        cells = [_pct(primary_value(r.metrics, r.primary_metrics, t)) for t in tasks]
         body.append([label, *cells, _pct(r.mean), _pct(r.normalized_mean), _num(r.merge_seconds),
                      _num(r.peak_memory_mb, 0)])
     return headers, body, failed
+
+
+def metric_title(rows: Sequence[CellResult]) -> str:
+    """'accuracy, %' when every task is scored by accuracy, else each task's primary metric."""
+    primary: dict[str, str] = {}
+    for r in rows:
+        for t, spec in r.primary_metrics.items():
+            primary.setdefault(t, spec.get("metric", "accuracy"))
+    others = {t: m for t, m in primary.items() if m != "accuracy"}
+    if not others:
+        return "accuracy, %"
+    return "× 100; accuracy except " + ", ".join(f"{t}: {m}" for t, m in others.items())
 
 
 def render(results: Sequence[CellResult], fmt: str = "github") -> str:
@@ -93,7 +115,7 @@ def render(results: Sequence[CellResult], fmt: str = "github") -> str:
             writer.writerows([modelpool, taskpool, *row] for row in body)
             out.append(buf.getvalue().rstrip("\n"))
             continue
-        title = f"{modelpool} on {taskpool} (accuracy, %)"
+        title = f"{modelpool} on {taskpool} ({metric_title(rows)})"
         table = tabulate(body, headers=headers, tablefmt=_TABULATE[fmt], disable_numparse=True)
         notes = []
         if any(r.task_specific for r in rows):

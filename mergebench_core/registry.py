@@ -40,6 +40,7 @@ class Registry:
     methods: dict[str, Registration] = field(default_factory=dict)
     modelpools: dict[str, Registration] = field(default_factory=dict)
     taskpools: dict[str, Registration] = field(default_factory=dict)
+    loggers: dict[str, Registration] = field(default_factory=dict)
     broken: list[BrokenPlugin] = field(default_factory=list)
     plugins: list[tuple[str, str, str]] = field(default_factory=list)
     conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
@@ -54,6 +55,9 @@ class Registry:
 
     def taskpool(self, name: str) -> Registration:
         return self._lookup("task pool", self.taskpools, name)
+
+    def logger(self, name: str) -> Registration:
+        return self._lookup("logger", self.loggers, name)
 
     def method_registration(self, name: str) -> Registration:
         return self._lookup("method", self.methods, normalize_name(name))
@@ -77,7 +81,8 @@ class Registry:
 
     # -- registration -----------------------------------------------------------------------------------------
     def add(self, reg: Registration) -> None:
-        table = {"method": self.methods, "modelpool": self.modelpools, "taskpool": self.taskpools}[reg.kind]
+        table = {"method": self.methods, "modelpool": self.modelpools, "taskpool": self.taskpools,
+                 "logger": self.loggers}[reg.kind]
         key = (reg.kind, reg.name)
         if key in self.conflicts:
             self.conflicts[key].append(reg.distribution or reg.plugin)
@@ -157,6 +162,13 @@ def _collect(registry: Registry, module: Any, plugin: str, dist: str, version: s
     pm.hook.register_methods(register=register_method)
     pm.hook.register_modelpools(register=pool_registrar("modelpool"))
     pm.hook.register_taskpools(register=pool_registrar("taskpool"))
+
+    def register_logger(name: str, factory: Any, description: str = "") -> None:
+        if not callable(factory):
+            raise PluginError(f"plugin {plugin!r}: the factory for logger {name!r} is not callable")
+        pending.append(Registration(name, factory, "logger", description, plugin, dist, version))
+
+    pm.hook.register_loggers(register=register_logger)
     for reg in pending:  # all or nothing per plugin
         registry.add(reg)
 

@@ -20,12 +20,16 @@ import torch
 
 from .api import PRETRAINED, Method, ModelPool, Registration, RunContext, TaskPool
 from .config import build_params, check_overrides_used, load_yaml, params_dict, parse_overrides
-from .errors import MergebenchError
-from .evaluation import Metrics, evaluate
+from .errors import ConfigError, MergebenchError
+from .evaluation import Metrics, evaluate, primary_metrics, primary_value
+from .loggers import LoggerSet
 from .paths import cache_dir
+from .pool_views import PoolName, TaskSubsetModelPool, TaskSubsetTaskPool
+from .preferences import Preference, PreferenceRequest, from_config
 from .registry import Registry
 from .resources import measure
 from .store import CellResult, ResultStore, cell_key
+from .trained import DerivedModelPool, MissingTrainedModel, TrainedModelCache, TrainingMethod
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,14 @@ class RunOptions:
     """Load models in this dtype (pools that support it: float32, bfloat16, float16)."""
     trust_pickle: bool = False
     """Allow pools to unpickle checkpoints (arbitrary code); off by default."""
+    tasks: Sequence[str] | None = None
+    """Restrict every pool to the experts and tasks of these tasks (`--tasks digits,rot90`)."""
+    preferences: PreferenceRequest = field(default_factory=PreferenceRequest)
+    """Preference vectors for preference-aware methods; the config file's `preferences:` are added to these."""
+    eval_only: bool = False
+    """Never train: training methods load their cached model or the run is refused before any work."""
+    loggers: Sequence[str] = ()
+    """Registered loggers to switch on besides the JSON lines beside the store (`--logger wandb`)."""
 
 
 @dataclass
@@ -61,10 +73,12 @@ class Cell:
     modelpool: str
     taskpool: str
     seed: int
+    preference: Preference | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.method} on {self.modelpool}"
+        pref = f" at preference {self.preference.label()}" if self.preference is not None else ""
+        return f"{self.method} on {self.modelpool}{pref}"
 
 
 @dataclass
@@ -72,6 +86,7 @@ class RunReport:
     results: list[CellResult] = field(default_factory=list)
     skipped: int = 0
     not_applicable: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[CellResult]:
@@ -101,65 +116,149 @@ def environment_versions() -> dict[str, str]:
 
 
 class Runner:
-    def __init__(self, registry: Registry, store: ResultStore, options: RunOptions,
+    """Plans a selection into cells and runs them. `store` may be set after `plan()`, so a run refused while planning
+    leaves no results file behind."""
+
+    def __init__(self, registry: Registry, store: ResultStore | None, options: RunOptions,
                  progress: Callable[..., Iterator[Any]] | None = None):
         self.registry, self.store, self.options, self.progress = registry, store, options, progress
         self.device = resolve_device(options.device)
         self._modelpools: dict[str, ModelPool] = {}
         self._taskpools: dict[str, TaskPool] = {}
+        self.not_applicable: list[str] = []
+        self.notes: list[str] = []
+        self.trained = TrainedModelCache(Path(options.cache_dir) / "trained")
 
     # -- pools ------------------------------------------------------------------------------------------------
     def modelpool(self, name: str) -> ModelPool:
+        """The pool a (possibly extended) name addresses: `POOL`, `POOL+METHOD(k=v)`, either with `[task,...]`."""
         if name not in self._modelpools:
-            reg = self.registry.modelpool(name)
-            pool = reg.obj()
-            pool.name = pool.name or reg.name
-            pool.configure(dtype=self.options.dtype, trust_pickle=self.options.trust_pickle)
+            parsed = PoolName.parse(name)
+            if parsed.tasks is not None:
+                inner = self.modelpool(parsed.unrestricted)
+                pool: ModelPool = TaskSubsetModelPool(inner, parsed.tasks, name)
+            elif parsed.method is not None:
+                pool = self._derived(parsed)
+            else:
+                reg = self.registry.modelpool(name)
+                pool = reg.obj()
+                pool.name = pool.name or reg.name
+                pool.configure(dtype=self.options.dtype, trust_pickle=self.options.trust_pickle)
             self._modelpools[name] = pool
         return self._modelpools[name]
 
+    def _derived(self, parsed: PoolName) -> DerivedModelPool:
+        base = self.modelpool(parsed.base)
+        reg = self.registry.method_registration(parsed.method or "")
+        method_cls = reg.obj
+        if not (issubclass(method_cls, TrainingMethod) and method_cls.produces == "pool"):
+            makers = sorted(n for n, r in self.registry.methods.items()
+                            if issubclass(r.obj, TrainingMethod) and r.obj.produces == "pool")
+            raise ConfigError(f"pool {parsed.unrestricted!r}: method {reg.name!r} does not re-train experts, so it "
+                              f"cannot derive a pool; methods that can: {', '.join(makers) or 'none installed'}")
+        reason = method_cls.cannot_run_on(base)
+        if reason:
+            raise ConfigError(f"pool {parsed.unrestricted!r} cannot be derived: {reg.name} cannot run on "
+                              f"{base.name}: {reason}")
+        configs = build_params(reg.name, method_cls.Params, None, [
+            o for o in parse_overrides([f"{reg.name}.{p}" for p in parsed.params])])
+        if len(configs) != 1:
+            raise ConfigError(f"pool {parsed.unrestricted!r}: a derived pool takes one value per parameter")
+        taskpool = self.taskpool(self._base_taskpool(base))
+        return DerivedModelPool(base, taskpool, method_cls(configs[0]), name=parsed.unrestricted,
+                                cache=self.trained, code_version=_code_version(reg), device=self.device,
+                                eval_only=self.options.eval_only, loggers=self.loggers())
+
     def taskpool(self, name: str) -> TaskPool:
         if name not in self._taskpools:
-            reg = self.registry.taskpool(name)
-            pool = reg.obj()
-            pool.name = pool.name or reg.name
-            pool.configure(dtype=self.options.dtype, trust_pickle=self.options.trust_pickle)
+            parsed = PoolName.parse(name)
+            if parsed.tasks is not None:
+                pool: TaskPool = TaskSubsetTaskPool(self.taskpool(parsed.unrestricted), parsed.tasks, name)
+            else:
+                reg = self.registry.taskpool(name)
+                pool = reg.obj()
+                pool.name = pool.name or reg.name
+                pool.configure(dtype=self.options.dtype, trust_pickle=self.options.trust_pickle)
             self._taskpools[name] = pool
         return self._taskpools[name]
 
-    def taskpool_for(self, modelpool: str) -> str:
+    def _base_taskpool(self, pool: ModelPool) -> str:
         if self.options.taskpool:
-            return self.registry.taskpool(self.options.taskpool).name
-        reg = self.registry.modelpool(modelpool)
-        pool = self.modelpool(reg.name)
+            return self.registry.taskpool(PoolName.parse(self.options.taskpool).base).name
         if not pool.default_taskpool:
-            raise MergebenchError(f"model pool {modelpool!r} names no default task pool; pass --taskpool")
+            raise MergebenchError(f"model pool {pool.name!r} names no default task pool; pass --taskpool")
         return self.registry.taskpool(pool.default_taskpool).name
+
+    def taskpool_for(self, modelpool: str) -> str:
+        """The task pool that scores `modelpool`, restricted to the same tasks when the model pool is."""
+        parsed = PoolName.parse(modelpool)
+        base = self._base_taskpool(self.modelpool(parsed.unrestricted))
+        return PoolName(base).with_tasks(parsed.tasks)
+
+    def loggers(self) -> LoggerSet:
+        extra = {name: self.registry.logger(name).obj for name in self.options.loggers}
+        return LoggerSet(self.store.path if self.store is not None and str(self.store.path) != ":memory:"
+                         else None, extra)
 
     # -- planning ---------------------------------------------------------------------------------------------
     def plan(self) -> list[Cell]:
+        """Every cell of the selection, with every check that needs no computation done first: names, parameters,
+        tasks, preferences, applicability, cached models for --eval-only, and resources."""
         opts = self.options
+        explicit = bool(opts.methods)
         method_names = list(opts.methods) if opts.methods else sorted(self.registry.methods)
         regs = [self.registry.method_registration(m) for m in method_names]
         if opts.modelpools:
-            pool_names = [self.registry.modelpool(p).name for p in opts.modelpools]
+            pool_names = [self._canonical_pool_name(p) for p in opts.modelpools]
         else:
             pool_names = [n for n, r in sorted(self.registry.modelpools.items()) if r.default]
             if not pool_names:
                 raise MergebenchError("no model pool selected and no installed pool is marked as default; "
                                       "pass --modelpool (see `mergebench list`)")
+        if opts.tasks:
+            pool_names = [PoolName.parse(p).with_tasks(list(opts.tasks)) for p in pool_names]
         overrides = parse_overrides(opts.overrides)
         yaml_cfg = load_yaml(opts.config_file)
+        preferences = opts.preferences
+        if "preferences" in yaml_cfg:
+            preferences = preferences + from_config(yaml_cfg.pop("preferences"))
         check_overrides_used(overrides, {r.name: r.obj.Params for r in regs})
-        cells = []
+        cells, refused = [], []
+        ignoring: set[str] = set()
         for pool_name in pool_names:
-            taskpool = self.taskpool_for(pool_name)
+            pool = self.modelpool(pool_name)
+            taskpool_name = self.taskpool_for(pool_name)
+            tasks = self.taskpool(taskpool_name).tasks
+            prefs = preferences.expand(tasks) if preferences else []
             for reg in regs:
                 for params in build_params(reg.name, reg.obj.Params, yaml_cfg, overrides):
-                    for seed in opts.seeds:
-                        cells.append(Cell(reg.name, reg.obj, reg, params, pool_name, taskpool, seed))
+                    impossible = reg.obj.cannot_run_on(pool)
+                    reason = impossible or (None if explicit else reg.obj.unsuitable_for(pool, params))
+                    if reason:
+                        line = f"{reg.name} on {pool_name}: {reason}"
+                        (refused if explicit and impossible else self.not_applicable).append(line)
+                        continue
+                    aware = reg.obj.info.preference_aware
+                    if prefs and not aware:
+                        ignoring.add(reg.name)
+                    for pref in (prefs if aware and prefs else [None]):
+                        for seed in opts.seeds:
+                            cells.append(Cell(reg.name, reg.obj, reg, params, pool_name, taskpool_name, seed, pref))
+        if refused:
+            raise ConfigError("these methods cannot run on the selected pools:" + "".join(f"\n  - {r}" for r in refused))
+        if ignoring:
+            self.notes.append(f"preferences apply only to preference-aware methods; {', '.join(sorted(ignoring))} "
+                              f"ignore them and ran once per pool")
         self.check_resources(dict.fromkeys((c.modelpool, c.taskpool) for c in cells))
+        if opts.eval_only:
+            self.check_trained(cells)
         return cells
+
+    def _canonical_pool_name(self, name: str) -> str:
+        parsed = PoolName.parse(name)
+        base = self.registry.modelpool(parsed.base).name
+        return PoolName(base, parsed.method, parsed.params, parsed.tasks).unrestricted if parsed.tasks is None \
+            else PoolName(base, parsed.method, parsed.params).with_tasks(parsed.tasks)
 
     def check_resources(self, pairs: Iterable[tuple[str, str]]) -> None:
         """One error naming every missing model and dataset of every selected pool, before any work starts."""
@@ -177,19 +276,38 @@ class Runner:
                                   f"cannot be fetched now (offline):{listing}\n"
                                   f"Fetch them on a machine with internet:\n{commands}")
 
+    def check_trained(self, cells: Sequence[Cell]) -> None:
+        """--eval-only: every model a cell would train, and every expert of a derived pool, must be cached."""
+        missing = []
+        for pool_name in dict.fromkeys(c.modelpool for c in cells):
+            pool = self.modelpool(pool_name)
+            derived = pool.inner if isinstance(pool, TaskSubsetModelPool) else pool
+            if isinstance(derived, DerivedModelPool) and not derived.method.is_cached(
+                    pool, derived.taskpool, [], seed=derived.seed, preference=None, cache=self.trained,
+                    code_version=derived.code_version):
+                missing.append(f"the experts of derived pool {pool_name}")
+        for cell in cells:
+            if issubclass(cell.method_cls, TrainingMethod):
+                pool, taskpool = self.modelpool(cell.modelpool), self.taskpool(cell.taskpool)
+                method = cell.method_cls(cell.params)
+                pref = cell.preference.normalized if cell.preference is not None else None
+                if not method.is_cached(pool, taskpool, taskpool.tasks, seed=cell.seed, preference=pref,
+                                        cache=self.trained, code_version=_code_version(cell.registration)):
+                    missing.append(cell.label + f" (seed {cell.seed})")
+        if missing:
+            raise MissingTrainedModel("--eval-only: these models were never trained with these settings, and "
+                                      "--eval-only never trains:" + "".join(f"\n  - {m}" for m in missing) +
+                                      "\nRun without --eval-only to train them once (they are cached after that).")
+
     # -- running ----------------------------------------------------------------------------------------------
     def run(self, cells: list[Cell] | None = None) -> RunReport:
         cells = self.plan() if cells is None else cells
-        report = RunReport()
+        if self.store is None:
+            raise MergebenchError("the runner has no results store to write to")
+        report = RunReport(not_applicable=list(self.not_applicable), notes=list(self.notes))
         for pool_name, taskpool_name in dict.fromkeys((c.modelpool, c.taskpool) for c in cells):
             report.results.extend(self.references(pool_name, taskpool_name))
         for cell in cells:
-            if not self.options.methods:  # "every installed method": skip those that cannot apply to this pool
-                reason = cell.method_cls.unsuitable_for(self.modelpool(cell.modelpool), cell.params)
-                if reason:
-                    log.info("skipping %s: %s", cell.label, reason)
-                    report.not_applicable.append(f"{cell.method} on {cell.modelpool}: {reason}")
-                    continue
             stored = None if self.options.rerun else self.store.get(self.key(cell))
             if stored is not None and stored.status == "ok":
                 log.info("skipping %s (already in the store)", cell.label)
@@ -202,20 +320,27 @@ class Runner:
         return report
 
     def key(self, cell: Cell) -> str:
+        pref = list(cell.preference.normalized) if cell.preference is not None else None
         return cell_key("method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
-                        self.options.limit, None)
+                        self.options.limit, pref)
 
     def _evaluate(self, taskpool: TaskPool, model: Any, tasks: Sequence[str] | None = None) -> Metrics:
         return evaluate(taskpool, model, tasks=tasks, limit=self.options.limit, device=self.device,
                         batch_size=self.options.batch_size, progress=self.progress)
 
     def references(self, pool_name: str, taskpool_name: str) -> list[CellResult]:
-        """The pretrained model on every task and each expert on its own task, computed once per pool."""
+        """Computed once per pool: the pretrained model on every task and each expert on its own task; for pools of
+        independently trained models, each model on every task."""
         pool, taskpool = self.modelpool(pool_name), self.taskpool(taskpool_name)
         rows = []
         if pool.has_pretrained:
             rows.append(self._reference(pool, taskpool, "pretrained",
                                         lambda: self._evaluate(taskpool, pool.load_model(PRETRAINED))))
+        if pool.relation == "independent":
+            for name in pool.expert_names:
+                rows.append(self._reference(pool, taskpool, f"model {name}",
+                                            lambda name=name: self._evaluate(taskpool, pool.load_model(name))))
+            return rows
 
         def individual() -> Metrics:
             metrics: Metrics = {}
@@ -230,6 +355,7 @@ class Runner:
 
     def _reference(self, pool: ModelPool, taskpool: TaskPool, label: str,
                    compute: Callable[[], Metrics]) -> CellResult:
+        assert self.store is not None
         key = cell_key("reference", label, {}, pool.name, taskpool.name, 0, self.options.limit, None)
         stored = None if self.options.rerun else self.store.get(key)
         if stored is not None and stored.status == "ok":
@@ -237,10 +363,11 @@ class Runner:
         result = CellResult("reference", label, {}, pool.name, taskpool.name, 0, self.options.limit,
                             versions=environment_versions())
         try:
+            result.primary_metrics = primary_metrics(taskpool, taskpool.tasks)
             with measure(self.device) as m:
                 result.metrics = compute()
             result.eval_seconds = m.seconds
-            result.mean = _mean(result.metrics)
+            result.mean = primary_mean(result.metrics, result.primary_metrics)
         except Exception as exc:
             self._fail(result, exc)
         self.store.put(result)
@@ -250,17 +377,27 @@ class Runner:
         log.info("running %s (%s)", cell.label, params_dict(cell.params))
         versions = environment_versions()
         versions[cell.registration.distribution or cell.registration.plugin] = cell.registration.version
+        pref = cell.preference
         result = CellResult(
             "method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
-            self.options.limit, versions=versions, task_specific=cell.method_cls.info.task_specific,
+            self.options.limit, preference=list(pref.normalized) if pref is not None else None,
+            versions=versions, task_specific=cell.method_cls.info.task_specific,
             config={"method": cell.method, "params": params_dict(cell.params), "modelpool": cell.modelpool,
                     "taskpool": cell.taskpool, "seed": cell.seed, "limit": self.options.limit,
-                    "device": str(self.device)})
+                    "device": str(self.device),
+                    "preference_given": list(pref.given) if pref is not None else None,
+                    "eval_only": self.options.eval_only})
+        loggers = self.loggers()
+        metrics_logger = loggers.open(self.key(cell), result.config)
         try:
             pool, taskpool = self.modelpool(cell.modelpool), self.taskpool(cell.taskpool)
             result.versions.update(pool.version_info())
             result.versions.update(taskpool.version_info())
+            result.primary_metrics = primary_metrics(taskpool, taskpool.tasks)
             ctx = RunContext(taskpool=taskpool, device=self.device, seed=cell.seed,
+                             preference=pref.normalized if pref is not None else None, tasks=tuple(taskpool.tasks),
+                             eval_only=self.options.eval_only, metrics_logger=metrics_logger, loggers=loggers,
+                             method_version=_code_version(cell.registration),
                              cache_dir=Path(self.options.cache_dir), progress=self.progress,
                              log=logging.getLogger(f"mergebench.method.{cell.method}"))
             torch.manual_seed(cell.seed)
@@ -272,18 +409,21 @@ class Runner:
             with measure(self.device) as eval_m:
                 result.metrics = self._evaluate(taskpool, output.model)
             result.eval_seconds = eval_m.seconds
-            result.mean = _mean(result.metrics)
-            result.normalized_mean = self._normalized(cell, result.metrics)
+            result.mean = primary_mean(result.metrics, result.primary_metrics)
+            result.normalized_mean = self._normalized(cell, result.metrics, result.primary_metrics)
         except Exception as exc:  # the grid goes on; the error is kept with the cell
             self._fail(result, exc)
+        finally:
+            metrics_logger.close()
         return result
 
-    def _normalized(self, cell: Cell, metrics: Metrics) -> float | None:
+    def _normalized(self, cell: Cell, metrics: Metrics, primary: dict[str, dict[str, Any]]) -> float | None:
+        assert self.store is not None
         key = cell_key("reference", "individual", {}, cell.modelpool, cell.taskpool, 0, self.options.limit, None)
         ref = self.store.get(key)
         if ref is None or ref.status != "ok":
             return None
-        return normalized_mean(metrics, ref.metrics)
+        return normalized_mean(metrics, ref.metrics, primary)
 
     @staticmethod
     def _fail(result: CellResult, exc: BaseException) -> None:
@@ -293,16 +433,26 @@ class Runner:
         result.traceback = traceback.format_exc()
 
 
-def _mean(metrics: Metrics, name: str = "accuracy") -> float | None:
-    values = [m[name] for m in metrics.values() if name in m]
+def primary_mean(metrics: Metrics, primary: dict[str, dict[str, Any]]) -> float | None:
+    """Mean over tasks of each task's primary metric (accuracy unless the task pool declares another)."""
+    values = [v for t in metrics if (v := primary_value(metrics, primary, t)) is not None]
     return sum(values) / len(values) if values else None
 
 
-def normalized_mean(metrics: Metrics, individual: Metrics, name: str = "accuracy") -> float | None:
-    """Mean over tasks of (merged accuracy / the expert's accuracy on the same task)."""
-    ratios = [metrics[t][name] / individual[t][name] for t in metrics
-              if t in individual and individual[t].get(name)]
+def normalized_mean(metrics: Metrics, individual: Metrics, primary: dict[str, dict[str, Any]] | None = None
+                    ) -> float | None:
+    """Mean over tasks of (merged score / the expert's score on the same task), on each task's primary metric."""
+    primary = primary or {}
+    ratios = []
+    for t in metrics:
+        mine, theirs = primary_value(metrics, primary, t), primary_value(individual, primary, t)
+        if mine is not None and theirs:
+            ratios.append(mine / theirs)
     return sum(ratios) / len(ratios) if ratios else None
+
+
+def _code_version(reg: Registration) -> str:
+    return f"{reg.distribution or reg.plugin}=={reg.version}"
 
 
 def _jsonable(value: Any) -> Any:

@@ -11,7 +11,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE results ADD COLUMN primary_metrics TEXT NOT NULL DEFAULT '{}'",),
+}
+"""SQL that takes a store from version n-1 to n, applied in order when a store is opened; a store without a version
+(or version 1) is version 1. Never edit a migration that has shipped: add the next number."""
 
 _COLUMNS = """
     cell_key TEXT PRIMARY KEY,
@@ -24,6 +30,7 @@ _COLUMNS = """
     seed INTEGER NOT NULL,
     eval_limit INTEGER,
     metrics TEXT NOT NULL,
+    primary_metrics TEXT NOT NULL DEFAULT '{}',
     mean REAL,
     normalized_mean REAL,
     merge_seconds REAL,
@@ -84,7 +91,7 @@ def cell_key(kind: str, method: str, params: Mapping[str, Any], modelpool: str, 
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
-_JSON_FIELDS = ("params", "preference", "metrics", "extras", "versions", "config")
+_JSON_FIELDS = ("params", "preference", "metrics", "primary_metrics", "extras", "versions", "config")
 
 
 class ResultStore:
@@ -94,10 +101,32 @@ class ResultStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path))
-        self.db.execute(f"CREATE TABLE IF NOT EXISTS results ({_COLUMNS})")
-        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        self.db.commit()
+        with self.db:
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            exists = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'results'").fetchone()
+            if not exists:
+                self.db.execute(f"CREATE TABLE results ({_COLUMNS})")
+                self._set_version(SCHEMA_VERSION)
+        self._migrate()
+
+    def schema_version(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 1
+
+    def _set_version(self, version: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(version),))
+
+    def _migrate(self) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            from .errors import MergebenchError
+            raise MergebenchError(f"results store {self.path} has schema version {version}, newer than this "
+                                  f"mergebench understands ({SCHEMA_VERSION}); upgrade mergebench to read it")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.db:  # each step commits whole or not at all
+                for statement in MIGRATIONS[target]:
+                    self.db.execute(statement)
+                self._set_version(target)
 
     def put(self, result: CellResult) -> None:
         row = asdict(result)

@@ -15,12 +15,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mergebench_core import TaskPool
 from mergebench_core.paths import cache_dir
+from mergebench_core.splits import validation_indices
 
 from . import hub
 from .catalog import BASE_MODELS, TaskSpec, suite, task
@@ -134,10 +136,27 @@ class CLIPZeroShotTaskPool(TaskPool):
 
     def batches(self, task: str, split: str = "test", *, batch_size: int = 256,
                 limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if split == "val":
+            return self._val_batches(task, batch_size, limit)
         return self.split(task, split, limit).batches(batch_size, limit, pin=torch.cuda.is_available())
+
+    def _val_batches(self, task: str, batch_size: int,
+                     limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """"val": the core's fixed 10 % of the whole train split, read from its memory map a batch at a time."""
+        train = self.split(task, "train")
+        index = validation_indices(len(train)).numpy()
+        if limit is not None:
+            index = index[:limit]
+        for i in range(0, len(index), batch_size):
+            rows = index[i:i + batch_size]
+            yield (torch.from_numpy(np.asarray(train.pixels[rows])),
+                   torch.from_numpy(train.labels[rows].astype(np.int64)))
 
     def num_examples(self, task: str, split: str = "test") -> int | None:
         spec = self.specs[task]
+        if split == "val":
+            train = self.num_examples(task, "train")
+            return len(validation_indices(train)) if train else None
         found = self.pixel_cache.find(self._key(spec, spec.split_name(split)))
         return len(found) if found is not None else None
 

@@ -1,0 +1,47 @@
+"""Plain fine-tuning of every expert: the reference recipe for derived pools.
+
+`digits-mlp_TA8+finetune(lr=1e-4)` names the embedded pool with each expert re-fine-tuned from the pretrained model
+on its own task's train split by cross-entropy through the task pool's frozen head, under these parameters. Every
+merge method then runs on it unchanged, so the effect of a fine-tuning recipe on merging can be measured; recipes
+with regularisers (mergeability) are training methods of the same shape with a different loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mergebench_core import hookimpl
+from mergebench_core.trained import TrainingMethod
+from mergebench_core.training import Batch, TrainState, task_losses
+
+
+@dataclass
+class Params:
+    steps: int = 200
+    lr: float = 3e-4
+    batch_size: int = 64
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+
+
+class Finetune(TrainingMethod):
+    """Re-fine-tunes each expert from the pretrained model on its task (cross-entropy), making a derived pool."""
+
+    name = "finetune"
+    Params = Params
+    produces = "pool"
+
+    def loss(self, model: nn.Module, batches: Mapping[str, Batch], state: TrainState) -> torch.Tensor:
+        return sum(task_losses(model, batches, state).values())  # type: ignore[return-value]
+
+
+@hookimpl
+def register_methods(register):
+    register(Finetune)

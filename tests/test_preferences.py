@@ -1,0 +1,107 @@
+"""Preferences as a cell axis: parsing, validation before any work, the cell key, and fronts on the embedded pool."""
+
+import json
+
+import pytest
+
+from mergebench_core.cli import main
+from mergebench_core.errors import ConfigError
+from mergebench_core.preferences import PreferenceRequest, from_config, parse_simplex, parse_vector, validate
+from mergebench_core.store import ResultStore, cell_key
+
+POOL = "digits-mlp_TA8"
+TWO = ["--tasks", "digits,rot90"]
+
+
+def test_vectors_are_normalised_and_kept_as_given():
+    pref = validate(parse_vector("3,1"), ["a", "b"])
+    assert pref.given == (3.0, 1.0) and pref.normalized == (0.75, 0.25)
+
+
+def test_simplex_request_expands_over_the_tasks_without_duplicates():
+    request = PreferenceRequest(vectors=((1.0, 1.0),), simplex=(3,))
+    prefs = request.expand(["a", "b"])
+    assert [p.normalized for p in prefs] == [(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)]
+    assert len(PreferenceRequest(simplex=(5,)).expand(["a", "b", "c"])) == 15
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0.5,x", "'x' is not a number"),
+    ("", "'' is not a number"),
+])
+def test_non_numbers_are_refused(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_vector(text)
+
+
+@pytest.mark.parametrize("vector, message", [
+    ((0.5, 0.3, 0.2), "has 3 weight\\(s\\), but the pool has 2 task\\(s\\), in this order: digits, rot90"),
+    ((-0.1, 1.1), "negative weight"),
+    ((0.0, 0.0), "all zeros"),
+    ((float("nan"), 1.0), "not a finite number"),
+])
+def test_malformed_vectors_are_refused(vector, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(vector, ["digits", "rot90"])
+
+
+@pytest.mark.parametrize("text", ["simplex:1", "simplex:x", "grid:3", "simplex"])
+def test_malformed_grids_are_refused(text):
+    with pytest.raises(ConfigError, match="simplex:K with K ≥ 2"):
+        parse_simplex(text)
+
+
+def test_config_preferences_take_vectors_and_grids():
+    request = from_config([[0.7, 0.3], "0.2,0.8", "simplex:2"])
+    assert request.vectors == ((0.7, 0.3), (0.2, 0.8)) and request.simplex == (2,)
+    with pytest.raises(ConfigError):
+        from_config({"a": 1})
+
+
+def test_the_cell_key_changes_with_the_preference():
+    def key(pref):
+        return cell_key("method", "pa_task_arithmetic", {"scaling_factor": 0.3}, POOL, "digits_TA8", 0, None, pref)
+
+    assert key([0.5, 0.5]) != key([0.25, 0.75]) != key(None)
+    assert key([0.5, 0.5]) == key([0.5, 0.5])
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*TWO, "--preference", "0.5,0.3,0.2"], "in this order: digits, rot90"),
+    ([*TWO, "--preference=-1,2"], "negative weight"),
+    ([*TWO, "--preference", "0,0"], "all zeros"),
+    ([*TWO, "--preference", "a,b"], "is not a number"),
+    ([*TWO, "--preferences", "simplex:1"], "simplex:K"),
+    (["--tasks", "digits,rot900"], "no task 'rot900'. Did you mean 'rot90'"),
+    (["--tasks", "digits,digits"], "names a task twice"),
+])
+def test_bad_input_exits_2_and_writes_nothing(cli_env, capsys, argv, message):
+    assert main(["run", "-m", "pa_task_arithmetic", "-p", POOL, *argv]) == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+    assert not (cli_env / "results.sqlite").exists()
+
+
+def test_a_two_task_front_on_the_embedded_pool(cli_env, capsys):
+    argv = ["run", "-m", "pa_task_arithmetic,task_arithmetic", "-p", POOL, *TWO, "--preferences", "simplex:5"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "ignore them and ran once per pool" in captured.err  # task_arithmetic ignores preferences: a note
+    rows = ResultStore(cli_env / "results.sqlite").all()
+    pa = sorted((r for r in rows if r.method == "pa_task_arithmetic"), key=lambda r: r.preference)
+    assert [r.preference for r in pa] == [[0.0, 1.0], [0.25, 0.75], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]]
+    assert all(r.modelpool == f"{POOL}[digits,rot90]" and list(r.metrics) == ["digits", "rot90"] for r in pa)
+    assert pa[2].config["preference_given"] == [0.5, 0.5]
+    ta = next(r for r in rows if r.method == "task_arithmetic")
+    assert ta.preference is None and pa[2].metrics == ta.metrics  # uniform preference = task arithmetic
+    # more weight on a task helps that task: the front is ordered along the preference
+    digits = [r.metrics["digits"]["accuracy"] for r in pa]
+    assert digits == sorted(digits) and digits[0] < digits[-1]
+    assert "r=(0.25, 0.75)" in captured.out
+
+    assert main(["leaderboard", "--pareto"]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto fronts (reference: pretrained model)" in out and "| pa_task_arithmetic" in out
+    assert main(["leaderboard", "--pareto", "--format", "json"]) == 0
+    fronts = {f["method"]: f for f in json.loads(capsys.readouterr().out)}
+    assert fronts["pa_task_arithmetic"]["points"] == 5
+    assert fronts["pa_task_arithmetic"]["hypervolume"] > fronts["task_arithmetic"]["hypervolume"] > 0

@@ -282,10 +282,10 @@ class Runner:
         for pool_name in dict.fromkeys(c.modelpool for c in cells):
             pool = self.modelpool(pool_name)
             derived = pool.inner if isinstance(pool, TaskSubsetModelPool) else pool
-            if isinstance(derived, DerivedModelPool) and not derived.method.is_cached(
-                    pool, derived.taskpool, [], seed=derived.seed, preference=None, cache=self.trained,
-                    code_version=derived.code_version):
-                missing.append(f"the experts of derived pool {pool_name}")
+            if isinstance(derived, DerivedModelPool):
+                absent = [e for e in pool.expert_names if not derived.is_built(e)]
+                if absent:
+                    missing.append(f"the experts of derived pool {pool_name}: {', '.join(absent)}")
         for cell in cells:
             if issubclass(cell.method_cls, TrainingMethod):
                 pool, taskpool = self.modelpool(cell.modelpool), self.taskpool(cell.taskpool)

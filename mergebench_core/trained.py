@@ -125,12 +125,17 @@ class TrainingMethod(Method):
 
     def is_cached(self, pool: ModelPool, taskpool: TaskPool, tasks: Sequence[str], *, seed: int,
                   preference: Sequence[float] | None, cache: TrainedModelCache, code_version: str) -> bool:
+        """Whether `run` would find every model it needs in the cache (a pool-deriving method: every expert)."""
         if self.produces == "pool":
-            return all(self.is_cached(pool, taskpool, [pool.task_of(e)], seed=seed, preference=None, cache=cache,
-                                      code_version=code_version) for e in pool.expert_names)
-        seed = self.seed_for(seed, tasks)
-        return cache.path(self.recipe(pool, taskpool, tasks, seed=seed, preference=preference,
-                                      code_version=code_version)).is_file()
+            return all(self._model_cached(pool, taskpool, [pool.task_of(e)], seed, None, cache, code_version)
+                       for e in pool.expert_names)
+        return self._model_cached(pool, taskpool, tasks, seed, preference, cache, code_version)
+
+    def _model_cached(self, pool: ModelPool, taskpool: TaskPool, tasks: Sequence[str], seed: int,
+                      preference: Sequence[float] | None, cache: TrainedModelCache, code_version: str) -> bool:
+        recipe = self.recipe(pool, taskpool, tasks, seed=self.seed_for(seed, tasks), preference=preference,
+                             code_version=code_version)
+        return cache.path(recipe).is_file()
 
     @classmethod
     def cannot_run_on(cls, pool: ModelPool) -> str | None:
@@ -212,6 +217,9 @@ class DerivedModelPool(ModelPool):
         tasks = [self.task_of(expert)]
         return self.method.recipe(self.base, self.taskpool, tasks, seed=self.method.seed_for(self.seed, tasks),
                                   preference=None, code_version=self.code_version)
+
+    def is_built(self, expert: str) -> bool:
+        return self.cache.path(self._recipe(expert)).is_file()
 
     def _file(self, expert: str) -> Path:
         path = self.cache.path(self._recipe(expert))

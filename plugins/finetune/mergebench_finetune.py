@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mergebench_core import hookimpl
+from mergebench_core import MethodInfo, hookimpl
 from mergebench_core.trained import TrainingMethod
 from mergebench_core.training import Batch, TrainState, task_losses
 
@@ -36,6 +36,8 @@ class Finetune(TrainingMethod):
 
     name = "finetune"
     Params = Params
+    info = MethodInfo(kind="training", data="labeled", task_vectors=True, task_specific=True)
+    """Run as a cell, it scores each re-trained expert on its own task: one model per task."""
     produces = "pool"
 
     def loss(self, model: nn.Module, batches: Mapping[str, Batch], state: TrainState) -> torch.Tensor:

@@ -52,7 +52,7 @@ def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] |
             model = _prepare(evaluable, device)
         specs = list(taskpool.metrics(task))
         keep = any(s.compute is not None for s in specs)  # whole-split metrics need every output
-        correct, seen, loss_sum = 0, 0, 0.0
+        correct, seen, loss_sum, regression = 0, 0, 0.0, False
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         batches = taskpool.batches(task, split, batch_size=batch_size, limit=limit)
         if progress is not None:
@@ -64,6 +64,7 @@ def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] |
                 if keep:
                     kept.append((logits.cpu(), labels.cpu()))
                 if labels.is_floating_point():  # regression targets (STS-B): no accuracy, no cross-entropy
+                    regression = True
                     seen += int(labels.shape[0])
                     continue
                 correct += int((logits.argmax(-1) == labels).sum())
@@ -72,7 +73,7 @@ def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] |
         if seen == 0:
             raise ValueError(f"task {task!r} of task pool {taskpool.name!r} has no {split} examples")
         row: dict[str, float] = {"examples": float(seen)}
-        if not (kept and kept[0][1].is_floating_point()):
+        if not regression:
             row.update(accuracy=correct / seen, loss=loss_sum / seen)
         if keep:
             all_logits = torch.cat([z for z, _ in kept])

@@ -246,6 +246,7 @@ class Runner:
                             cells.append(Cell(reg.name, reg.obj, reg, params, pool_name, taskpool_name, seed, pref))
         if refused:
             raise ConfigError("these methods cannot run on the selected pools:" + "".join(f"\n  - {r}" for r in refused))
+        self.not_applicable = group_reasons(self.not_applicable)
         if ignoring:
             self.notes.append(f"preferences apply only to preference-aware methods; {', '.join(sorted(ignoring))} "
                               f"ignore them and ran once per pool")
@@ -449,6 +450,17 @@ def normalized_mean(metrics: Metrics, individual: Metrics, primary: dict[str, di
         if mine is not None and theirs:
             ratios.append(mine / theirs)
     return sum(ratios) / len(ratios) if ratios else None
+
+
+def group_reasons(lines: Sequence[str]) -> list[str]:
+    """'a on p: why' and 'b on p: why' -> 'a, b on p: why', in first-seen order, each line once."""
+    grouped: dict[str, list[str]] = {}
+    for line in lines:
+        method, _, rest = line.partition(" on ")
+        names = grouped.setdefault(rest, [])
+        if method not in names:
+            names.append(method)
+    return [f"{', '.join(names)} on {rest}" for rest, names in grouped.items()]
 
 
 def _code_version(reg: Registration) -> str:

@@ -36,6 +36,7 @@ from torch import nn
 
 from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
 from mergebench_core.paths import cache_dir
+from mergebench_core.splits import validation_indices
 from mergebench_core.tensors import SafetensorsSource, load_state_dict, save_state_dict
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,11 @@ class DigitsData:
         self.order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.recipe.seed))
 
     def split(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        idx = self.order[: self.recipe.n_train] if split == "train" else self.order[self.recipe.n_train:]
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        idx = self.order[: self.recipe.n_train] if split != "test" else self.order[self.recipe.n_train:]
+        if split == "val":  # a fixed 10 % of train, carved as every pool carves it
+            idx = idx[validation_indices(len(idx))]
         x, y = view(task, self.images[idx], self.labels[idx])
         return x.reshape(len(idx), 64).contiguous(), y
 
@@ -364,8 +367,14 @@ class DigitsTaskPool(TaskPool):
 def register_modelpools(register):
     register(POOL_NAME, DigitsModelPool, "8 digit tasks, MLP encoder pretrained without labels (embedded, offline)",
              default=True)
+    import mergebench_digits_seeds  # imported here: it builds on this module's data helpers
+
+    mergebench_digits_seeds.register_modelpools(register)
 
 
 @hookimpl
 def register_taskpools(register):
     register(TASKPOOL_NAME, DigitsTaskPool, "8 views of scikit-learn's bundled digits, 597 test images each")
+    import mergebench_digits_seeds
+
+    mergebench_digits_seeds.register_taskpools(register)

@@ -63,9 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          limit=args.limit, device=args.device, rerun=args.rerun, batch_size=args.batch_size,
                          dtype=args.dtype, trust_pickle=_trust_pickle(args), tasks=_split(args.tasks),
                          preferences=_preferences(args), eval_only=args.eval_only, loggers=_split(args.logger) or ())
-    runner = Runner(registry, None, options, progress=_progress)
-    for name in options.loggers:
-        registry.logger(name)  # an unknown logger is refused before any work
+    runner = Runner(registry, None, options, progress=_progress)  # an unknown logger is refused here
     cells = runner.plan()  # every name, parameter, task and preference is checked before any work starts
     runner.store = ResultStore(args.store)  # opened only now: a refused run writes nothing
     log.info("%d cells planned; results go to %s", len(cells), args.store)

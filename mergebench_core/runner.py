@@ -121,7 +121,9 @@ class Runner:
 
     def __init__(self, registry: Registry, store: ResultStore | None, options: RunOptions,
                  progress: Callable[..., Iterator[Any]] | None = None):
-        self.registry, self.store, self.options, self.progress = registry, store, options, progress
+        self.registry, self.options, self.progress = registry, options, progress
+        self.logger_set = LoggerSet(None, {name: registry.logger(name).obj for name in options.loggers})
+        self.store = store
         self.device = resolve_device(options.device)
         self._modelpools: dict[str, ModelPool] = {}
         self._taskpools: dict[str, TaskPool] = {}
@@ -195,10 +197,18 @@ class Runner:
         base = self._base_taskpool(self.modelpool(parsed.unrestricted))
         return PoolName(base).with_tasks(parsed.tasks)
 
+    @property
+    def store(self) -> ResultStore | None:
+        return self._store
+
+    @store.setter
+    def store(self, store: ResultStore | None) -> None:
+        """Curves are written beside the store, so the loggers follow it (set after planning, see the class)."""
+        self._store = store
+        self.logger_set.store_path = store.path if store is not None and str(store.path) != ":memory:" else None
+
     def loggers(self) -> LoggerSet:
-        extra = {name: self.registry.logger(name).obj for name in self.options.loggers}
-        return LoggerSet(self.store.path if self.store is not None and str(self.store.path) != ":memory:"
-                         else None, extra)
+        return self.logger_set
 
     # -- planning ---------------------------------------------------------------------------------------------
     def plan(self) -> list[Cell]:

@@ -97,6 +97,9 @@ def test_a_derived_pool_runs_merge_methods_unchanged(fresh_cache, count_training
     name = f"{DERIVED}[digits,rot90]"
     assert f"### {name} on digits_TA8[digits,rot90]" in out
     assert sorted(count_trainings) == [["digits"], ["rot90"]]  # one expert per task, trained once each
+    curves = sorted((fresh_cache.parent / "results.logs" / "derived").rglob("*.jsonl"))
+    assert [c.stem for c in curves] == ["digits", "rot90"]  # each expert's training curve, beside the store
+    assert len(curves[0].read_text().splitlines()) == 20
     rows = {r.method: r for r in stored(fresh_cache.parent)}
     assert set(rows) == {"pretrained", "individual", *methods.split(",")}
     assert all(r.status == "ok" and r.modelpool == name for r in rows.values())

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -104,8 +104,11 @@ class _AdaMerging(Method):
         shape = (len(experts), len(keys)) if self.layer_wise else (len(experts), 1)
         coeffs = nn.Parameter(torch.full(shape, float(p.init), device=device))
         model = pool.load_model(PRETRAINED).to(device).eval().requires_grad_(False)
-        wrappers = {t: LogitsOf(model, taskpool, t) for t in taskpool.tasks}
-        streams = {t: self._inputs(ctx, t, offset=i) for i, t in enumerate(taskpool.tasks)}
+        weights = self._objective_weights(ctx, list(taskpool.tasks))
+        # a task of weight 0 is not even run (its stream, seeded by the task's position, is simply not drawn from)
+        active = [t for t in taskpool.tasks if weights is None or weights[t] != 0.0]
+        wrappers = {t: LogitsOf(model, taskpool, t) for t in active}
+        streams = {t: self._inputs(ctx, t, offset=i) for i, t in enumerate(taskpool.tasks) if t in wrappers}
         optimizer = torch.optim.Adam([coeffs], lr=p.lr)
 
         def merged_params() -> dict[str, torch.Tensor]:
@@ -115,8 +118,12 @@ class _AdaMerging(Method):
         history: list[float] = []
         for _ in ctx.track(range(p.steps), desc=f"{self.name} steps", total=p.steps):
             params = merged_params()
-            loss = sum(entropy(torch.func.functional_call(wrappers[t], params, (next(streams[t]),)))
-                       for t in taskpool.tasks)
+            entropies = (entropy(torch.func.functional_call(wrappers[t], params, (next(streams[t]),)))
+                         for t in active)
+            if weights is None:  # AdaMerging: the plain sum over tasks
+                loss = sum(entropies)
+            else:
+                loss = sum(weights[t] * h for t, h in zip(active, entropies))
             optimizer.zero_grad()
             loss.backward()  # type: ignore[union-attr]
             optimizer.step()
@@ -132,8 +139,17 @@ class _AdaMerging(Method):
             learned = {e: dict(zip(keys, values[i].tolist())) for i, e in enumerate(experts)}
         else:
             learned = {e: float(values[i, 0]) for i, e in enumerate(experts)}
-        return MergeOutput(model.cpu(), extras={"coefficients": learned, "entropy_first": history[:1],
-                                                "entropy_last": history[-1:], "steps": p.steps})
+        extras = {"coefficients": learned, "entropy_first": history[:1], "entropy_last": history[-1:],
+                  "steps": p.steps}
+        return MergeOutput(model.cpu(), extras={**extras, **self._extras(ctx, weights)})
+
+    def _objective_weights(self, ctx: RunContext, tasks: list[str]) -> dict[str, float] | None:
+        """Per-task weights of the entropy objective; None for AdaMerging's plain sum."""
+        return None
+
+    def _extras(self, ctx: RunContext, weights: dict[str, float] | None) -> dict[str, Any]:
+        """What the variant stores with the result besides the coefficients and the objective's values."""
+        return {}
 
     def _inputs(self, ctx: RunContext, task: str, offset: int = 0) -> Iterator[torch.Tensor]:
         """Unlabeled test inputs of `task` in shuffled batches, without end (labels are dropped on purpose)."""

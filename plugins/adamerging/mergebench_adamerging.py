@@ -16,6 +16,17 @@ test split read in order would give one-class batches): a split of at most `shuf
 and reshuffled every pass; a larger one goes through a buffer of that many examples, from which each batch is drawn
 at random and refilled from the split read in order. The shuffling is seeded by the run's seed. The learned λ are
 stored with the result (`mergebench show` prints them), with the entropy at the first and last step.
+
+`pa_adamerging` is the preference-aware variant: for a preference r over the cell's T tasks it minimises
+Σ_t w_t·H_t with w_t = T·r_t, where H_t is task t's mean prediction entropy on its batch. That is Σ_t r_t·H_t
+scaled by T, so the uniform preference (w_t = 1) is exactly the plain sum above and reproduces `adamerging_tw` /
+`adamerging_lw` bit for bit (Adam is not exactly invariant to a constant scale of the loss, so Σ_t r_t·H_t itself
+would not); a vertex of the simplex learns from that one task's entropy alone, and tasks of weight 0 are not run.
+It is one name with a `granularity` parameter ("task" or "layer", default "layer" like the stronger
+`adamerging_lw`) rather than two, because the variants differ only in the shape of the coefficients, which the
+shared loop already reads from one flag; a grid sweeps both with `pa_adamerging.granularity=task,layer`. The learned
+coefficients, the preference and the weights w are stored with the result; `entropy_first`/`entropy_last` hold the
+weighted objective.
 """
 
 from __future__ import annotations
@@ -202,6 +213,48 @@ class LayerWiseAdaMerging(_AdaMerging):
     layer_wise = True
 
 
+@dataclass
+class PreferenceParams(Params):
+    granularity: str = "layer"
+    """"task" (one coefficient per task vector, as `adamerging_tw`) or "layer" (one per parameter tensor of every
+    task vector, as `adamerging_lw`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.granularity not in ("task", "layer"):
+            raise ValueError(f"granularity must be 'task' or 'layer', got {self.granularity!r}")
+
+
+class PreferenceAdaMerging(_AdaMerging):
+    """AdaMerging minimising the preference-weighted entropy Σ_t T·r_t·H_t (task-wise or layer-wise)."""
+
+    name = "pa_adamerging"
+    Params = PreferenceParams
+    info = MethodInfo(kind="merge", data="unlabeled", task_vectors=True, preference_aware=True)
+
+    @property
+    def layer_wise(self) -> bool:  # type: ignore[override]
+        return self.params.granularity == "layer"
+
+    def _objective_weights(self, ctx: RunContext, tasks: list[str]) -> dict[str, float]:
+        prefs = ctx.task_weights() or {t: 1.0 / len(tasks) for t in tasks}
+        missing = [t for t in tasks if t not in prefs]
+        if missing:
+            raise MergebenchError(f"{self.name}: the preference is over tasks {', '.join(prefs)}, but the task pool "
+                                  f"scores {', '.join(missing)} too; select the same tasks for both (--tasks)")
+        # T·r_t rounded to float32 as the entropies are: exactly 1.0 for the uniform preference whatever T
+        weights = {t: float(torch.tensor(len(prefs) * prefs[t], dtype=torch.float32)) for t in tasks}
+        if not any(weights.values()):
+            raise MergebenchError(f"{self.name}: the preference gives every task of the task pool weight 0")
+        return weights
+
+    def _extras(self, ctx: RunContext, weights: dict[str, float] | None) -> dict[str, Any]:
+        assert weights is not None
+        prefs = ctx.task_weights() or {t: 1.0 / len(weights) for t in weights}
+        return {"preference": {t: prefs[t] for t in weights}, "task_weights": weights,
+                "granularity": self.params.granularity}
+
+
 class AdaMergingPlusPlus(_AdaMerging):
     """Layer-wise AdaMerging over TIES-trimmed, sign-agreeing task vectors."""
 
@@ -216,3 +269,4 @@ def register_methods(register):
     register(TaskWiseAdaMerging)
     register(LayerWiseAdaMerging)
     register(AdaMergingPlusPlus)
+    register(PreferenceAdaMerging)

@@ -1,4 +1,6 @@
-"""AdaMerging: TIES processing by hand, and on the embedded pool the entropy goes down with coefficients in [0, 1]."""
+"""AdaMerging: TIES processing by hand, and on the embedded pool the entropy goes down with coefficients in [0, 1].
+Preference-aware AdaMerging: the uniform preference is plain AdaMerging bit for bit, and the objective's gradient is
+Σ_t T·r_t ∇H_t (a vertex: one task's entropy alone), checked against an independent computation."""
 
 from __future__ import annotations
 
@@ -9,12 +11,17 @@ from mergebench_adamerging import (
     AdaMergingPlusPlus,
     LayerWiseAdaMerging,
     Params,
+    PreferenceAdaMerging,
+    PreferenceParams,
     TaskWiseAdaMerging,
     TiesParams,
     entropy,
     ties_task_vectors,
 )
 from mergebench_core import PRETRAINED, RunContext
+from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.errors import ConfigError, MergebenchError
+from mergebench_core.pool_views import TaskSubsetModelPool, TaskSubsetTaskPool
 
 
 def test_ties_task_vectors_by_hand():
@@ -92,3 +99,138 @@ def test_a_split_larger_than_the_buffer_is_drawn_through_it(digits_pools):
     assert len(torch.unique(seen, dim=0)) > 64  # the buffer is refilled from the rest of the split
     with pytest.raises(ValueError):
         Params(batch_size=16, shuffle_buffer=8)
+
+
+# --- preference-aware AdaMerging ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity,plain", [("task", TaskWiseAdaMerging), ("layer", LayerWiseAdaMerging)])
+def test_uniform_preference_is_plain_adamerging_bit_for_bit(granularity, plain, digits_pools):
+    pool, taskpool = digits_pools
+    tasks = tuple(taskpool.tasks)
+    want = plain(Params(steps=6, lr=1e-2)).run(pool, RunContext(taskpool=taskpool, tasks=tasks))
+    uniform = RunContext(taskpool=taskpool, tasks=tasks, preference=tuple(1 / len(tasks) for _ in tasks))
+    for ctx in (uniform, RunContext(taskpool=taskpool)):  # a context without tasks is uniform too
+        got = PreferenceAdaMerging(PreferenceParams(steps=6, lr=1e-2, granularity=granularity)).run(pool, ctx)
+        assert got.extras["coefficients"] == want.extras["coefficients"]  # float == float: the same bits
+        assert got.extras["entropy_last"] == want.extras["entropy_last"]
+        assert got.extras["task_weights"] == {t: 1.0 for t in tasks} and got.extras["granularity"] == granularity
+        assert got.extras["preference"] == {t: 1 / len(tasks) for t in tasks}
+        merged, expected = got.model.state_dict(), want.model.state_dict()
+        assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def _two_tasks(digits_pools, tasks=("digits", "rot90")):
+    pool, taskpool = digits_pools
+    return TaskSubsetModelPool(pool, list(tasks), "sub"), TaskSubsetTaskPool(taskpool, list(tasks), "sub_tasks")
+
+
+def _first_gradient(monkeypatch, method, pool, ctx):
+    """Run one step of `method` and return the gradient Adam received (the objective's gradient w.r.t. λ)."""
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["params"][0].grad.detach().clone())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    out = method.run(pool, ctx)
+    assert len(seen) == 1
+    return seen[0], out
+
+
+def _entropy_gradient(pool, taskpool, task, inputs, coeff):
+    """∂H_task/∂λ at λ = coeff everywhere, computed apart from the method: H's gradient w.r.t. every parameter of the
+    merged nn.Module (no functional_call, no einsum), then the chain rule ∂H/∂λ_{e,k} = <∂H/∂θ_k, τ_{e,k}>.
+    Returns (experts, tensors) per tensor and its sum over tensors (the task-wise gradient)."""
+    base = pool.state_dict(PRETRAINED)
+    experts = [pool.state_dict(e) for e in pool.expert_names]
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    model = pool.load_model(PRETRAINED)
+    model.load_state_dict({k: v + coeff * sum(e[k] - v for e in experts) if k in keys else v
+                           for k, v in base.items()})
+    params = dict(model.named_parameters())
+    assert set(keys) == set(params)  # every merged tensor is a parameter here, so each has a gradient
+    logp = torch.log_softmax(taskpool.logits(model, task, inputs).double(), dim=-1)
+    (-(logp.exp() * logp).sum(-1).mean()).backward()
+    per_tensor = torch.tensor([[float((params[k].grad.double() * (e[k] - base[k]).double()).sum()) for k in keys]
+                               for e in experts], dtype=torch.float64)
+    return per_tensor, per_tensor.sum(1, keepdim=True)
+
+
+def _batch(taskpool, task, position, batch_size):
+    """The first batch pa_adamerging draws for `task` (seed 0, stream offset = the task's position)."""
+    method = LayerWiseAdaMerging(Params(batch_size=batch_size))
+    return next(method._inputs(RunContext(taskpool=taskpool, seed=0), task, offset=position))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "task"])
+@pytest.mark.parametrize("preference", [(1.0, 0.0), (0.25, 0.75)])
+def test_the_gradient_is_the_preference_weighted_entropy_gradient(monkeypatch, digits_pools, granularity,
+                                                                  preference):
+    # (1, 0): the gradient is 2·∇H_digits alone (rot90 is not even run); (0.25, 0.75): 0.5·∇H_digits + 1.5·∇H_rot90
+    pool, taskpool = _two_tasks(digits_pools)
+    ctx = RunContext(taskpool=taskpool, tasks=("digits", "rot90"), preference=preference, seed=0)
+    method = PreferenceAdaMerging(PreferenceParams(steps=1, batch_size=32, granularity=granularity))
+    got, out = _first_gradient(monkeypatch, method, pool, ctx)
+    want = torch.zeros_like(got, dtype=torch.float64)
+    for position, (task, r) in enumerate(zip(("digits", "rot90"), preference)):
+        if r:
+            layer, task_wise = _entropy_gradient(pool, taskpool, task, _batch(taskpool, task, position, 32), 0.3)
+            want += 2 * r * (layer if granularity == "layer" else task_wise)
+    assert got.shape == want.shape and want.abs().max() > 1e-4  # a real gradient, not zeros
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+    assert out.extras["task_weights"] == {"digits": 2 * preference[0], "rot90": 2 * preference[1]}
+    assert out.extras["preference"] == {"digits": preference[0], "rot90": preference[1]}
+
+
+def test_a_vertex_learns_from_its_task_alone(digits_pools):
+    # with r = (1, 0) the other task's data plays no part: swapping its test inputs changes nothing learned
+    pool, taskpool = _two_tasks(digits_pools)
+    _, other_taskpool = _two_tasks(digits_pools, ("digits", "mirror"))
+    params = PreferenceParams(steps=4, lr=1e-2)
+    a = PreferenceAdaMerging(params).run(pool, RunContext(taskpool=taskpool, tasks=("digits", "rot90"),
+                                                          preference=(1.0, 0.0)))
+    # the same two experts, but the second task's batches now come from `mirror`'s test split
+    b = PreferenceAdaMerging(params).run(pool, RunContext(taskpool=_Renamed(other_taskpool, {"rot90": "mirror"}),
+                                                          tasks=("digits", "rot90"), preference=(1.0, 0.0)))
+    assert a.extras["coefficients"] == b.extras["coefficients"]
+    c = PreferenceAdaMerging(params).run(pool, RunContext(taskpool=taskpool, tasks=("digits", "rot90"),
+                                                          preference=(0.5, 0.5)))
+    assert c.extras["coefficients"] != a.extras["coefficients"]
+
+
+class _Renamed:
+    """A task pool that answers for task `name` with the data and head of another task."""
+
+    def __init__(self, inner, renamed):
+        self.inner, self.renamed = inner, renamed
+        self.tasks = [t if t not in renamed.values() else next(k for k, v in renamed.items() if v == t)
+                      for t in inner.tasks]
+
+    def batches(self, task, split="test", **kwargs):
+        return self.inner.batches(self.renamed.get(task, task), split, **kwargs)
+
+    def logits(self, model, task, inputs):
+        return self.inner.logits(model, self.renamed.get(task, task), inputs)
+
+
+def test_preference_parameters_and_flags():
+    params = build_params("pa_adamerging", PreferenceParams, {},
+                          parse_overrides(["pa_adamerging.granularity=task,layer"]))
+    assert [p.granularity for p in params] == ["task", "layer"] and PreferenceParams().granularity == "layer"
+    with pytest.raises(ConfigError, match="granularity must be 'task' or 'layer'"):
+        build_params("pa_adamerging", PreferenceParams, {}, parse_overrides(["pa_adamerging.granularity=tensor"]))
+    info = PreferenceAdaMerging.info
+    assert (info.kind, info.data, info.preference_aware, info.task_vectors) == ("merge", "unlabeled", True, True)
+    assert not TaskWiseAdaMerging.info.preference_aware
+    assert PreferenceAdaMerging(PreferenceParams(granularity="task")).layer_wise is False
+    assert PreferenceAdaMerging().layer_wise is True
+
+
+def test_a_preference_over_other_tasks_is_refused(digits_pools):
+    pool, taskpool = _two_tasks(digits_pools)
+    ctx = RunContext(taskpool=taskpool, tasks=("digits", "mirror"), preference=(0.5, 0.5))
+    with pytest.raises(MergebenchError, match="select the same tasks"):
+        PreferenceAdaMerging(PreferenceParams(steps=1)).run(pool, ctx)

@@ -102,7 +102,8 @@ class TrainingMethod(Method):
                 + (f", preference {list(preference)}" if preference is not None else "")
                 + f") was never trained with these parameters (no {cache.path(recipe)}); run without --eval-only "
                 f"to train it")
-        state_extras = {"preference": dict(zip(tasks, preference)) if preference is not None else None}
+        state_extras = {"preference": dict(zip(tasks, preference)) if preference is not None else None,
+                        "modelpool": pool}
         result = train(model, taskpool, list(tasks), self.loss, self.train_config(), seed=seed, device=device,
                        parameters=self.trainable(model), log_metrics=log_metrics, extras=state_extras)
         cache.save(recipe, model.state_dict())

@@ -116,8 +116,11 @@ class TrainState:
     """For the tasks' heads: `taskpool.logits(model, task, inputs)`."""
     config: TrainConfig
     extras: dict[str, Any] = field(default_factory=dict)
-    """Per-run values the caller passes in (a preference vector, a frozen reference model); the loss may also keep
-    state across steps here."""
+    """Per-run values the caller passes in (a preference vector, the model pool); the loss may also keep state across
+    steps here."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """JSON-serialisable values the loss wants kept with the result (counters, last values): `TrainResult.report`,
+    and the cell's extras for a training method."""
 
 
 LossOutput = Union[Tensor, tuple[Tensor, Mapping[str, float]]]
@@ -133,6 +136,8 @@ class TrainResult:
     seconds: float
     val_metrics: dict[str, float] | None = None
     """The last evaluation, keyed as logged (`acc/val/{task}`, `loss/val/{task}`); None without evaluation."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """`TrainState.report` at the end of training."""
 
 
 def task_losses(model: nn.Module, batches: Mapping[str, Batch], state: TrainState) -> dict[str, Tensor]:
@@ -255,4 +260,4 @@ def train(model: nn.Module, taskpool: TaskPool, tasks: Sequence[str], loss_fn: L
     seconds = time.perf_counter() - start
     log.info("trained %d steps on %s in %.1f s, final loss %.4g", config.steps, ", ".join(tasks), seconds,
              loss_value)
-    return TrainResult(config.steps, loss_value, seconds, val)
+    return TrainResult(config.steps, loss_value, seconds, val, dict(state.report))

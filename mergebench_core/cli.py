@@ -260,6 +260,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import pareto_figure
+    from .store import ResultStore
+
+    if not Path(args.store).exists():
+        raise MergebenchError(f"no results store at {args.store}; run `mergebench run` first or pass --store")
+    results = ResultStore(args.store).all(args.modelpool)
+    for path in pareto_figure(results, args.out, modelpool=args.modelpool):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergebench", description="Benchmark deep model merging and fusion.")
     parser.add_argument("--version", action="version", version=f"mergebench {__version__}")
@@ -330,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--pareto", action="store_true",
                     help="per (pool, method): points, non-dominated points and hypervolume of the preference front")
     lb.set_defaults(func=cmd_leaderboard)
+
+    plot = sub.add_parser("plot", help="draw figures from stored results (needs matplotlib: mergebench[plot])")
+    plot.add_argument("kind", choices=["pareto"], help="pareto: each method's preference front, per pair of tasks")
+    plot.add_argument("--out", default="pareto.png", help="output file: .png, .svg or .pdf (default pareto.png)")
+    plot.add_argument("--store", default=str(default_store()))
+    plot.add_argument("--modelpool")
+    plot.set_defaults(func=cmd_plot)
 
     show = sub.add_parser("show", help="show stored cells in full (parameters, learned values, errors)")
     show.add_argument("--store", default=str(default_store()))

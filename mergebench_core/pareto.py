@@ -120,6 +120,10 @@ class FrontSummary:
     """The non-dominated points' preference vectors, in store order."""
     front: list[list[float]] = field(default_factory=list)
     """The non-dominated points' objective values (lower-is-better metrics negated), aligned with `preferences`."""
+    scores: list[list[float]] = field(default_factory=list)
+    """Every point's objective values, dominated ones included (for plots)."""
+    ref: list[float] = field(default_factory=list)
+    """The reference point's objective values."""
 
 
 def _objectives(row: CellResult, tasks: Sequence[str], primary: dict[str, dict[str, Any]]) -> list[float] | None:
@@ -174,7 +178,8 @@ def front_summaries(results: Sequence[CellResult]) -> list[FrontSummary]:
             modelpool=modelpool, taskpool=taskpool, method=method, params=dict(rows[0].params), seed=seed,
             tasks=tasks, points=len(scored), non_dominated=int(mask.sum()),
             hypervolume=hypervolume(pts[mask], ref if ref is not None else [0.0] * len(tasks)), reference=reference,
-            preferences=[r.preference for (r, _), m in zip(scored, mask, strict=True) if m], front=pts[mask].tolist()))
+            preferences=[r.preference for (r, _), m in zip(scored, mask, strict=True) if m], front=pts[mask].tolist(),
+            scores=pts.tolist(), ref=list(ref) if ref is not None else [0.0] * len(tasks)))
         log.debug("front %s: %d points, %d non-dominated", method, len(scored), int(mask.sum()))
     return summaries
 

@@ -220,7 +220,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if not Path(args.store).exists():
         raise MergebenchError(f"no results store at {args.store}; run `mergebench run` first or pass --store")
-    results = ResultStore(args.store).all(args.modelpool, args.taskpool)
+    results = ResultStore(args.store).all(args.modelpool, args.taskpool, history=args.history)
     if not results:
         print("no results stored yet")
         return 0
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--format", default="github", choices=FORMATS)
     lb.add_argument("--modelpool")
     lb.add_argument("--taskpool")
+    lb.add_argument("--history", action="store_true",
+                    help="also rows superseded by a newer run of the same setting (another pool recipe or plugin)")
     lb.add_argument("--pareto", action="store_true",
                     help="per (pool, method): points, non-dominated points and hypervolume of the preference front")
     lb.set_defaults(func=cmd_leaderboard)

@@ -333,7 +333,16 @@ class Runner:
     def key(self, cell: Cell) -> str:
         pref = list(cell.preference.normalized) if cell.preference is not None else None
         return cell_key("method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
-                        self.options.limit, pref)
+                        self.options.limit, pref, self.identity(cell.modelpool, cell.taskpool, cell.registration))
+
+    def identity(self, modelpool: str, taskpool: str, registration: Registration | None = None) -> dict[str, Any]:
+        """The versions a cell's numbers depend on beyond its names: the plugin's, the pool's recipe or hub revisions,
+        the task pool's. Part of the cell key: change any of them and the cell is computed again."""
+        out: dict[str, Any] = {"modelpool": self.modelpool(modelpool).version_info(),
+                               "taskpool": self.taskpool(taskpool).version_info()}
+        if registration is not None:
+            out["plugin"] = _code_version(registration)
+        return out
 
     def _evaluate(self, taskpool: TaskPool, model: Any, tasks: Sequence[str] | None = None) -> Metrics:
         return evaluate(taskpool, model, tasks=tasks, limit=self.options.limit, device=self.device,
@@ -367,12 +376,13 @@ class Runner:
     def _reference(self, pool: ModelPool, taskpool: TaskPool, label: str,
                    compute: Callable[[], Metrics]) -> CellResult:
         assert self.store is not None
-        key = cell_key("reference", label, {}, pool.name, taskpool.name, 0, self.options.limit, None)
+        identity = self.identity(pool.name, taskpool.name)
+        key = cell_key("reference", label, {}, pool.name, taskpool.name, 0, self.options.limit, None, identity)
         stored = None if self.options.rerun else self.store.get(key)
         if stored is not None and stored.status == "ok":
             return stored
         result = CellResult("reference", label, {}, pool.name, taskpool.name, 0, self.options.limit,
-                            versions=environment_versions())
+                            versions=environment_versions(), identity=identity)
         try:
             result.primary_metrics = primary_metrics(taskpool, taskpool.tasks)
             with measure(self.device) as m:
@@ -393,6 +403,7 @@ class Runner:
             "method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
             self.options.limit, preference=list(pref.normalized) if pref is not None else None,
             versions=versions, task_specific=cell.method_cls.info.task_specific,
+            identity=self.identity(cell.modelpool, cell.taskpool, cell.registration),
             config={"method": cell.method, "params": params_dict(cell.params), "modelpool": cell.modelpool,
                     "taskpool": cell.taskpool, "seed": cell.seed, "limit": self.options.limit,
                     "device": str(self.device),
@@ -430,7 +441,8 @@ class Runner:
 
     def _normalized(self, cell: Cell, metrics: Metrics, primary: dict[str, dict[str, Any]]) -> float | None:
         assert self.store is not None
-        key = cell_key("reference", "individual", {}, cell.modelpool, cell.taskpool, 0, self.options.limit, None)
+        key = cell_key("reference", "individual", {}, cell.modelpool, cell.taskpool, 0, self.options.limit, None,
+                       self.identity(cell.modelpool, cell.taskpool))
         ref = self.store.get(key)
         if ref is None or ref.status != "ok":
             return None

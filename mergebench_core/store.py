@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE results ADD COLUMN primary_metrics TEXT NOT NULL DEFAULT '{}'",),
+    3: ("ALTER TABLE results ADD COLUMN identity TEXT NOT NULL DEFAULT '{}'",),
 }
 """SQL that takes a store from version n-1 to n, applied in order when a store is opened; a store without a version
 (or version 1) is version 1. Never edit a migration that has shipped: add the next number."""
@@ -43,7 +44,8 @@ _COLUMNS = """
     versions TEXT NOT NULL,
     config TEXT NOT NULL,
     task_specific INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    identity TEXT NOT NULL DEFAULT '{}'
 """
 
 
@@ -76,22 +78,36 @@ class CellResult:
     config: dict[str, Any] = field(default_factory=dict)
     task_specific: bool = False
     created_at: float = field(default_factory=time.time)
+    identity: dict[str, Any] = field(default_factory=dict)
+    """The versions of what produced the numbers, beyond the names: {"plugin": "dist==version", "modelpool": the
+    pool's version_info(), "taskpool": the task pool's}. Part of the cell key, so a changed recipe is a new cell."""
 
     @property
     def cell_key(self) -> str:
+        return cell_key(self.kind, self.method, self.params, self.modelpool, self.taskpool, self.seed,
+                        self.eval_limit, self.preference, self.identity)
+
+    @property
+    def setting_key(self) -> str:
+        """The cell key without the versions: rows that differ only in versions are one setting's history."""
         return cell_key(self.kind, self.method, self.params, self.modelpool, self.taskpool, self.seed,
                         self.eval_limit, self.preference)
 
 
 def cell_key(kind: str, method: str, params: Mapping[str, Any], modelpool: str, taskpool: str, seed: int,
-             eval_limit: int | None, preference: Sequence[float] | None) -> str:
-    """A stable identity for a cell: everything that changes its result, and nothing else."""
-    ident = json.dumps([kind, method, dict(params), modelpool, taskpool, seed, eval_limit,
-                        list(preference) if preference is not None else None], sort_keys=True, default=str)
+             eval_limit: int | None, preference: Sequence[float] | None,
+             identity: Mapping[str, Any] | None = None) -> str:
+    """A stable identity for a cell: everything that changes its result, and nothing else. `identity` holds the
+    plugin, pool and task-pool versions (recipe hashes, hub revisions); rows written before it existed have none."""
+    parts: list[Any] = [kind, method, dict(params), modelpool, taskpool, seed, eval_limit,
+                        list(preference) if preference is not None else None]
+    if identity:
+        parts.append(dict(identity))
+    ident = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
-_JSON_FIELDS = ("params", "preference", "metrics", "primary_metrics", "extras", "versions", "config")
+_JSON_FIELDS = ("params", "preference", "metrics", "primary_metrics", "extras", "versions", "config", "identity")
 
 
 class ResultStore:
@@ -143,7 +159,10 @@ class ResultStore:
         rows = list(self._query("WHERE cell_key = ?", (key,)))
         return rows[0] if rows else None
 
-    def all(self, modelpool: str | None = None, taskpool: str | None = None) -> list[CellResult]:
+    def all(self, modelpool: str | None = None, taskpool: str | None = None, *,
+            history: bool = False) -> list[CellResult]:
+        """Stored rows, oldest first. Without `history`, only the newest row of each setting: a cell recomputed
+        after its pool's recipe or its plugin changed replaces the older numbers in tables."""
         where, args = [], []
         if modelpool:
             where.append("modelpool = ?")
@@ -152,7 +171,14 @@ class ResultStore:
             where.append("taskpool = ?")
             args.append(taskpool)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
-        return list(self._query(clause + " ORDER BY created_at", tuple(args)))
+        rows = list(self._query(clause + " ORDER BY created_at", tuple(args)))
+        if history:
+            return rows
+        newest: dict[str, CellResult] = {}
+        for r in rows:
+            newest.pop(r.setting_key, None)  # re-insert: order follows each setting's newest row
+            newest[r.setting_key] = r
+        return list(newest.values())
 
     def _query(self, clause: str, args: tuple) -> Iterator[CellResult]:
         cur = self.db.execute(f"SELECT * FROM results {clause}", args)

@@ -90,6 +90,11 @@ class TinyPool(ModelPool):
     """Two experts; `mismatch=True` gives the second a different shape."""
 
     default_taskpool = "tiny_tasks"
+    recipe = "r1"
+    """What `version_info` reports; a test changes it to stand for a rebuilt pool."""
+
+    def version_info(self):
+        return {"tiny_recipe": self.recipe}
 
     def __init__(self, mismatch=False, nonfinite=False):
         self.mismatch, self.nonfinite = mismatch, nonfinite
@@ -214,3 +219,17 @@ def test_list_shows_distribution_and_version(cli_env, capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "mergebench-ties 0.1.0" in out and "digits-mlp_TA8" in out and "digits_TA8" in out
+
+
+def test_a_changed_pool_recipe_is_a_new_cell_not_a_stale_reuse(cli_env, with_third_party, capsys, monkeypatch):
+    assert main(["run", "-m", "task_arithmetic", "-p", "tiny"]) == 0
+    assert "reused" not in capsys.readouterr().err
+    assert main(["run", "-m", "task_arithmetic", "-p", "tiny"]) == 0
+    assert "1 cells reused" in capsys.readouterr().err
+    monkeypatch.setattr(TinyPool, "recipe", "r2")
+    assert main(["run", "-m", "task_arithmetic", "-p", "tiny"]) == 0
+    assert "reused" not in capsys.readouterr().err  # the pool changed: nothing of the old recipe is reused
+    rows = ResultStore(cli_env / "results.sqlite").all(history=True)
+    assert sorted(r.identity["modelpool"]["tiny_recipe"] for r in rows if r.method == "task_arithmetic") == \
+        ["r1", "r2"]
+    assert {r.identity["modelpool"]["tiny_recipe"] for r in ResultStore(cli_env / "results.sqlite").all()} == {"r2"}

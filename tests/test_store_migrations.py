@@ -83,7 +83,7 @@ def _stored_version(path) -> str | None:
 
 
 def test_schema_version_matches_the_migrations():
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert sorted(MIGRATIONS) == list(range(2, SCHEMA_VERSION + 1))
 
 
@@ -95,11 +95,11 @@ def test_a_version_1_store_is_migrated_and_reads_back(tmp_path, version_row):
 
     store = ResultStore(path)
     assert store.schema_version() == SCHEMA_VERSION
-    assert "primary_metrics" in _columns(path)
+    assert "primary_metrics" in _columns(path) and "identity" in _columns(path)
 
     old = store.get(key)
     assert old is not None
-    assert old.primary_metrics == {}
+    assert old.primary_metrics == {} and old.identity == {}
     for name, value in OLD.items():
         assert getattr(old, name) == value, name
     assert old.cell_key == key
@@ -133,7 +133,7 @@ def test_reopening_a_migrated_store_is_idempotent(tmp_path):
         assert len(store.all()) == 1
         store.close()
     assert _columns(path) == columns
-    assert columns.count("primary_metrics") == 1
+    assert columns.count("primary_metrics") == 1 and columns.count("identity") == 1
 
 
 def test_a_fresh_store_starts_at_the_current_version(tmp_path):
@@ -162,3 +162,19 @@ def test_a_newer_store_is_refused(tmp_path):
     db = sqlite3.connect(str(path))
     assert db.execute("SELECT cell_key FROM results").fetchall() == [(key,)]
     db.close()
+
+
+def test_a_changed_version_is_a_new_cell_and_tables_show_the_newest(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+
+    def row(recipe, created, acc):
+        return CellResult("method", "ties", {"k": 0.2}, "pool", "tasks", created_at=created,
+                          identity={"plugin": "mergebench-ties==0.1.0", "modelpool": {"recipe": recipe}},
+                          metrics={"a": {"accuracy": acc}})
+
+    old, new = row("v1", 1.0, 0.5), row("v2", 2.0, 0.6)
+    assert old.cell_key != new.cell_key and old.setting_key == new.setting_key
+    store.put(old)
+    store.put(new)
+    assert [r.metrics["a"]["accuracy"] for r in store.all()] == [0.6]
+    assert [r.metrics["a"]["accuracy"] for r in store.all(history=True)] == [0.5, 0.6]

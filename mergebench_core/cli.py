@@ -138,12 +138,18 @@ def cmd_download(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"  fetching {line}", file=sys.stderr, flush=True)
 
+    failures = []
     for name in pools:
         pool = runner.modelpool(registry.modelpool(name).name)
         taskpool = runner.taskpool(runner.taskpool_for(pool.name))
         print(f"{pool.name} (task pool {taskpool.name}):", file=sys.stderr)
-        pool.download(progress)
-        taskpool.download(progress)
+        for what in (pool, taskpool):  # one failing pool does not hide what the others lack
+            try:
+                what.download(progress)
+            except MergebenchError as exc:
+                failures.append(f"{what.name}: {exc}")
+    if failures:
+        raise MergebenchError("some downloads failed:\n" + "\n".join(failures))
     print(f"done: {', '.join(pools)} and their task pools are in the local caches", file=sys.stderr)
     return 0
 
@@ -279,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="-vv: debug logging from every library (mergebench's own progress shows by default)")
     parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbose",
                         help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run methods against model pools and store the results")
@@ -403,6 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergebenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; every cell finished so far is in the store", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment problem: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(unexpected; run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -96,7 +96,10 @@ class RunReport:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
 
 
 def _version(dist: str) -> str | None:
@@ -216,6 +219,11 @@ class Runner:
         tasks, preferences, applicability, cached models for --eval-only, and resources."""
         opts = self.options
         explicit = bool(opts.methods)
+        check_device(self.device)
+        if opts.limit is not None and opts.limit < 1:
+            raise ConfigError(f"--limit {opts.limit}: score at least one example per task (or drop --limit)")
+        if opts.batch_size < 1:
+            raise ConfigError(f"--batch-size {opts.batch_size}: a batch holds at least one example")
         method_names = list(opts.methods) if opts.methods else sorted(self.registry.methods)
         regs = [self.registry.method_registration(m) for m in method_names]
         if opts.modelpools:
@@ -229,6 +237,7 @@ class Runner:
             pool_names = [PoolName.parse(p).with_tasks(list(opts.tasks)) for p in pool_names]
         overrides = parse_overrides(opts.overrides)
         yaml_cfg = load_yaml(opts.config_file)
+        check_sections(yaml_cfg, opts.config_file, self.registry.methods)
         preferences = opts.preferences
         if "preferences" in yaml_cfg:
             preferences = preferences + from_config(yaml_cfg.pop("preferences"))
@@ -239,6 +248,7 @@ class Runner:
             pool = self.modelpool(pool_name)
             taskpool_name = self.taskpool_for(pool_name)
             tasks = self.taskpool(taskpool_name).tasks
+            check_scores(pool, self.taskpool(taskpool_name))
             prefs = preferences.expand(tasks) if preferences else []
             for reg in regs:
                 for params in build_params(reg.name, reg.obj.Params, yaml_cfg, overrides):
@@ -472,6 +482,49 @@ def normalized_mean(metrics: Metrics, individual: Metrics, primary: dict[str, di
         if mine is not None and theirs:
             ratios.append(mine / theirs)
     return sum(ratios) / len(ratios) if ratios else None
+
+
+TOP_LEVEL_SECTIONS = ("method", "preferences")
+
+
+def check_sections(config: dict[str, Any], path: str | Path | None, methods: Iterable[str]) -> None:
+    """Every top-level key of the config file is `method`, `preferences` or an installed method: a typo
+    (`mehtod:`, `tiez:`) would otherwise be ignored and the run would use defaults."""
+    import difflib
+
+    known = [*TOP_LEVEL_SECTIONS, *methods]
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"config file {str(path)!r}: unknown section {key!r}.{hint} Sections are `method:` "
+                              f"(every selected method), `preferences:`, or a method's name (see `mergebench list`)")
+
+
+def check_device(device: torch.device) -> None:
+    """A device this machine has, before any work (not three failed cells later)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this machine has no CUDA GPU that torch can use (torch "
+                              f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from "
+                              f"0")
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"--device {device}: use cpu, cuda or cuda:N")
+
+
+def check_scores(pool: ModelPool, taskpool: TaskPool) -> None:
+    """The task pool must score the pool's experts on their own tasks: a task pool of other tasks (`--taskpool`
+    naming another suite) would fail later inside a model with a shape error."""
+    if pool.relation != "finetuned":
+        return
+    missing = [pool.task_of(e) for e in pool.expert_names if pool.task_of(e) not in taskpool.tasks]
+    if missing:
+        raise ConfigError(f"task pool {taskpool.name!r} cannot score model pool {pool.name!r}: it has no task "
+                          f"{', '.join(repr(t) for t in missing)} (its tasks: {', '.join(taskpool.tasks)}). Drop "
+                          f"--taskpool to use the pool's own ({pool.default_taskpool}), or name a task pool with "
+                          f"these tasks")
 
 
 def group_reasons(lines: Sequence[str]) -> list[str]:

@@ -167,5 +167,6 @@ class CLIPVisionPool(ModelPool):
         return [f"model {r}" for r in self.repo_ids() if hub.model_snapshot(r) is None]
 
     def download(self, progress: hub.Progress | None = None) -> None:
+        hub.require_hub([f"model {r}" for r in self.repo_ids() if hub.model_snapshot(r) is None])
         for repo in self.repo_ids():
             hub.download_model(repo, progress)

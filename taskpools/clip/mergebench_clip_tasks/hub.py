@@ -29,9 +29,47 @@ Progress = Callable[[str], None]
 
 
 def offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE) is set to a true value."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE) is set to a true value, or the hub cannot be
+    reached: either way nothing can be fetched now, so what is missing is reported before any work."""
+    if any(os.environ.get(v, "").strip().lower() in _TRUE
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return True
+    return not hub_reachable()
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host per process (HF_ENDPOINT, else huggingface.co): a machine without
+    internet answers at once instead of after huggingface_hub's retries (half a minute per file)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    key = f"{host}:{port}"
+    if key not in _REACHABLE:
+        import socket
+
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[key] = True
+        except OSError as exc:
+            log.info("the Hugging Face hub (%s) is not reachable: %s", key, exc)
+            _REACHABLE[key] = False
+    return _REACHABLE[key]
+
+
+def require_hub(items: list[str]) -> None:
+    """Refuse to start fetching when nothing can be fetched: one error naming every item that is still missing."""
+    from mergebench_core import MergebenchError
+
+    if items and offline():
+        listing = "".join(f"\n  - {i}" for i in items)
+        raise MergebenchError(f"cannot fetch {len(items)} item(s): the Hugging Face hub is not reachable from this "
+                              f"machine (or HF_HUB_OFFLINE is set):{listing}\nRun `mergebench download` where there "
+                              f"is internet and copy the Hugging Face cache ({hub_cache()}) here, or point "
+                              f"{DATA_DIR_ENV} at `save_to_disk` copies of the datasets")
 
 
 def hub_cache() -> Path:
@@ -75,8 +113,9 @@ def model_location(repo_id: str) -> str:
     if offline():
         from mergebench_core import MergebenchError
 
-        raise MergebenchError(f"model {repo_id} is not in the Hugging Face cache ({hub_cache()}) and HF_HUB_OFFLINE "
-                              f"is set; run `mergebench download` for its pool on a machine with internet first")
+        raise MergebenchError(f"model {repo_id} is not in the Hugging Face cache ({hub_cache()}) and the hub cannot be "
+                              f"reached (offline, or HF_HUB_OFFLINE is set); run `mergebench download` for its pool on "
+                              f"a machine with internet first")
     return repo_id
 
 

@@ -73,8 +73,12 @@ class CLIPZeroShotTaskPool(TaskPool):
 
     def download(self, progress: hub.Progress | None = None) -> None:
         """Prefetch the base model and the test and train splits of every task into the Hugging Face caches."""
+        needs = self._dataset_needs(("test", "train"))
+        hub.require_hub([*([] if hub.model_snapshot(self.base_model) else [f"model {self.base_model}"]),
+                         *(f"dataset {s.dataset}{' (' + s.config + ')' if s.config else ''} [{split}]"
+                           for s, split in needs if not hub.dataset_available(s.dataset, s.config, split))])
         hub.download_model(self.base_model, progress)
-        for spec, split in self._dataset_needs(("test", "train")):
+        for spec, split in needs:
             hub.download_dataset(spec.dataset, spec.config, split, progress)
 
     def version_info(self) -> dict[str, str]:

@@ -11,6 +11,7 @@ import torch
 from mergebench_clip_tasks import CLIPZeroShotTaskPool, suite, task
 from mergebench_clip_tasks.heads import zeroshot_heads
 from mergebench_clip_tasks.testing import tiny_clip, write_tiny_dataset
+from mergebench_core import MergebenchError
 
 
 def test_catalog_matches_the_published_suites():
@@ -113,4 +114,11 @@ def test_missing_resources_only_offline_and_only_what_is_absent(tiny_base, monke
     assert "dataset ylecun/mnist [test]" not in missing  # the local copy counts
     assert len(missing) == 7 and "dataset ufldl-stanford/svhn (cropped_digits) [test]" in missing
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    from mergebench_clip_tasks import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
     assert pool.missing_resources() == []  # online, everything can be fetched on first use
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    assert len(pool.missing_resources()) == 7  # no network: as good as offline, reported before any work
+    with pytest.raises(MergebenchError, match=r"cannot fetch \d+ item\(s\)(.|\n)*svhn \(cropped_digits\) \[train\]"):
+        pool.download()

@@ -62,7 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                          overrides=args.overrides, config_file=args.config, seeds=_seeds(args.seed),
                          limit=args.limit, device=args.device, rerun=args.rerun, batch_size=args.batch_size,
                          dtype=args.dtype, trust_pickle=_trust_pickle(args), tasks=_split(args.tasks),
-                         preferences=_preferences(args), eval_only=args.eval_only, loggers=_split(args.logger) or ())
+                         preferences=_preferences(args), eval_only=args.eval_only, loggers=_split(args.logger) or (),
+                         jobs=args.jobs, cell_timeout=args.cell_timeout, isolation=args.isolation,
+                         executor=args.executor, ray_address=args.ray_address)
     runner = Runner(registry, None, options, progress=_progress)  # an unknown logger is refused here
     cells = runner.plan()  # every name, parameter, task and preference is checked before any work starts
     runner.store = ResultStore(args.store)  # opened only now: a refused run writes nothing
@@ -78,8 +80,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report.failed:
         print(f"\n{len(report.failed)} cell(s) failed; their errors are stored in {args.store} "
               f"(`mergebench show --failed`).", file=sys.stderr)
-        return 1
-    return 0
+    if report.interrupted:
+        print(f"\ninterrupted: {report.interrupted} row(s) not computed; the same command computes them",
+              file=sys.stderr)
+        return 130
+    return 1 if report.failed else 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -362,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="show stored cells in full (parameters, learned values, errors)")
     show.add_argument("--store", default=str(default_store()))
     show.add_argument("--method")
+    run.add_argument("--jobs", "-j", type=int, default=1, help="cells at once, each in its own worker (default 1)")
+    run.add_argument("--cell-timeout", type=float, metavar="SECONDS",
+                     help="stop a cell that runs longer and store it as failed (reason: timeout)")
+    run.add_argument("--isolation", default="process", choices=["process", "none"],
+                     help="process (default): each cell in a fresh worker process; none: in this process (debuggers)")
+    run.add_argument("--executor", default="local", choices=["local", "ray"],
+                     help="local worker processes, or Ray tasks (pip install 'mergebench[ray]')")
+    run.add_argument("--ray-address", help="the Ray cluster to use with --executor ray (default: a local Ray)")
     show.add_argument("--modelpool")
     show.add_argument("--failed", action="store_true", help="only failed cells, with tracebacks")
     show.add_argument("--curves", action="store_true", help="print every logged training step")

@@ -10,8 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import Ensemble, Evaluable, PerTaskModels, TaskPool
+from .errors import MergebenchError
 
 Metrics = dict[str, dict[str, float]]
+
+
+class NonFiniteOutput(MergebenchError):
+    """A model whose outputs are NaN or infinite has no meaningful score."""
 
 
 def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
@@ -61,6 +66,10 @@ def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] |
             for inputs, labels in batches:
                 inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 logits = task_logits(taskpool, model, task, inputs).float()
+                if not bool(torch.isfinite(logits).all()):
+                    bad = int((~torch.isfinite(logits)).sum())
+                    raise NonFiniteOutput(f"task {task!r}: the model's outputs hold {bad} NaN or infinite values "
+                                          f"(of {logits.numel()} in a batch of {len(logits)}); no score is stored")
                 if keep:
                     kept.append((logits.cpu(), labels.cpu()))
                 if labels.is_floating_point():  # regression targets (STS-B): no accuracy, no cross-entropy

@@ -8,7 +8,9 @@ traceback, and the grid goes on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +20,11 @@ from typing import Any
 
 import torch
 
-from .api import PRETRAINED, Method, ModelPool, Registration, RunContext, TaskPool
+from .api import PRETRAINED, Ensemble, Method, ModelPool, PerTaskModels, Registration, RunContext, TaskPool
 from .config import build_params, check_overrides_used, load_yaml, params_dict, parse_overrides
 from .errors import ConfigError, MergebenchError
 from .evaluation import Metrics, evaluate, primary_metrics, primary_value
+from .executors import ForkExecutor, InProcessExecutor, Job, can_fork
 from .loggers import LoggerSet
 from .paths import cache_dir
 from .pool_views import PoolName, TaskSubsetModelPool, TaskSubsetTaskPool
@@ -62,6 +65,17 @@ class RunOptions:
     """Never train: training methods load their cached model or the run is refused before any work."""
     loggers: Sequence[str] = ()
     """Registered loggers to switch on besides the JSON lines beside the store (`--logger wandb`)."""
+    jobs: int = 1
+    """Cells run at once, each in its own worker process (`--jobs`)."""
+    cell_timeout: float | None = None
+    """Seconds after which a cell's worker is stopped and the cell stored as failed (`--cell-timeout`)."""
+    isolation: str = "process"
+    """"process": each cell in a fresh worker process (a cell cannot change what later cells see, and a crash or
+    sys.exit fails only its cell); "none": in the driver's process (for a debugger; no timeouts, one job)."""
+    executor: str = "local"
+    """"local" (worker processes on this machine) or "ray" (Ray tasks, `--executor ray`)."""
+    ray_address: str | None = None
+    """An existing Ray cluster to send cells to (`ray.init(address=...)`); None starts or joins a local Ray."""
 
 
 @dataclass
@@ -87,6 +101,8 @@ class RunReport:
     skipped: int = 0
     not_applicable: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    interrupted: int = 0
+    """Rows left uncomputed because the user pressed Ctrl-C."""
 
     @property
     def failed(self) -> list[CellResult]:
@@ -220,6 +236,7 @@ class Runner:
         opts = self.options
         explicit = bool(opts.methods)
         check_device(self.device)
+        self.check_execution()
         if opts.limit is not None and opts.limit < 1:
             raise ConfigError(f"--limit {opts.limit}: score at least one example per task (or drop --limit)")
         if opts.batch_size < 1:
@@ -321,23 +338,76 @@ class Runner:
                                       "\nRun without --eval-only to train them once (they are cached after that).")
 
     # -- running ----------------------------------------------------------------------------------------------
+    def executor(self) -> Any:
+        opts = self.options
+        if opts.executor == "ray":
+            from .ray_executor import RayExecutor
+
+            return RayExecutor(self, address=opts.ray_address, timeout=opts.cell_timeout)
+        if opts.isolation == "none" or not can_fork():
+            return InProcessExecutor()
+        return ForkExecutor(opts.jobs, opts.cell_timeout)
+
+    def check_execution(self) -> None:
+        opts = self.options
+        if opts.executor not in ("local", "ray"):
+            raise ConfigError(f"--executor {opts.executor!r}: use local or ray")
+        if opts.isolation not in ("process", "none"):
+            raise ConfigError(f"--isolation {opts.isolation!r}: use process or none")
+        if opts.jobs < 1:
+            raise ConfigError(f"--jobs {opts.jobs}: run at least one cell at a time")
+        if opts.cell_timeout is not None and opts.cell_timeout <= 0:
+            raise ConfigError(f"--cell-timeout {opts.cell_timeout:g}: give a positive number of seconds")
+        in_process = opts.executor == "local" and (opts.isolation == "none" or not can_fork())
+        if in_process and (opts.jobs > 1 or opts.cell_timeout is not None):
+            why = "--isolation none" if opts.isolation == "none" else "this platform cannot fork worker processes"
+            raise ConfigError(f"--jobs and --cell-timeout need worker processes, and {why}")
+        if opts.executor == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise ConfigError("--executor ray needs Ray: pip install 'mergebench[ray]'") from None
+
     def run(self, cells: list[Cell] | None = None) -> RunReport:
+        """Every reference row and cell not already in the store, each stored the moment it is known. Reference rows
+        come first: a cell's normalised score divides by the experts' row."""
         cells = self.plan() if cells is None else cells
-        if self.store is None:
+        store = self.store
+        if store is None:
             raise MergebenchError("the runner has no results store to write to")
         report = RunReport(not_applicable=list(self.not_applicable), notes=list(self.notes))
+        executor = self.executor()
+        ref_jobs = []
         for pool_name, taskpool_name in dict.fromkeys((c.modelpool, c.taskpool) for c in cells):
-            report.results.extend(self.references(pool_name, taskpool_name))
+            seeds = sorted({c.seed for c in cells if c.modelpool == pool_name})
+            for job, stored in self.reference_jobs(pool_name, taskpool_name, seeds):
+                if stored is not None:
+                    report.results.append(stored)
+                else:
+                    ref_jobs.append(job)
+        jobs = []
         for cell in cells:
-            stored = None if self.options.rerun else self.store.get(self.key(cell))
+            stored = None if self.options.rerun else store.get(self.key(cell))
             if stored is not None and stored.status == "ok":
                 log.info("skipping %s (already in the store)", cell.label)
                 report.results.append(stored)
                 report.skipped += 1
-                continue
-            result = self.run_cell(cell)
-            self.store.put(result)
-            report.results.append(result)
+            else:
+                jobs.append(self.cell_job(cell))
+        progress = GridProgress(len(ref_jobs) + len(jobs))
+        # Reference rows are mergebench's own evaluation, run here: they also warm this process (imports, data,
+        # heads), so every worker forked for a cell afterwards starts warm.
+        try:
+            for runner, batch in ((InProcessExecutor(), ref_jobs), (executor, jobs)):
+                for job, result in runner.run(batch):
+                    if result.kind == "method" and result.status == "ok":
+                        result.normalized_mean = self._normalized(result)
+                    store.put(result)
+                    report.results.append(result)
+                    progress.done(job.label, result)
+        except KeyboardInterrupt:  # what finished is stored; the table of it is still worth printing
+            report.interrupted = len(ref_jobs) + len(jobs) - progress.count
+            log.warning("interrupted: %d row(s) not computed; run again to compute them", report.interrupted)
         return report
 
     def key(self, cell: Cell) -> str:
@@ -358,58 +428,82 @@ class Runner:
         return evaluate(taskpool, model, tasks=tasks, limit=self.options.limit, device=self.device,
                         batch_size=self.options.batch_size, progress=self.progress)
 
+    def reference_jobs(self, pool_name: str, taskpool_name: str, seeds: Sequence[int] = (0,)
+                       ) -> list[tuple[Job, CellResult | None]]:
+        """The reference rows of a pool, each with its stored row when there is one: the pretrained model on every
+        task and each expert on its own task; for pools of independently trained models, each model on every task
+        and the best of them (their ensemble is the `ensemble` method's row), once per seed of `seeds` when the pool's
+        models depend on the seed (`for_seed`), else once."""
+        pool = self.modelpool(pool_name)
+        labels = (["pretrained"] if pool.has_pretrained else []) + \
+            ([f"model {n}" for n in pool.expert_names] + ["best model"]
+             if pool.relation == "independent" else ["individual"])
+        out = []
+        for seed in (seeds or [0]) if getattr(pool, "for_seed", None) is not None else [0]:
+            for label in labels:
+                blank = functools.partial(self._reference_blank, pool_name, taskpool_name, label, seed)
+                stored = None if self.options.rerun else self.store.get(blank().cell_key)  # type: ignore[union-attr]
+                job = Job(f"{label} on {pool_name}" + (f" (seed {seed})" if seed else ""),
+                          functools.partial(self.reference, pool_name, taskpool_name, label, seed),
+                          blank, spec=("reference", pool_name, taskpool_name, label, seed))
+                out.append((job, stored if stored is not None and stored.status == "ok" else None))
+        return out
+
     def references(self, pool_name: str, taskpool_name: str) -> list[CellResult]:
-        """Computed once per pool: the pretrained model on every task and each expert on its own task; for pools of
-        independently trained models, each model on every task."""
-        pool, taskpool = self.modelpool(pool_name), self.taskpool(taskpool_name)
+        """A pool's reference rows, computing (in this process) and storing those not stored yet."""
+        assert self.store is not None
         rows = []
-        if pool.has_pretrained:
-            rows.append(self._reference(pool, taskpool, "pretrained",
-                                        lambda: self._evaluate(taskpool, pool.load_model(PRETRAINED))))
-        if pool.relation == "independent":
-            for name in pool.expert_names:
-                rows.append(self._reference(pool, taskpool, f"model {name}",
-                                            lambda name=name: self._evaluate(taskpool, pool.load_model(name))))
-            return rows
-
-        def individual() -> Metrics:
-            metrics: Metrics = {}
-            for expert in pool.expert_names:
-                task = pool.task_of(expert)
-                if task in taskpool.tasks:
-                    metrics.update(self._evaluate(taskpool, pool.load_model(expert), [task]))
-            return metrics
-
-        rows.append(self._reference(pool, taskpool, "individual", individual))
+        for job, stored in self.reference_jobs(pool_name, taskpool_name):
+            if stored is None:
+                stored = job.work()
+                self.store.put(stored)
+            rows.append(stored)
         return rows
 
-    def _reference(self, pool: ModelPool, taskpool: TaskPool, label: str,
-                   compute: Callable[[], Metrics]) -> CellResult:
-        assert self.store is not None
-        identity = self.identity(pool.name, taskpool.name)
-        key = cell_key("reference", label, {}, pool.name, taskpool.name, 0, self.options.limit, None, identity)
-        stored = None if self.options.rerun else self.store.get(key)
-        if stored is not None and stored.status == "ok":
-            return stored
-        result = CellResult("reference", label, {}, pool.name, taskpool.name, 0, self.options.limit,
-                            versions=environment_versions(), identity=identity)
+    def _reference_blank(self, pool_name: str, taskpool_name: str, label: str, seed: int = 0) -> CellResult:
+        return CellResult("reference", label, {}, pool_name, taskpool_name, seed, self.options.limit,
+                          versions=environment_versions(), identity=self.identity(pool_name, taskpool_name))
+
+    def reference(self, pool_name: str, taskpool_name: str, label: str, seed: int = 0) -> CellResult:
+        """Compute one reference row (in a worker)."""
+        result = self._reference_blank(pool_name, taskpool_name, label, seed)
         try:
+            pool, taskpool = seeded_pool(self.modelpool(pool_name), seed), self.taskpool(taskpool_name)
             result.primary_metrics = primary_metrics(taskpool, taskpool.tasks)
             with measure(self.device) as m:
-                result.metrics = compute()
+                if label == "individual":
+                    result.metrics = {}
+                    for expert in pool.expert_names:
+                        if pool.task_of(expert) in taskpool.tasks:
+                            result.metrics.update(self._evaluate(taskpool, pool.load_model(expert),
+                                                                 [pool.task_of(expert)]))
+                elif label == "best model":  # the model with the best mean test score, as papers report it
+                    scores = [self._evaluate(taskpool, pool.load_model(n)) for n in pool.expert_names]
+                    primary = primary_metrics(taskpool, taskpool.tasks)
+                    best = max(range(len(scores)), key=lambda i: primary_mean(scores[i], primary) or 0.0)
+                    result.metrics = scores[best]
+                    result.extras = {"model": pool.expert_names[best]}
+                else:
+                    name = PRETRAINED if label == "pretrained" else label.removeprefix("model ")
+                    result.metrics = self._evaluate(taskpool, pool.load_model(name))
             result.eval_seconds = m.seconds
             result.mean = primary_mean(result.metrics, result.primary_metrics)
         except Exception as exc:
             self._fail(result, exc)
-        self.store.put(result)
         return result
 
-    def run_cell(self, cell: Cell) -> CellResult:
-        log.info("running %s (%s)", cell.label, params_dict(cell.params))
+    def cell_job(self, cell: Cell) -> Job:
+        pref = cell.preference.given if cell.preference is not None else None
+        return Job(cell.label, functools.partial(self.run_cell, cell), functools.partial(self._blank, cell),
+                   spec=("method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
+                         pref))
+
+    def _blank(self, cell: Cell) -> CellResult:
+        """The row of a cell before it runs: what produced it, and nothing measured yet."""
         versions = environment_versions()
         versions[cell.registration.distribution or cell.registration.plugin] = cell.registration.version
         pref = cell.preference
-        result = CellResult(
+        return CellResult(
             "method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
             self.options.limit, preference=list(pref.normalized) if pref is not None else None,
             versions=versions, task_specific=cell.method_cls.info.task_specific,
@@ -419,10 +513,16 @@ class Runner:
                     "device": str(self.device),
                     "preference_given": list(pref.given) if pref is not None else None,
                     "eval_only": self.options.eval_only})
+
+    def run_cell(self, cell: Cell) -> CellResult:
+        """Run one cell (in a worker) and return its row; its normalised score is the driver's to add."""
+        log.info("running %s (%s)", cell.label, params_dict(cell.params))
+        pref = cell.preference
+        result = self._blank(cell)
         loggers = self.loggers()
         metrics_logger = loggers.open(self.key(cell), result.config)
         try:
-            pool, taskpool = self.modelpool(cell.modelpool), self.taskpool(cell.taskpool)
+            pool, taskpool = seeded_pool(self.modelpool(cell.modelpool), cell.seed), self.taskpool(cell.taskpool)
             result.versions.update(pool.version_info())
             result.versions.update(taskpool.version_info())
             result.primary_metrics = primary_metrics(taskpool, taskpool.tasks)
@@ -438,25 +538,25 @@ class Runner:
                 output = method.run(pool, ctx)
             result.merge_seconds, result.peak_memory_mb = merge_m.seconds, merge_m.peak_mb
             result.extras = _jsonable(output.extras)
+            check_finite_weights(output.model)
             with measure(self.device) as eval_m:
                 result.metrics = self._evaluate(taskpool, output.model)
             result.eval_seconds = eval_m.seconds
             result.mean = primary_mean(result.metrics, result.primary_metrics)
-            result.normalized_mean = self._normalized(cell, result.metrics, result.primary_metrics)
         except Exception as exc:  # the grid goes on; the error is kept with the cell
             self._fail(result, exc)
         finally:
             metrics_logger.close()
         return result
 
-    def _normalized(self, cell: Cell, metrics: Metrics, primary: dict[str, dict[str, Any]]) -> float | None:
+    def _normalized(self, result: CellResult) -> float | None:
         assert self.store is not None
-        key = cell_key("reference", "individual", {}, cell.modelpool, cell.taskpool, 0, self.options.limit, None,
-                       self.identity(cell.modelpool, cell.taskpool))
+        key = cell_key("reference", "individual", {}, result.modelpool, result.taskpool, 0, self.options.limit, None,
+                       self.identity(result.modelpool, result.taskpool))
         ref = self.store.get(key)
         if ref is None or ref.status != "ok":
             return None
-        return normalized_mean(metrics, ref.metrics, primary)
+        return normalized_mean(result.metrics, ref.metrics, result.primary_metrics)
 
     @staticmethod
     def _fail(result: CellResult, exc: BaseException) -> None:
@@ -464,6 +564,13 @@ class Runner:
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}"
         result.traceback = traceback.format_exc()
+
+
+def seeded_pool(pool: ModelPool, seed: int) -> ModelPool:
+    """The pool a cell of seed `seed` uses: pools whose models are drawn per seed (independent pools trained from
+    pool seed s) implement `for_seed(seed)`; others are the same for every seed."""
+    for_seed = getattr(pool, "for_seed", None)
+    return pool if for_seed is None else for_seed(seed)
 
 
 def primary_mean(metrics: Metrics, primary: dict[str, dict[str, Any]]) -> float | None:
@@ -525,6 +632,49 @@ def check_scores(pool: ModelPool, taskpool: TaskPool) -> None:
                           f"{', '.join(repr(t) for t in missing)} (its tasks: {', '.join(taskpool.tasks)}). Drop "
                           f"--taskpool to use the pool's own ({pool.default_taskpool}), or name a task pool with "
                           f"these tasks")
+
+
+class NonFiniteResult(MergebenchError):
+    """A method produced NaN or infinite weights; the cell fails instead of storing a meaningless score."""
+
+
+def check_finite_weights(evaluable: Any) -> None:
+    """Refuse a merged model (or ensemble, or per-task models) with a non-finite weight, naming the tensor."""
+    if isinstance(evaluable, Ensemble):
+        models = dict(enumerate(evaluable.models))
+    elif isinstance(evaluable, PerTaskModels):
+        models = dict(evaluable.models)
+    else:
+        models = {"": evaluable}
+    for where, model in models.items():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                place = f" (model {where})" if where != "" else ""
+                raise NonFiniteResult(f"the method produced non-finite weights: {name}{place} has {bad} NaN or "
+                                      f"infinite entries of {tensor.numel()}")
+
+
+class GridProgress:
+    """One log line per finished row, readable in a log file: count, outcome, elapsed time and an estimate of the
+    time left (the mean time per row so far, times the rows left)."""
+
+    def __init__(self, total: int):
+        self.total, self.count, self.start = total, 0, time.monotonic()
+
+    def done(self, label: str, result: CellResult) -> None:
+        self.count += 1
+        elapsed = time.monotonic() - self.start
+        left = elapsed / self.count * (self.total - self.count)
+        outcome = "ok" if result.status == "ok" else f"FAILED ({result.error})"
+        score = f", avg {100 * result.mean:.1f}" if result.mean is not None else ""
+        log.info("[%d/%d] %s: %s%s; elapsed %s, about %s left", self.count, self.total, label, outcome, score,
+                 _duration(elapsed), _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def group_reasons(lines: Sequence[str]) -> list[str]:

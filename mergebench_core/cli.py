@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import __version__
-from .config import build_params, check_overrides_used, parse_overrides
+from .config import build_params, check_overrides_used, parse_overrides, split_top_level
 from .errors import MergebenchError
 from .leaderboard import FORMATS, render
 from .paths import default_store
@@ -29,10 +29,11 @@ def _progress(iterable: Iterable[T], desc: str = "", total: int | None = None) -
     return iter(tqdm(iterable, desc=desc, total=total, leave=False, disable=None, file=sys.stderr))
 
 
+    """Comma-separated names, commas inside brackets kept: `-p 'a+finetune(lr=1,steps=2)[x,y],b'` is two pools."""
 def _split(values: Sequence[str] | None) -> list[str] | None:
     if not values:
         return None
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+    return [v.strip() for item in values for v in split_top_level(item) if v.strip()]
 
 
 def _preferences(args: argparse.Namespace) -> Any:
@@ -348,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     lb = sub.add_parser("leaderboard", help="print tables of stored results")
     lb.add_argument("--store", default=str(default_store()))
+def cmd_mergeability(args: argparse.Namespace) -> int:
+    """Regularised fine-tuning recipes, their experts merged with held-out partners, and the stability analysis."""
+    from .mergeability import command
+
+    return command(args, progress=_progress)
+
+
     lb.add_argument("--format", default="github", choices=FORMATS)
     lb.add_argument("--modelpool")
     lb.add_argument("--taskpool")
@@ -436,3 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+    from .mergeability import add_arguments as mergeability_arguments
+
+    mergeability = sub.add_parser("mergeability", help="do experts fine-tuned with mergeability regularisers merge "
+                                  "better? recipes, merges with held-out partners, and the stability analysis")
+    mergeability_arguments(mergeability)
+    mergeability.set_defaults(func=cmd_mergeability)

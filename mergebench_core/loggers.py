@@ -19,6 +19,9 @@ LoggerFactory = Callable[[str, Mapping[str, Any]], "MetricsLogger"]
 
 
 class MetricsLogger(Protocol):
+    """`log` per step and `close` at the end; a logger may also have `summary(outcome)`, called once per cell before
+    `close` with its status, scores, times, versions and extras."""
+
     def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
 
     def close(self) -> None: ...
@@ -60,6 +63,14 @@ class FanOut:
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         for logger in self.loggers:
             logger.log(step, metrics)
+
+    def summary(self, summary: Mapping[str, Any]) -> None:
+        """The cell's outcome (status, scores, times, versions, extras), once before `close`, to each logger that has
+        a `summary` method (it is optional)."""
+        for logger in self.loggers:
+            method = getattr(logger, "summary", None)
+            if callable(method):
+                method(summary)
 
     def close(self) -> None:
         for logger in self.loggers:

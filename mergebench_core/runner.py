@@ -546,7 +546,15 @@ class Runner:
         except Exception as exc:  # the grid goes on; the error is kept with the cell
             self._fail(result, exc)
         finally:
-            metrics_logger.close()
+            try:
+                metrics_logger.summary(
+                    {"status": result.status, "error": result.error, "metrics": result.metrics, "mean": result.mean,
+                     "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds,
+                     "peak_memory_mb": result.peak_memory_mb, "versions": result.versions, "extras": result.extras})
+            except Exception as exc:  # a logger's failure is reported, never the cell's
+                log.warning("a logger failed to record the outcome of %s: %s", cell.label, exc)
+            finally:
+                metrics_logger.close()
         return result
 
     def _normalized(self, result: CellResult) -> float | None:

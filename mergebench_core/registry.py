@@ -1,8 +1,10 @@
 """Discovery of plugins through the `mergebench` entry-point group, and lookup of what they register.
 
 Entry points are loaded once, lazily, each in isolation: a plugin that fails to import is recorded as broken (with
-its error, shown by `mergebench list`) and does not take the others down. `MERGEBENCH_PLUGINS=a,b` restricts loading
-to the named entry points or distributions, for tests and reproducible runs.
+its error, shown by `mergebench list`) and does not take the others down, whatever it raises at import (`sys.exit`
+included; only Ctrl-C goes through). `MERGEBENCH_PLUGINS=a,b` restricts loading to the named entry points or
+distributions, for tests and reproducible runs: name the pool plugins too. `MERGEBENCH_METHODS=x,y` keeps only those
+methods and leaves every pool, task pool and logger in place.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .errors import PluginError, UnknownNameError, normalize_name
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "mergebench"
 PLUGINS_ENV = "MERGEBENCH_PLUGINS"
+METHODS_ENV = "MERGEBENCH_METHODS"
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,11 @@ class Registry:
     loggers: dict[str, Registration] = field(default_factory=dict)
     broken: list[BrokenPlugin] = field(default_factory=list)
     plugins: list[tuple[str, str, str]] = field(default_factory=list)
+    """(entry point name, distribution, version) of every plugin that loaded."""
     conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     """(kind, name) -> the distributions that all registered it; such names cannot be used until one is removed."""
-    """(entry point name, distribution, version) of every plugin that loaded."""
+    method_filter: frozenset[str] | None = None
+    """The method names `MERGEBENCH_METHODS` keeps (None: every method)."""
 
     def method(self, name: str) -> type[Method]:
         return self._lookup("method", self.methods, normalize_name(name)).obj
@@ -62,11 +67,18 @@ class Registry:
     def method_registration(self, name: str) -> Registration:
         return self._lookup("method", self.methods, normalize_name(name))
 
+    def conflict_lines(self, kind: str = "method") -> list[str]:
+        """'NAME on every pool: ...' for each conflicted name of `kind`, for a run's "not run" section: a plain
+        `mergebench run` lists these instead of leaving the name out silently."""
+        return [f"{name} on every pool: the name is registered by {len(dists)} plugins ({', '.join(sorted(dists))}); "
+                f"uninstall all but one to use it" for (k, name), dists in sorted(self.conflicts.items()) if k == kind]
+
     def _lookup(self, kind: str, table: dict[str, Registration], name: str) -> Registration:
         for (_, conflicted), dists in self.conflicts.items():
             if conflicted == name:
                 raise PluginError(f"{kind} {name!r} is registered by several plugins ({', '.join(dists)}); "
-                                  f"uninstall all but one, or set {PLUGINS_ENV} to the plugins you want.")
+                                  f"uninstall all but one of them, or set {PLUGINS_ENV} to the plugins to load, the "
+                                  f"pool plugins included.")
         if name in table:
             return table[name]
         folded = {k.lower(): k for k in table}
@@ -74,6 +86,8 @@ class Registry:
             return table[folded[name.lower()]]
         broken = "".join(f"\n  (plugin {b.name!r} from {b.distribution} failed to load: {b.error.splitlines()[-1]})"
                          for b in self.broken)
+        if kind == "method" and self.method_filter is not None:
+            broken += f"\n  ({METHODS_ENV}={','.join(sorted(self.method_filter))} keeps only those methods)"
         err = UnknownNameError(kind, name, table)
         if broken:
             err.args = (err.args[0] + broken,)
@@ -81,6 +95,8 @@ class Registry:
 
     # -- registration -----------------------------------------------------------------------------------------
     def add(self, reg: Registration) -> None:
+        if reg.kind == "method" and self.method_filter is not None and reg.name not in self.method_filter:
+            return
         table = {"method": self.methods, "modelpool": self.modelpools, "taskpool": self.taskpools,
                  "logger": self.loggers}[reg.kind]
         key = (reg.kind, reg.name)
@@ -111,34 +127,47 @@ def build_registry(entry_points: list[metadata.EntryPoint] | None = None,
         entry_points = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
     wanted = os.environ.get(PLUGINS_ENV)
     wanted_set = {w.strip() for w in wanted.split(",") if w.strip()} if wanted else None
+    methods = os.environ.get(METHODS_ENV)
+    method_filter = frozenset(normalize_name(m.strip()) for m in methods.split(",") if m.strip()) if methods else None
 
-    registry = Registry()
-    seen: set[str] = set()
+    registry = Registry(method_filter=method_filter)
+    seen: set[tuple[str, str]] = set()
     for ep in sorted(entry_points, key=lambda e: e.name):
         dist = ep.dist.name if ep.dist else ""
         version = ep.dist.version if ep.dist else ""
-        if ep.name in seen:  # the same distribution visible twice on sys.path
+        if (ep.name, dist or ep.value) in seen:  # the same distribution visible twice on sys.path
             continue
-        seen.add(ep.name)
+        seen.add((ep.name, dist or ep.value))
         if wanted_set is not None and ep.name not in wanted_set and dist not in wanted_set:
             continue
         try:
             module = ep.load()
-        except Exception as exc:  # a broken plugin must not take the others down
-            log.warning("plugin %s (%s) failed to load: %s", ep.name, dist, exc)
-            registry.broken.append(BrokenPlugin(ep.name, dist, "".join(traceback.format_exception_only(exc)).strip()))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not take the others down
+            _broken(registry, ep.name, dist, "failed to load", exc)
             continue
         try:
             _collect(registry, module, ep.name, dist, version)
-        except Exception as exc:
-            log.warning("plugin %s (%s) failed while registering: %s", ep.name, dist, exc)
-            registry.broken.append(BrokenPlugin(ep.name, dist, "".join(traceback.format_exception_only(exc)).strip()))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            _broken(registry, ep.name, dist, "failed while registering", exc)
             continue
         registry.plugins.append((ep.name, dist, version))
     for module in extra_modules or []:
         _collect(registry, module, module.__name__, module.__name__, "")
         registry.plugins.append((module.__name__, module.__name__, ""))
     return registry
+
+
+def _broken(registry: Registry, plugin: str, dist: str, what: str, exc: BaseException) -> None:
+    if isinstance(exc, SystemExit):
+        error = f"SystemExit: the plugin called sys.exit({exc.code!r}) while being imported or registering"
+    else:
+        error = "".join(traceback.format_exception_only(exc)).strip()
+    log.warning("plugin %s (%s) %s: %s", plugin, dist, what, error)
+    registry.broken.append(BrokenPlugin(plugin, dist, error))
 
 
 def _collect(registry: Registry, module: Any, plugin: str, dist: str, version: str) -> None:

@@ -6,7 +6,8 @@ statistics of a model on a task's training data:
 - the diagonal Fisher (or Gauss-Newton Hessian) estimate: the mean over examples of each parameter's squared
   *per-example* gradient of the negative log-likelihood, with the true labels ("empirical") or with labels drawn from
   the model's own predictive distribution ("sampled", an unbiased Monte-Carlo estimate of the true Fisher);
-- the Gram matrix XᵀX / n of the inputs of every `nn.Linear` (RegMean).
+- the Gram matrix XᵀX / n of the inputs of every `nn.Linear` (RegMean), and of every transformers `Conv1D`
+  (GPT-2's linear layers, which store their weight transposed, (in, out): `weight_is_transposed`).
 
 They are expensive (a backward pass per example for Fisher) and identical across methods and across a grid of
 hyper-parameters, so `StatsCache` stores each one under a key of (model identity, task, statistic, number of
@@ -21,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import ModelPool, RunContext, TaskPool
+from .errors import MergebenchError
+from .locks import build_lock
 from .tensors import save_state_dict
 
 log = logging.getLogger(__name__)
@@ -95,10 +99,15 @@ class StatsCache:
                     log.warning("cached statistic %s was stored under another key (%s); recomputing", path,
                                 {k: v for k, v in stored.items() if key.metadata().get(k) != v})
                     return None
-                return {k: fh.get_tensor(k) for k in fh.keys()}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as exc:  # a truncated or corrupt file is recomputed, not trusted
             log.warning("cannot read cached statistic %s (%s); recomputing", path, exc)
             return None
+        bad = _non_finite(tensors)
+        if bad:  # NaN or inf: a damaged or badly computed file is refused and recomputed
+            log.warning("cached statistic %s holds %s; recomputing", path, bad)
+            return None
+        return tensors
 
     def save(self, key: StatsKey, tensors: Mapping[str, torch.Tensor]) -> Path:
         cpu = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
@@ -111,11 +120,30 @@ class StatsCache:
             self.hits += 1
             log.debug("statistic %s of %s on %s: cache hit", key.statistic, key.model, key.task)
             return found
-        self.misses += 1
-        log.info("computing %s of %s on %s (%d examples)", key.statistic, key.model, key.task, key.n_examples)
-        tensors = dict(compute())
-        self.save(key, tensors)
+        with build_lock(self.path(key), f"{key.statistic} of {key.model} on {key.task}"):
+            found = self.load(key)  # another process may have computed it while this one waited
+            if found is not None:
+                self.hits += 1
+                return found
+            self.misses += 1
+            log.info("computing %s of %s on %s (%d examples)", key.statistic, key.model, key.task, key.n_examples)
+            tensors = dict(compute())
+            bad = _non_finite(tensors)
+            if bad:
+                raise MergebenchError(f"{key.statistic} of {key.model} on {key.task} came out with {bad}; "
+                                      f"not cached")
+            self.save(key, tensors)
         return {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
+
+
+def _non_finite(tensors: Mapping[str, torch.Tensor]) -> str:
+    """'' when every value is finite, else how many are not and where the most are."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if not bad:
+        return ""
+    worst = max(bad, key=bad.__getitem__)
+    return f"{sum(bad.values())} non-finite values ({bad[worst]} in tensor {worst!r})"
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -251,8 +279,29 @@ class _StopForward(Exception):
     """Raised by a hook once every requested layer has seen its input, so the rest of the forward is skipped."""
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+def _conv1d_class() -> type | None:
+    """transformers' `Conv1D` (y = x W + b with W stored (in, out)), when transformers is loaded: a model that holds
+    one has imported it, so nothing is imported here."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every `nn.Linear` of `model`, and every transformers `Conv1D` (GPT-2's attention and MLP layers)."""
+    conv1d = _conv1d_class()
+    kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def weight_is_transposed(module: nn.Module) -> bool:
+    """True when the layer stores its weight as (in, out) (`Conv1D`), False for `nn.Linear`'s (out, in)."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def in_features(module: nn.Module) -> int:
+    """The width of a linear layer's input, whichever way it stores its weight."""
+    weight = module.weight
+    return int(weight.shape[0] if weight_is_transposed(module) else weight.shape[1])
 
 
 def linear_input_grams(model: nn.Module, taskpool: TaskPool, task: str, n_examples: int = 256, *,
@@ -271,7 +320,7 @@ def linear_input_grams(model: nn.Module, taskpool: TaskPool, task: str, n_exampl
     missing = [m for m in wanted if m not in layers]
     if missing:
         raise KeyError(f"not linear layers of the model: {missing}")
-    grams = {m: torch.zeros(layers[m].in_features, layers[m].in_features, device=device) for m in wanted}
+    grams = {m: torch.zeros(in_features(layers[m]), in_features(layers[m]), device=device) for m in wanted}
     rows = dict.fromkeys(wanted, 0)
     seen_in_batch: set[str] = set()
     stop_early = modules is not None

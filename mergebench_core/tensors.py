@@ -260,7 +260,7 @@ class StreamingSafetensorsWriter:
     def __init__(self, path: str | os.PathLike[str], layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: Mapping[str, str] | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")  # unique
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = dict(metadata)

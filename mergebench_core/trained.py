@@ -29,6 +29,7 @@ from torch import nn
 from .api import PRETRAINED, MergeOutput, Method, MethodInfo, ModelPool, PerTaskModels, RunContext, TaskPool
 from .config import params_dict
 from .errors import MergebenchError
+from .locks import build_lock
 from .loggers import LoggerSet
 from .tensors import SafetensorsSource, StateDictSource, TensorSource, load_state_dict, save_state_dict
 from .training import Batch, TrainConfig, TrainState, train
@@ -104,9 +105,14 @@ class TrainingMethod(Method):
                 f"to train it")
         state_extras = {"preference": dict(zip(tasks, preference)) if preference is not None else None,
                         "modelpool": pool}
-        result = train(model, taskpool, list(tasks), self.loss, self.train_config(), seed=seed, device=device,
-                       parameters=self.trainable(model), log_metrics=log_metrics, extras=state_extras)
-        cache.save(recipe, model.state_dict())
+        with build_lock(cache.path(recipe), f"{self.name} on {pool.name} ({', '.join(tasks)})"):
+            cached = cache.load(recipe)  # another process may have trained it while this one waited
+            if cached is not None:
+                model.load_state_dict(cached)
+                return model.eval(), info | {"trained_now": False}
+            result = train(model, taskpool, list(tasks), self.loss, self.train_config(), seed=seed, device=device,
+                           parameters=self.trainable(model), log_metrics=log_metrics, extras=state_extras)
+            cache.save(recipe, model.state_dict())
         return model.eval(), info | {"trained_now": True, "train": dataclasses.asdict(result)}
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
+from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
 from mergebench_core.splits import validation_indices
 from mergebench_core.tensors import SafetensorsSource, load_state_dict, save_state_dict
@@ -253,14 +254,24 @@ def _build(recipe: Recipe, folder: Path) -> None:
         save_state_dict(expert.state_dict(), folder / f"{t}.safetensors")
     head_tensors = {f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()}
     save_state_dict(head_tensors, folder / "heads.safetensors")
-    (folder / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))  # written last: done
+    write_text_atomic(folder / "recipe.json", json.dumps(dataclasses.asdict(recipe), indent=2))  # last: done
+
+
+def is_built(recipe: Recipe, folder: Path) -> bool:
+    """The folder holds this recipe's whole build: its recipe.json (written last) matches and every checkpoint is
+    intact. A torn recipe.json or a truncated checkpoint means: build again."""
+    files = [folder / f"{n}.safetensors" for n in (PRETRAINED, *recipe.tasks, "heads")]
+    return read_json(folder / "recipe.json") == json.loads(json.dumps(dataclasses.asdict(recipe))) and \
+        safetensors_intact(files)
 
 
 def ensure_built(recipe: Recipe, root: Path | None = None) -> Path:
     folder = (root or cache_dir() / "pools" / "digits") / recipe.digest()
-    marker = folder / "recipe.json"
-    if not (marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(dataclasses.asdict(recipe)))):
-        build(recipe, folder)
+    if not is_built(recipe, folder):
+        with build_lock(folder, f"the {POOL_NAME} pool"):  # two processes build it once, one after the other
+            if not is_built(recipe, folder):
+                (folder / "recipe.json").unlink(missing_ok=True)  # not done until the rebuild writes it again
+                build(recipe, folder)
     return folder
 
 

@@ -29,8 +29,8 @@ def _progress(iterable: Iterable[T], desc: str = "", total: int | None = None) -
     return iter(tqdm(iterable, desc=desc, total=total, leave=False, disable=None, file=sys.stderr))
 
 
-    """Comma-separated names, commas inside brackets kept: `-p 'a+finetune(lr=1,steps=2)[x,y],b'` is two pools."""
 def _split(values: Sequence[str] | None) -> list[str] | None:
+    """Comma-separated names, commas inside brackets kept: `-p 'a+finetune(lr=1,steps=2)[x,y],b'` is two pools."""
     if not values:
         return None
     return [v.strip() for item in values for v in split_top_level(item) if v.strip()]
@@ -120,6 +120,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 shutil.copy2(f, out / f.name)
     print(f"wrote {out_file} ({method_cls.name}, {len(experts)} models)")
     return 0
+
+
+def _merge_device(name: str) -> str:
+    """`merge --device`: cpu, cuda, cuda:N; a GPU that is not there is a clear error, not a traceback."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MergebenchError(f"--device {name}: no CUDA device is available (torch {torch.__version__})")
+    return name
 
 
 def _trust_pickle(args: argparse.Namespace) -> bool:
@@ -232,16 +243,22 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if not Path(args.store).exists():
         raise MergebenchError(f"no results store at {args.store}; run `mergebench run` first or pass --store")
-    results = ResultStore(args.store).all(args.modelpool, args.taskpool, history=args.history)
+    results = ResultStore(args.store, readonly=True).all(args.modelpool, args.taskpool, history=args.history)
     if not results:
         print("no results stored yet")
         return 0
     if args.pareto:
         from .pareto import render_pareto
 
-        print(render_pareto(results, args.format))
-        return 0
-    print(render(results, args.format))
+        text = render_pareto(results, args.format)
+    else:
+        text = render(results, args.format, columns=_split(args.columns), per_seed=args.per_seed,
+                      history=args.history)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
     return 0
 
 
@@ -252,36 +269,75 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     if not Path(args.store).exists():
         raise MergebenchError(f"no results store at {args.store}")
-    rows = [r for r in ResultStore(args.store).all(args.modelpool)
+    import time
+
+    from .evaluation import primary_value
+
+    rows = [r for r in ResultStore(args.store, readonly=True).all(args.modelpool, args.taskpool)
             if (not args.method or r.method == normalize_name(args.method))
             and (not args.failed or r.status != "ok")]
+    shown: list[dict[str, Any]] = []
     for r in rows:
-        shown: dict[str, Any] = {
-            "method": r.method, "params": r.params, "modelpool": r.modelpool, "taskpool": r.taskpool,
-            "seed": r.seed, "preference": r.preference, "status": r.status, "mean": r.mean, "error": r.error,
-            "extras": r.extras, "versions": r.versions}
+        cell: dict[str, Any] = {
+            "cell_key": r.cell_key, "kind": r.kind, "method": r.method, "params": r.params,
+            "modelpool": r.modelpool, "taskpool": r.taskpool, "seed": r.seed, "preference": r.preference,
+            "eval_limit": r.eval_limit, "task_specific": r.task_specific, "status": r.status, "error": r.error,
+            "scores": {t: primary_value(r.metrics, r.primary_metrics, t) for t in r.metrics},
+            "primary_metrics": r.primary_metrics, "metrics": r.metrics, "mean": r.mean,
+            "normalized_mean": r.normalized_mean, "merge_seconds": r.merge_seconds,
+            "peak_memory_mb": r.peak_memory_mb, "eval_seconds": r.eval_seconds, "extras": r.extras,
+            "versions": r.versions, "identity": getattr(r, "identity", None), "config": r.config,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created_at))}
+        if r.traceback and (args.failed or r.status != "ok"):
+            cell["traceback"] = r.traceback.rstrip("\n").splitlines()
         curve = read_log(log_path(Path(args.store), r.cell_key))
         if curve:
-            shown["training_log"] = {"file": str(log_path(Path(args.store), r.cell_key)), "steps": len(curve),
-                                     "first": curve[0], "last": curve[-1]}
+            cell["training_log"] = {"file": str(log_path(Path(args.store), r.cell_key)), "steps": len(curve),
+                                    "first": curve[0], "last": curve[-1]}
             if args.curves:
-                shown["training_log"]["rows"] = curve
-        print(json.dumps(shown, indent=2, default=str))
-        if args.failed and r.traceback:
-            print(r.traceback)
+                cell["training_log"]["rows"] = curve
+        shown.append(cell)
+    print(json.dumps(shown, indent=2, default=str))  # one JSON document: a list of cells
+    if not shown:
+        which = "failed cells" if args.failed else "stored cells"
+        filters = ", ".join(f"{k} {v}" for k, v in (("method", args.method), ("model pool", args.modelpool),
+                                                    ("task pool", args.taskpool)) if v)
+        print(f"no {which}{f' for {filters}' if filters else ''} in {args.store}", file=sys.stderr)
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import pareto_figure
+    from . import plots
+    from .errors import normalize_name
     from .store import ResultStore
 
     if not Path(args.store).exists():
         raise MergebenchError(f"no results store at {args.store}; run `mergebench run` first or pass --store")
-    results = ResultStore(args.store).all(args.modelpool)
-    for path in pareto_figure(results, args.out, modelpool=args.modelpool):
+    results = ResultStore(args.store, readonly=True).all(args.modelpool, args.taskpool)
+    out = args.out or f"{args.kind}.png"
+    methods = _split(args.method)
+    where = {"modelpool": args.modelpool, "taskpool": args.taskpool}
+    if args.kind == "pareto":
+        if methods:
+            wanted = {normalize_name(m) for m in methods}
+            results = [r for r in results if r.kind == "reference" or r.method in wanted]
+        written = plots.pareto_figure(results, out, modelpool=args.modelpool)
+    elif args.kind == "tasks":
+        written = plots.tasks_figure(results, out, methods=methods, **where)
+    elif args.kind == "time":
+        written = plots.time_figure(results, out, methods=methods, score=args.score, **where)
+    else:
+        written = plots.sweep_figure(results, out, param=args.param, methods=methods, score=args.score, **where)
+    for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def cmd_mergeability(args: argparse.Namespace) -> int:
+    """Regularised fine-tuning recipes, their experts merged with held-out partners, and the stability analysis."""
+    from .mergeability import command
+
+    return command(args, progress=_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a grid of K points per edge of the simplex over the tasks, vertices included")
     run.add_argument("--eval-only", action="store_true",
                      help="never train: score cached trained models, refusing the run if one is missing")
+    run.add_argument("--jobs", "-j", type=int, default=1, help="cells at once, each in its own worker (default 1)")
+    run.add_argument("--cell-timeout", type=float, metavar="SECONDS",
+                     help="stop a cell that runs longer and store it as failed (reason: timeout)")
+    run.add_argument("--isolation", default="process", choices=["process", "none"],
+                     help="process (default): each cell in a fresh worker process; none: in this process (debuggers)")
+    run.add_argument("--executor", default="local", choices=["local", "ray"],
+                     help="local worker processes, or Ray tasks (pip install 'mergebench[ray]')")
+    run.add_argument("--ray-address", help="the Ray cluster to use with --executor ray (default: a local Ray)")
     run.add_argument("--logger", action="append",
                      help="also send training curves to these registered loggers (JSON lines are always written)")
     run.add_argument("--limit", type=int, help="score only the first N test examples of each task")
@@ -349,44 +413,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     lb = sub.add_parser("leaderboard", help="print tables of stored results")
     lb.add_argument("--store", default=str(default_store()))
-def cmd_mergeability(args: argparse.Namespace) -> int:
-    """Regularised fine-tuning recipes, their experts merged with held-out partners, and the stability analysis."""
-    from .mergeability import command
-
-    return command(args, progress=_progress)
-
-
     lb.add_argument("--format", default="github", choices=FORMATS)
-    lb.add_argument("--modelpool")
+    lb.add_argument("--modelpool", "-p")
     lb.add_argument("--taskpool")
     lb.add_argument("--history", action="store_true",
                     help="also rows superseded by a newer run of the same setting (another pool recipe or plugin)")
     lb.add_argument("--pareto", action="store_true",
                     help="per (pool, method): points, non-dominated points and hypervolume of the preference front")
+    lb.add_argument("--columns", action="append", metavar="COL,...",
+                    help="the table's columns, in order: tasks (every task), a task's name, avg, norm, merge, mem, "
+                         "eval; or only removals from the default, e.g. --columns=-merge,-mem")
+    lb.add_argument("--per-seed", action="store_true", help="one row per seed instead of mean ± std over seeds")
+    lb.add_argument("--out", help="write the output to this file instead of printing it (e.g. board.html)")
     lb.set_defaults(func=cmd_leaderboard)
 
     plot = sub.add_parser("plot", help="draw figures from stored results (needs matplotlib: mergebench[plot])")
-    plot.add_argument("kind", choices=["pareto"], help="pareto: each method's preference front, per pair of tasks")
-    plot.add_argument("--out", default="pareto.png", help="output file: .png, .svg or .pdf (default pareto.png)")
+    plot.add_argument("kind", choices=["pareto", "tasks", "time", "sweep"],
+                      help="pareto: each method's preference front, per pair of tasks; tasks: per-task bars; "
+                           "time: score against merge time; sweep: score against one parameter, seed error bars")
+    plot.add_argument("--out", help="output file: .png, .svg or .pdf (default KIND.png)")
+    plot.add_argument("--method", "-m", action="append",
+                      help="only these methods, comma-separated (tasks: default the best configurations)")
+    plot.add_argument("--param", help="sweep: the parameter on the x axis (default: the one that varies)")
+    plot.add_argument("--score", default="avg", help="time, sweep: avg (default), norm, or a task's name")
     plot.add_argument("--store", default=str(default_store()))
-    plot.add_argument("--modelpool")
+    plot.add_argument("--modelpool", "-p")
+    plot.add_argument("--taskpool")
     plot.set_defaults(func=cmd_plot)
 
     show = sub.add_parser("show", help="show stored cells in full (parameters, learned values, errors)")
     show.add_argument("--store", default=str(default_store()))
-    show.add_argument("--method")
-    run.add_argument("--jobs", "-j", type=int, default=1, help="cells at once, each in its own worker (default 1)")
-    run.add_argument("--cell-timeout", type=float, metavar="SECONDS",
-                     help="stop a cell that runs longer and store it as failed (reason: timeout)")
-    run.add_argument("--isolation", default="process", choices=["process", "none"],
-                     help="process (default): each cell in a fresh worker process; none: in this process (debuggers)")
-    run.add_argument("--executor", default="local", choices=["local", "ray"],
-                     help="local worker processes, or Ray tasks (pip install 'mergebench[ray]')")
-    run.add_argument("--ray-address", help="the Ray cluster to use with --executor ray (default: a local Ray)")
-    show.add_argument("--modelpool")
+    show.add_argument("--method", "-m")
+    show.add_argument("--modelpool", "-p")
+    show.add_argument("--taskpool")
     show.add_argument("--failed", action="store_true", help="only failed cells, with tracebacks")
     show.add_argument("--curves", action="store_true", help="print every logged training step")
     show.set_defaults(func=cmd_show)
+
+    from .mergeability import add_arguments as mergeability_arguments
+
+    mergeability = sub.add_parser("mergeability", help="do experts fine-tuned with mergeability regularisers merge "
+                                  "better? recipes, merges with held-out partners, and the stability analysis")
+    mergeability_arguments(mergeability)
+    mergeability.set_defaults(func=cmd_mergeability)
     return parser
 
 
@@ -444,10 +513,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-
-    from .mergeability import add_arguments as mergeability_arguments
-
-    mergeability = sub.add_parser("mergeability", help="do experts fine-tuned with mergeability regularisers merge "
-                                  "better? recipes, merges with held-out partners, and the stability analysis")
-    mergeability_arguments(mergeability)
-    mergeability.set_defaults(func=cmd_mergeability)

@@ -185,14 +185,28 @@ def front_summaries(results: Sequence[CellResult]) -> list[FrontSummary]:
 
 
 def _labels(fronts: Sequence[FrontSummary]) -> list[str]:
-    """Method name, plus the params (and seed) that differ between fronts of the same method."""
-    settings = [dict(f.params, seed=f.seed) for f in fronts]
+    """Method name, plus every parameter that differs from the installed method's default (for a method that is not
+    installed, the parameters that differ between its fronts), and the seed when it is not 0 or a configuration was
+    run at several seeds: the leaderboard's labels (`leaderboard.Row.label`)."""
+    from .leaderboard import installed_defaults, short_value
+
+    def canon(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
     labels = []
-    for f, s in zip(fronts, settings, strict=True):
-        same = [t for g, t in zip(fronts, settings, strict=True) if g.method == f.method]
-        varying = [k for k in s if len({json.dumps(t.get(k), sort_keys=True, default=str) for t in same}) > 1]
-        suffix = ", ".join(f"{k}={s[k]}" for k in varying)
-        labels.append(f"{f.method} ({suffix})" if suffix else f.method)
+    for f in fronts:
+        same = [g for g in fronts if g.method == f.method]
+        known = installed_defaults(f.method)
+        if known is not None:
+            shown = [k for k, v in f.params.items() if k not in known or canon(v) != canon(known[k])]
+        else:
+            keys = dict.fromkeys(k for g in same for k in g.params)
+            shown = [k for k in keys if k in f.params and len({canon(g.params.get(k)) for g in same}) > 1]
+        seeds = {g.seed for g in same if canon(g.params) == canon(f.params)}
+        parts = [f"{k}={short_value(f.params[k])}" for k in shown]
+        if f.seed != 0 or len(seeds) > 1:
+            parts.append(f"seed={f.seed}")
+        labels.append(f"{f.method} ({', '.join(parts)})" if parts else f.method)
     return labels
 
 

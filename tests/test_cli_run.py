@@ -203,8 +203,8 @@ def test_non_finite_weights_name_the_tensor(cli_env, with_third_party, capsys):
     assert "tensor 'bias' in tiny-nonfinite/t0 has 1 non-finite values" in row.error
 
 
-@pytest.mark.parametrize("fmt,marker", [("github", "| Method"), ("latex", "\\toprule"), ("html", "<table>"),
-                                        ("csv", "modelpool,taskpool,Method"), ("json", '"cell_key"')])
+@pytest.mark.parametrize("fmt,marker", [("github", "| Method"), ("latex", "\\toprule"), ("html", '<table class="lb">'),
+                                        ("csv", "modelpool,taskpool,kind,method"), ("json", '"cell_key"')])
 def test_leaderboard_formats(cli_env, capsys, fmt, marker):
     assert main(["run", "-m", "simple_average", "-p", POOL]) == 0
     capsys.readouterr()

@@ -262,7 +262,7 @@ def _cells(primary):
         CellResult(kind="reference", method="individual", params={}, **common,
                    metrics={"cola": {"accuracy": 0.861, "matthews_corrcoef": 0.6234},
                             "sst2": {"accuracy": 0.937}}, mean=0.7802),
-        CellResult(kind="method", method="task_arithmetic", params={"scaling": 0.3}, **common,
+        CellResult(kind="method", method="task_arithmetic", params={"scaling_factor": 0.3}, **common,
                    metrics={"cola": {"accuracy": 0.712, "matthews_corrcoef": 0.1489},
                             "sst2": {"accuracy": 0.884}}, mean=0.51645, normalized_mean=0.59),
     ]

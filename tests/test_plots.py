@@ -1,10 +1,12 @@
-"""`mergebench plot pareto`: files in the asked format, with each method's front and the reference markers."""
+"""`mergebench plot`: files in the asked format; Pareto fronts with the reference markers, per-task bars, score
+against merge time, and parameter sweeps with seed error bars."""
 
 import pytest
 
+from mergebench_core.cli import main
 from mergebench_core.errors import MergebenchError
-from mergebench_core.plots import pareto_figure
-from mergebench_core.store import CellResult
+from mergebench_core.plots import pareto_figure, sweep_figure, tasks_figure, time_figure
+from mergebench_core.store import CellResult, ResultStore
 
 pytest.importorskip("matplotlib")
 
@@ -42,3 +44,66 @@ def test_bad_requests_are_refused(tmp_path):
     one_task = [CellResult("method", "m", {}, "p", "t", metrics={"a": {"accuracy": 0.5}})]
     with pytest.raises(MergebenchError, match="two or more tasks"):
         pareto_figure(one_task, tmp_path / "fronts.png")
+
+
+# --- per-task bars, score against merge time, parameter sweeps ---------------------------------------------------
+def scored(method, params, seed, a, b, merge_seconds=0.1, kind="method"):
+    return CellResult(kind, method, dict(params), "mp", "tp", seed=seed, metrics={"a": {"accuracy": a},
+                      "b": {"accuracy": b}}, mean=(a + b) / 2, normalized_mean=(a + b) / 1.8,
+                      merge_seconds=merge_seconds)
+
+
+GRID = [scored("pretrained", {}, 0, 0.5, 0.4, None, kind="reference"),
+        scored("individual", {}, 0, 0.9, 0.9, None, kind="reference")]
+for lam in (0.1, 0.3, 0.5):
+    for seed in (0, 1, 2):
+        GRID.append(scored("dare_x", {"lam": lam, "p": 0.5}, seed, 0.6 + lam / 2 + seed / 100, 0.6 - lam / 4, 0.2))
+    GRID.append(scored("ta_x", {"lam": lam}, 0, 0.55 + lam / 4, 0.6, 0.01))
+GRID.append(scored("dare_x", {"lam": 0.3, "p": 0.9}, 0, 0.5, 0.5, 0.2))
+
+
+def test_task_bars_for_chosen_methods(tmp_path):
+    [path] = tasks_figure(GRID, tmp_path / "tasks.svg", methods=["ta-x"])
+    text = path.read_text()
+    assert "ta_x (lam=0.1)" in text and "Pretrained" in text and "Individual (experts)" in text
+    assert "dare_x" not in text and "Avg." in text
+    with pytest.raises(MergebenchError, match="no stored results for method.*nope"):
+        tasks_figure(GRID, tmp_path / "tasks.svg", methods=["nope"])
+
+
+def test_score_against_merge_time(tmp_path):
+    [path] = time_figure(GRID, tmp_path / "time.svg", score="a")
+    text = path.read_text()
+    assert "merge time (s)" in text and "a: accuracy" in text
+    assert "dare_x (lam=0.5, p=0.5)" in text and "ta_x (lam=0.3)" in text
+    with pytest.raises(MergebenchError, match="use avg, norm or one of the tasks"):
+        time_figure(GRID, tmp_path / "time.svg", score="c")
+
+
+def test_sweep_is_a_line_per_setting_with_seed_error_bars(tmp_path):
+    [path] = sweep_figure(GRID, tmp_path / "sweep.svg", param="lam")
+    text = path.read_text()
+    assert "sweep over lam" in text and "dare_x (p=0.5), n=3" in text and "ta_x, n=1" in text
+    assert "dare_x (p=0.9" not in text  # one value of lam only: no line
+    with pytest.raises(MergebenchError, match=r"name the swept parameter with --param: several vary \(lam, p\)"):
+        sweep_figure(GRID, tmp_path / "sweep.svg")
+    with pytest.raises(MergebenchError, match="two or more values of 'q'"):
+        sweep_figure(GRID, tmp_path / "sweep.svg", param="q")
+    # with one method chosen, the parameter is found by itself; method.lam names it the way overrides do
+    assert sweep_figure(GRID, tmp_path / "ta.pdf", methods=["ta_x"])[0].read_bytes().startswith(b"%PDF")
+    assert sweep_figure(GRID, tmp_path / "ta.png", param="method.lam")[0].read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_command(tmp_path, monkeypatch, capsys):
+    store = ResultStore(tmp_path / "r.sqlite")
+    for c in GRID:
+        store.put(c)
+    store.close()
+    monkeypatch.chdir(tmp_path)
+    for kind in ("tasks", "time", "sweep"):
+        argv = ["plot", kind, "--store", str(tmp_path / "r.sqlite"), "-m", "dare_x"]
+        assert main(argv + (["--param", "lam"] if kind == "sweep" else [])) == 0
+        assert capsys.readouterr().out.strip() == f"wrote {kind}.png"
+        assert (tmp_path / f"{kind}.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["plot", "sweep", "--store", str(tmp_path / "r.sqlite"), "--out", "s.jpg"]) == 2
+    assert ".png, .svg or .pdf" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import json
 import logging
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -71,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner.store = ResultStore(args.store)  # opened only now: a refused run writes nothing
     log.info("%d cells planned; results go to %s", len(cells), args.store)
     report = runner.run(cells)
-    print(render(report.results, args.format))
+    print(render(report.results, args.format, columns=_split(args.columns), per_seed=args.per_seed))
     for line in report.not_applicable:
         print(f"(not run: {line})", file=sys.stderr)
     for line in report.notes:
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow pools to unpickle checkpoints (runs code from the file; only for files you trust)")
     run.add_argument("--store", default=str(default_store()), help="results database (SQLite)")
     run.add_argument("--format", default="github", choices=FORMATS)
+    run.add_argument("--columns", action="append", metavar="COL,...",
+                     help="the table's columns, as for `leaderboard --columns` (e.g. --columns=-merge,-mem)")
+    run.add_argument("--per-seed", action="store_true", help="one row per seed instead of mean ± std over seeds")
     run.add_argument("overrides", nargs="*", help="parameter overrides: method.x=1 or <method>.x=1,2,3 (sweep)")
     run.set_defaults(func=cmd_run)
 
@@ -497,8 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _keep_freed_memory()
     try:
         return args.func(args)
-    except MergebenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except MergebenchError as exc:  # libraries' messages quoted inside may carry terminal colour codes: drop them
+        print("error: " + re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; every cell finished so far is in the store", file=sys.stderr)

@@ -53,3 +53,10 @@ def test_an_unexpected_error_is_one_line_unless_debug(cli_env, capsys, monkeypat
     assert "error: RuntimeError: disk on fire" in err and "--debug" in err and "Traceback" not in err
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(["--debug", "list"])
+
+
+def test_a_refused_pickle_is_reported_without_terminal_codes(tmp_path, capsys):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a whole module: not tensors only
+    assert main(["convert", str(tmp_path / "module.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--trust-pickle" in err and "\x1b[" not in err

@@ -1,6 +1,7 @@
 """RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023).
 
-Each `nn.Linear` weight is the least-squares merge of the experts' layers on their own inputs:
+Each linear weight (`nn.Linear`, or transformers' `Conv1D`, GPT-2's, which stores it (in, out)) is the
+least-squares merge of the experts' layers on their own inputs:
 W = (Σ_t G_t)⁻¹ Σ_t G_t W_t (in the (in, out) layout), with G_t = XᵀX / n the Gram matrix of the layer's inputs
 under expert t on its task's training data. Off-diagonal entries of each G_t are scaled by
 α = `reduce_non_diagonal_ratio`, which interpolates between that closed form (α = 1) and a per-input-feature
@@ -18,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.stats import StatsCache, cached_linear_grams
+from mergebench_core.stats import StatsCache, cached_linear_grams, linear_layers, weight_is_transposed
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,12 @@ def reduce_non_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
     return ratio * gram + (1.0 - ratio) * torch.diag_embed(diag)
 
 
-def regmean_weight(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], ratio: float) -> torch.Tensor:
-    """The RegMean merge of Linear weights (out, in) given each expert's input Gram (in, in), solved in float64."""
+def regmean_weight(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], ratio: float,
+                   transposed: bool = False) -> torch.Tensor:
+    """The RegMean merge of Linear weights (out, in) given each expert's input Gram (in, in), solved in float64.
+    `transposed`: the weights are stored (in, out) (`Conv1D`), and so is the result."""
+    if transposed:
+        return regmean_weight([w.T for w in weights], grams, ratio).T.contiguous()
     reduced = [reduce_non_diagonal(g.double(), ratio) for g in grams]
     lhs = sum(reduced)
     rhs = sum(g @ w.double().T for g, w in zip(reduced, weights))
@@ -70,10 +75,11 @@ def excluded(name: str, patterns: Sequence[str]) -> bool:
 
 
 def regmean_merge(states: Sequence[Mapping[str, torch.Tensor]], grams: Sequence[Mapping[str, torch.Tensor]],
-                  ratio: float, exclude: Sequence[str] = (), keep: Mapping[str, torch.Tensor] | None = None
-                  ) -> tuple[dict[str, torch.Tensor], list[str]]:
+                  ratio: float, exclude: Sequence[str] = (), keep: Mapping[str, torch.Tensor] | None = None,
+                  transposed: Collection[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Merge `states`: Linear weights (modules named in `grams`) by RegMean, other floats by the mean, excluded
-    tensors from `keep` (default: the first state). Returns the merged dict and the names merged by regression."""
+    tensors from `keep` (default: the first state). Modules in `transposed` store their weight (in, out) (`Conv1D`,
+    see `mergebench_core.stats.weight_is_transposed`). Returns the merged dict and the names merged by regression."""
     keep = keep if keep is not None else states[0]
     merged: dict[str, torch.Tensor] = {}
     regressed = []
@@ -82,7 +88,8 @@ def regmean_merge(states: Sequence[Mapping[str, torch.Tensor]], grams: Sequence[
         if excluded(key, exclude) or not ref.is_floating_point():
             merged[key] = keep[key]
         elif key.rpartition(".")[2] == "weight" and module in grams[0]:
-            merged[key] = regmean_weight([s[key] for s in states], [g[module] for g in grams], ratio)
+            merged[key] = regmean_weight([s[key] for s in states], [g[module] for g in grams], ratio,
+                                         transposed=module in transposed)
             regressed.append(key)
         else:
             merged[key] = torch.stack([s[key].float() for s in states]).mean(0).to(ref.dtype)
@@ -106,10 +113,11 @@ class RegMean(Method):
                                      batch_size=p.batch_size, device=ctx.device, progress=ctx.track)
                  for e in experts]
         base_name = PRETRAINED if pool.has_pretrained else experts[0]
+        model = pool.load_model(base_name)
+        transposed = {n for n, m in linear_layers(model).items() if weight_is_transposed(m)}
         merged, regressed = regmean_merge([pool.state_dict(e) for e in experts], grams,
                                           p.reduce_non_diagonal_ratio, p.exclude_param_names_regex,
-                                          keep=pool.state_dict(base_name))
-        model = pool.load_model(base_name)
+                                          keep=pool.state_dict(base_name), transposed=transposed)
         model.load_state_dict(merged)
         return MergeOutput(model, extras={"regressed": regressed,
                                           "stats_cache": {"hits": cache.hits, "misses": cache.misses}})

@@ -21,7 +21,7 @@ Defaults (FusionBench's CLIP configuration, as for RegMean): `n_examples` = 256,
 from __future__ import annotations
 
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.stats import forward_order, linear_input_grams
+from mergebench_core.stats import forward_order, linear_input_grams, weight_is_transposed
 from mergebench_regmean import Params, excluded, regmean_merge, regmean_weight
 
 
@@ -50,11 +50,12 @@ class RegMeanPlusPlus(Method):
         regressed = []
         for layer in ctx.track(order, desc="regmean++ layers", total=len(order)):
             key = f"{layer}.weight" if layer else "weight"
-            if excluded(key, p.exclude_param_names_regex):
-                continue
+            if excluded(key, p.exclude_param_names_regex) or key not in states[0]:
+                continue  # a weight tied to another tensor (an LM head tied to the embedding) is merged as that one
             grams = [linear_input_grams(model, taskpool, t, p.n_examples, batch_size=p.batch_size,
                                         device=ctx.device, modules=[layer])[layer] for t in tasks]
-            weight = regmean_weight([s[key] for s in states], grams, p.reduce_non_diagonal_ratio)
+            weight = regmean_weight([s[key] for s in states], grams, p.reduce_non_diagonal_ratio,
+                                    transposed=weight_is_transposed(model.get_submodule(layer)))
             model.get_submodule(layer).weight.data.copy_(weight.to(ctx.device))
             regressed.append(key)
         return MergeOutput(model.cpu(), extras={"regressed_in_order": regressed})

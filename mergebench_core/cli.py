@@ -67,6 +67,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                          preferences=_preferences(args), eval_only=args.eval_only, loggers=_split(args.logger) or (),
                          jobs=args.jobs, cell_timeout=args.cell_timeout, isolation=args.isolation,
                          executor=args.executor, ray_address=args.ray_address)
+    if options.isolation == "process" and options.executor == "local":
+        from .executors import reserve_threads_for_workers
+
+        reserve_threads_for_workers()  # before anything is computed: see its docstring
     runner = Runner(registry, None, options, progress=_progress)  # an unknown logger is refused here
     cells = runner.plan()  # every name, parameter, task and preference is checked before any work starts
     runner.store = ResultStore(args.store)  # opened only now: a refused run writes nothing
@@ -515,5 +519,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The `mergebench` console script: `main`, in a process known to have computed nothing yet (so `run` may give
+    torch's threads to its workers, see `executors.reserve_threads_for_workers`)."""
+    from .executors import mark_fresh_process
+
+    mark_fresh_process()
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

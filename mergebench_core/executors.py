@@ -66,6 +66,32 @@ class InProcessExecutor:
                 yield job, failed(job, f"the cell called sys.exit({exc.code!r})", traceback.format_exc())
 
 
+_FRESH_PROCESS = False
+_WORKER_THREADS: int | None = None
+"""Threads each worker may use, set by `reserve_threads_for_workers` in a process that has not computed yet."""
+
+
+def mark_fresh_process() -> None:
+    """Called by the console script first thing: nothing has been computed in this process yet."""
+    global _FRESH_PROCESS
+    _FRESH_PROCESS = True
+
+
+def reserve_threads_for_workers() -> None:
+    """Keep this process (the driver) to one torch thread and give its threads to the workers it forks.
+
+    OpenMP's thread pool does not survive `fork`: a worker that runs a parallel region after its parent has run one
+    waits forever for threads that exist only in the parent. `mergebench run` calls this before any computation (in a
+    fresh process only), so the driver never starts the pool and each worker can start its own. A process that may
+    already have computed with several threads (a notebook, a test session) reserves nothing, and its workers run
+    single-threaded, which is always safe.
+    """
+    global _WORKER_THREADS
+    if _FRESH_PROCESS and _WORKER_THREADS is None:
+        _WORKER_THREADS = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+
 def _child(conn: Connection, work: Callable[[], CellResult], threads: int) -> None:
     """The worker: run one job, send the row (or what it raised) to the driver, and leave without running the
     driver's exit handlers (inherited by the fork: pytest's, logging's)."""
@@ -106,8 +132,9 @@ class ForkExecutor:
         if jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {jobs}")
         self.jobs, self.timeout = jobs, timeout
-        self.threads = max(1, torch.get_num_threads() // jobs)
-        """Each worker's share of the driver's torch threads, so N workers do not oversubscribe the cores."""
+        self.threads = max(1, _WORKER_THREADS // jobs) if _WORKER_THREADS else 1
+        """Each worker's share of the threads the driver reserved, so N workers do not oversubscribe the cores; one
+        when none were reserved (see `reserve_threads_for_workers`)."""
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, CellResult]]:
         ctx = mp.get_context("fork")

@@ -4,8 +4,12 @@ Two networks trained from different random initialisations compute similar funct
 different order, so averaging their weights entry by entry mixes unrelated units. Permuting the hidden units of one
 network changes no output, so fusion methods first permute every model onto a reference, then combine.
 
-An architecture's owner (the model pool) declares *which* axes move together in a `PermutationSpec`; everything here
-works from that spec alone, so no fusion method is written per architecture.
+An architecture's owner (the model pool) declares *which* axes move together in a `PermutationSpec` (with block
+permutations for attention heads, the activation points where each permutation's units can be observed, and the
+model's fusion levels); everything here works from that spec alone, so no fusion method is written per architecture:
+`apply_permutation` and `apply_transport` (soft maps, for optimal transport), `weight_matching` and
+`activation_matching` (Git Re-Basin), `collect_activations` and `unit_activations` (cached like statistics).
+`mergebench_core.fusion` builds level-by-level fusion on the same spec.
 
 Permutation convention, used throughout: `perms[p]` is a LongTensor such that output unit i is input unit
 `perms[p][i]`, i.e. every axis carrying p is re-indexed with `index_select(axis, perms[p])`.
@@ -14,7 +18,7 @@ Permutation convention, used throughout: `perms[p]` is a LongTensor such that ou
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import torch
@@ -28,17 +32,58 @@ Perms = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Level:
+    """One step of level-by-level fusion (HF/KF linear fusion, ALF): a submodule of the model whose input comes from
+    the fused model built so far and whose output the fused level must reproduce.
+
+    `module` is a name from `model.named_modules()`; the level's input is the module's first positional argument,
+    its output the module's output, with features on the axis `PermutationSpec.feature_axes` gives the module (last by
+    default). `residual`: the module adds its input to what it computes (a transformer block), so its output units
+    must stay in its input's order; fusion methods then match their target units to the input's units.
+    """
+
+    module: str
+    residual: bool = False
+
+
+@dataclass(frozen=True)
 class PermutationSpec:
     """For each tensor key, the permutation acting on each of its axes (None: that axis is not permuted).
 
     An MLP layer: `fc1.weight: ("P0", None)`, `fc1.bias: ("P0",)`, `fc2.weight: ("P1", "P0")`; a LayerNorm after
     fc1 shares fc1's permutation: `("P0",)` for its weight and bias. Keys the spec does not name are never permuted.
+
+    The optional fields describe the architecture further, for the methods that need more than weights:
+    - `blocks`: {permutation: units per block} for permutations that move contiguous blocks of an axis together
+      (attention heads: a permutation of H heads acts on an axis of H · head_dim entries); `sizes` counts blocks.
+    - `points`: {permutation: modules whose outputs carry its units on their feature axis}, for activation-based
+      alignment (Git Re-Basin's activation matching, OTFusion's activation cost); several modules (the residual
+      stream after each block) contribute rows to one permutation.
+    - `feature_axes`: {module: axis of its output that holds features} where it is not the last (1 for NCHW convs).
+    - `levels`: the model's fusion levels in forward order (`Level`), the last one producing the model's output.
     """
 
     axes: Mapping[str, tuple[str | None, ...]]
+    blocks: Mapping[str, int] = field(default_factory=dict)
+    points: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    feature_axes: Mapping[str, int] = field(default_factory=dict)
+    levels: tuple[Level, ...] = ()
 
     def __post_init__(self) -> None:  # a read-only copy: a spec is shared by every method that aligns a pool
         object.__setattr__(self, "axes", MappingProxyType({k: tuple(v) for k, v in self.axes.items()}))
+        object.__setattr__(self, "blocks", MappingProxyType({k: int(v) for k, v in self.blocks.items()}))
+        object.__setattr__(self, "points", MappingProxyType(
+            {k: (v,) if isinstance(v, str) else tuple(v) for k, v in self.points.items()}))
+        object.__setattr__(self, "feature_axes", MappingProxyType(dict(self.feature_axes)))
+        object.__setattr__(self, "levels", tuple(Level(x) if isinstance(x, str) else x for x in self.levels))
+        names = set(self.perms)
+        for what, mapping in (("blocks", self.blocks), ("points", self.points)):
+            unknown = set(mapping) - names
+            if unknown:
+                raise ValueError(f"{what} name permutations that no axis carries: {sorted(unknown)}")
+        bad = {p: b for p, b in self.blocks.items() if b < 1}
+        if bad:
+            raise ValueError(f"block sizes must be at least 1: {bad}")
 
     @property
     def perms(self) -> dict[str, list[tuple[str, int]]]:
@@ -49,6 +94,13 @@ class PermutationSpec:
                 if p is not None:
                     out.setdefault(p, []).append((key, axis))
         return out
+
+    def block(self, perm: str) -> int:
+        """Entries of an axis per unit of `perm` (1 unless the permutation moves blocks, such as attention heads)."""
+        return self.blocks.get(perm, 1)
+
+    def feature_axis(self, module: str) -> int:
+        return self.feature_axes.get(module, -1)
 
     def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Raise a `MergebenchError` naming the key unless every key exists with the declared rank and all axes of
@@ -66,11 +118,26 @@ class PermutationSpec:
             if len(set(sizes.values())) > 1:
                 raise MergebenchError(f"permutation {p!r} acts on axes of different sizes {sizes}; each axis that "
                                       f"shares a permutation must hold the same hidden units")
+            size, block = next(iter(sizes.values())), self.block(p)
+            if size % block:
+                raise MergebenchError(f"permutation {p!r} moves blocks of {block} entries, but its axes hold {size} "
+                                      f"entries, not a multiple of {block}")
+
+    def validate_model(self, model: nn.Module) -> None:
+        """`validate` on the model's state dict, and every point and level names one of its submodules."""
+        self.validate(model.state_dict())
+        modules = dict(model.named_modules())
+        named = [m for ms in self.points.values() for m in ms] + [lv.module for lv in self.levels] + \
+            list(self.feature_axes)
+        missing = sorted({m for m in named if m not in modules})
+        if missing:
+            raise MergebenchError(f"permutation spec names modules {missing} that the model lacks; use names from "
+                                  f"model.named_modules(), e.g. {', '.join(list(modules)[1:6])}")
 
     def sizes(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        """{permutation name: number of units it permutes}."""
+        """{permutation name: number of units (blocks) it permutes}."""
         self.validate(state_dict)
-        return {p: state_dict[k].shape[a] for p, ((k, a), *_) in self.perms.items()}
+        return {p: state_dict[k].shape[a] // self.block(p) for p, ((k, a), *_) in self.perms.items()}
 
 
 def mlp_permutation_spec(layers: Sequence[str], *, norms: Mapping[str, str] | None = None,
@@ -111,11 +178,19 @@ def _check_perms(spec: PermutationSpec, sizes: Mapping[str, int], perms: Mapping
             raise MergebenchError(f"perms[{p!r}] is not a permutation of {sizes[p]} units")
 
 
+def _expand(perm: torch.Tensor, block: int) -> torch.Tensor:
+    """A permutation of blocks as a permutation of the entries of the axis they tile."""
+    if block == 1:
+        return perm
+    return (perm[:, None] * block + torch.arange(block)).reshape(-1)
+
+
 def _permute(tensor: torch.Tensor, names: tuple[str | None, ...], perms: Mapping[str, torch.Tensor],
-             skip_axis: int | None = None) -> torch.Tensor:
+             skip_axis: int | None = None, blocks: Mapping[str, int] | None = None) -> torch.Tensor:
     for axis, p in enumerate(names):
         if p is not None and axis != skip_axis and p in perms:
-            tensor = tensor.index_select(axis, perms[p].to(tensor.device))
+            index = _expand(perms[p], (blocks or {}).get(p, 1))
+            tensor = tensor.index_select(axis, index.to(tensor.device))
     return tensor
 
 
@@ -127,7 +202,8 @@ def apply_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.Tens
     missing from `perms` count as the identity.
     """
     _check_perms(spec, spec.sizes(state_dict), perms)
-    return {k: _permute(v, spec.axes[k], perms) if k in spec.axes else v for k, v in state_dict.items()}
+    return {k: _permute(v, spec.axes[k], perms, blocks=spec.blocks) if k in spec.axes else v
+            for k, v in state_dict.items()}
 
 
 def weight_matching(spec: PermutationSpec, reference: Mapping[str, torch.Tensor],
@@ -162,7 +238,7 @@ def weight_matching(spec: PermutationSpec, reference: Mapping[str, torch.Tensor]
             a = torch.zeros(n, n, dtype=torch.float64)
             for key, axis in where[p]:
                 w_ref = ref[key].movedim(axis, 0).reshape(n, -1)
-                w_oth = _permute(oth[key], spec.axes[key], perms, skip_axis=axis).movedim(axis, 0).reshape(n, -1)
+                w_oth = _permute(oth[key], spec.axes[key], perms, axis, spec.blocks).movedim(axis, 0).reshape(n, -1)
                 a += w_ref @ w_oth.T
             _, cols = linear_sum_assignment(a.numpy(), maximize=True)
             new = torch.as_tensor(cols, dtype=torch.long)
@@ -175,16 +251,104 @@ def weight_matching(spec: PermutationSpec, reference: Mapping[str, torch.Tensor]
     return perms
 
 
+def apply_transport(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor],
+                    maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new state dict with every axis that carries permutation p replaced by `maps[p] @` that axis.
+
+    `maps[p]` is an (m, n) matrix over units (blocks): row i says how much of each of the n source units goes into
+    target unit i (OTFusion's transport map diag(1/ν) Tᵀ; a permutation's one-hot matrix gives `apply_permutation`'s
+    result). Tensors are combined in float64 and returned in their own dtype; keys outside the spec pass through.
+    """
+    sizes = spec.sizes(state_dict)
+    unknown = set(maps) - set(sizes)
+    if unknown:
+        raise MergebenchError(f"transport maps {sorted(unknown)} are not in the spec (it has {sorted(sizes)})")
+    for p, m in maps.items():
+        if m.dim() != 2 or m.shape[1] != sizes[p]:
+            raise MergebenchError(f"maps[{p!r}] has shape {tuple(m.shape)}; it must be (target units, {sizes[p]})")
+    out = dict(state_dict)
+    for key, names in spec.axes.items():
+        t = state_dict[key].detach().to(torch.float64)
+        for axis, p in enumerate(names):
+            if p is None or p not in maps:
+                continue
+            m = maps[p].to(t.device, torch.float64)
+            moved = t.movedim(axis, 0)
+            rest = moved.shape[1:]
+            mixed = m @ moved.reshape(m.shape[1], -1)  # a block's entries travel together: rows of (units, block·rest)
+            t = mixed.reshape(m.shape[0] * spec.block(p), *rest).movedim(0, axis)
+        out[key] = t.to(state_dict[key].dtype)
+    return out
+
+
+def unit_vectors(activations: torch.Tensor, block: int = 1) -> torch.Tensor:
+    """(rows, units · block) activations → (units, rows · block): one vector per unit (a head's block of features
+    together), the objects that activation-based matching compares."""
+    rows, features = activations.shape
+    if features % block:
+        raise MergebenchError(f"{features} features do not split into blocks of {block}")
+    return activations.reshape(rows, features // block, block).permute(1, 0, 2).reshape(features // block, -1)
+
+
+def _standardize(z: torch.Tensor) -> torch.Tensor:
+    z = z.to(torch.float64)
+    z = z - z.mean(0, keepdim=True)
+    return z / z.std(0, keepdim=True).clamp_min(1e-12)
+
+
+def activation_matching(spec: PermutationSpec, reference: Mapping[str, torch.Tensor],
+                        other: Mapping[str, torch.Tensor]) -> Perms:
+    """Permutations that move `other`'s units onto `reference`'s by their activations (Git Re-Basin's activation
+    matching, Ainsworth et al., ICLR 2023): for each permutation p, the linear assignment maximising the summed
+    correlation Σ_i corr(Z_ref[:, i], Z_other[:, π(i)]) of the two models' activations at p's points, each feature
+    standardised over the rows (a head's features summed over its block). `reference[p]` and `other[p]` are
+    (rows, units · block) matrices from `unit_activations` on the same inputs. Each permutation is solved on its own:
+    activations do not depend on how other layers are permuted."""
+    from scipy.optimize import linear_sum_assignment
+
+    perms: Perms = {}
+    for p in spec.perms:
+        if p not in reference or p not in other:
+            raise MergebenchError(f"no activations for permutation {p!r}; the pool's spec must name a point for it "
+                                  f"(PermutationSpec.points)")
+        if reference[p].shape != other[p].shape:
+            raise MergebenchError(f"activations for {p!r} have shapes {tuple(reference[p].shape)} and "
+                                  f"{tuple(other[p].shape)}; both models must see the same inputs")
+        block = spec.block(p)
+        corr = unit_vectors(_standardize(reference[p]), block) @ unit_vectors(_standardize(other[p]), block).T
+        _, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+        perms[p] = torch.as_tensor(cols, dtype=torch.long)
+    return perms
+
+
+def unit_activations(spec: PermutationSpec, model: nn.Module, taskpool: TaskPool, tasks: Sequence[str], *,
+                     n_examples: int = 256, batch_size: int = 64, cache: StatsCache | None = None,
+                     model_identity: str | None = None, split: str = "train") -> dict[str, torch.Tensor]:
+    """{permutation: (rows, units · block)}: the outputs of every point of each permutation (`spec.points`), features
+    last, rows of several points stacked, on the first `n_examples` of each task's split (cached like
+    `collect_activations`)."""
+    missing = [p for p in spec.perms if p not in spec.points]
+    if missing:
+        raise MergebenchError(f"the permutation spec names no activation point for {missing}; activation-based "
+                              f"alignment needs PermutationSpec.points (the module whose output carries each one)")
+    points = list(dict.fromkeys(m for p in spec.perms for m in spec.points[p]))
+    acts = collect_activations(model, taskpool, tasks, points, split=split, n_examples=n_examples,
+                               batch_size=batch_size, cache=cache, model_identity=model_identity,
+                               feature_axes=spec.feature_axes)
+    return {p: torch.cat([acts[m] for m in spec.points[p]]) for p in spec.perms}
+
+
 def collect_activations(model: nn.Module, taskpool: TaskPool, tasks: Sequence[str], points: Sequence[str], *,
                         split: str = "train", n_examples: int = 256, batch_size: int = 64,
                         cache: StatsCache | None = None, model_identity: str | None = None,
-                        seed: int = 0) -> dict[str, torch.Tensor]:
+                        seed: int = 0, feature_axes: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """{point: (rows, features)}: the outputs of the submodules named `points` (as in `model.named_modules()`) on the
     first `n_examples` examples of each task's `split`, concatenated over `tasks` in order, under `torch.no_grad`.
 
     Shape convention: an output's last axis holds the features, every other axis becomes rows, so a (batch, tokens,
-    features) output gives batch·tokens rows (channels-first outputs such as NCHW convolutions need a point whose
-    output is channels-last). A module returning a tuple contributes its first element.
+    features) output gives batch·tokens rows; `feature_axes` names another axis for some points (1 for NCHW
+    convolutions: rows are then batch·height·width, in that order). A module returning a tuple contributes its first
+    element.
 
     With a `cache` (and the `model_identity` the pool gives, `ModelPool.identity`), each (task, point) is stored like
     any other statistic, so a second method aligning the same models runs no forward pass. The examples are the
@@ -198,8 +362,11 @@ def collect_activations(model: nn.Module, taskpool: TaskPool, tasks: Sequence[st
     if cache is not None and model_identity is None:
         raise ValueError("caching activations needs the model's identity (ModelPool.identity(name))")
 
+    axes = {p: (feature_axes or {}).get(p, -1) for p in points}
+
     def key(task: str, point: str) -> StatsKey:
-        return StatsKey(str(model_identity), f"{taskpool.name}/{task}", f"activations-{split}-{point}",
+        axis = f"-axis{axes[point]}" if axes[point] != -1 else ""
+        return StatsKey(str(model_identity), f"{taskpool.name}/{task}", f"activations-{split}-{point}{axis}",
                         n_examples, seed)
 
     per_task: list[dict[str, torch.Tensor]] = []
@@ -214,7 +381,7 @@ def collect_activations(model: nn.Module, taskpool: TaskPool, tasks: Sequence[st
             cache.hits += len(points) - len(todo)
             cache.misses += len(todo)
         if todo:
-            for p, t in _run_points(model, taskpool, task, todo, split, n_examples, batch_size).items():
+            for p, t in _run_points(model, taskpool, task, todo, split, n_examples, batch_size, axes).items():
                 found[p] = t
                 if cache is not None:
                     cache.save(key(task, p), {"activations": t})
@@ -223,7 +390,7 @@ def collect_activations(model: nn.Module, taskpool: TaskPool, tasks: Sequence[st
 
 
 def _run_points(model: nn.Module, taskpool: TaskPool, task: str, points: Sequence[str], split: str,
-                n_examples: int, batch_size: int) -> dict[str, torch.Tensor]:
+                n_examples: int, batch_size: int, axes: Mapping[str, int]) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
     chunks: dict[str, list[torch.Tensor]] = {p: [] for p in points}
 
@@ -231,7 +398,8 @@ def _run_points(model: nn.Module, taskpool: TaskPool, task: str, points: Sequenc
         def record(module: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> None:
             out = output[0] if isinstance(output, tuple) else output
             assert isinstance(out, torch.Tensor)
-            chunks[point].append(out.detach().reshape(-1, out.shape[-1]).float().cpu())
+            out = out.detach().movedim(axes.get(point, -1), -1)
+            chunks[point].append(out.reshape(-1, out.shape[-1]).float().cpu())
         return record
 
     device = next(model.parameters()).device

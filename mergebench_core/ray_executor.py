@@ -42,8 +42,8 @@ def run_spec(options: RunOptions, store_path: str | None, spec: tuple[Any, ...])
     if store_path is not None:  # training curves go beside the store's path, on the worker's filesystem
         runner.logger_set.store_path = Path(store_path)
     if spec[0] == "reference":
-        _, pool, taskpool, label = spec
-        return runner.reference(pool, taskpool, label)
+        _, pool, taskpool, label, *seed = spec  # the seed: for pools whose models depend on it (`for_seed`)
+        return runner.reference(pool, taskpool, label, *seed)
     _, method, params, modelpool, taskpool, seed, given = spec
     reg = runner.registry.method_registration(method)
     values = _instantiate(method, reg.obj.Params, params, [], field_types(reg.obj.Params))

@@ -18,8 +18,9 @@ def test_a_task_vector_method_on_an_independent_pool_exits_2_and_writes_nothing(
 def test_every_method_on_an_independent_pool_skips_task_vector_methods_and_fuses(cli_env, capsys):
     assert main(["run", "-p", SEEDS, "-m", "git_rebasin,simple_average,ensemble"]) == 0
     rows = {r.method: r for r in ResultStore(cli_env / "results.sqlite").all()}
-    assert set(rows) == {"model seed0", "model seed1", "git_rebasin", "simple_average", "ensemble"}
+    assert set(rows) == {"model seed0", "model seed1", "best model", "git_rebasin", "simple_average", "ensemble"}
     best = max(rows["model seed0"].mean, rows["model seed1"].mean)
+    assert rows["best model"].mean == best and rows["best model"].kind == "reference"
     assert rows["git_rebasin"].mean > rows["simple_average"].mean + 0.1  # alignment matters
     assert rows["git_rebasin"].mean <= best + 0.01
     out = capsys.readouterr().out

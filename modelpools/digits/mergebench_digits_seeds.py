@@ -1,13 +1,29 @@
-"""An independent pool for fusion methods: digit classifiers trained from different random initialisations.
+"""Independent pools for fusion methods: digit classifiers trained from different random initialisations.
 
-Git Re-Basin's MLP setting in miniature (Ainsworth et al., ICLR 2023, whose MNIST MLP has this shape with wider
-layers): each model is a whole classifier, 64 pixels → 128 → 128 → 10 classes with ReLU, trained on the 1,200
-train digits of the embedded pool (the same split as `digits_TA8`, `digits` view) from its own initialisation seed
-and its own data order. There is no pretrained model and there are no task vectors: the hidden units of the models
-are in unrelated orders, so naive averaging fails and a fusion method must align them first (the pool declares its
-`permutation_spec`). The checkpoints are cached as safetensors under a hash of the recipe, like the TA8 pool.
+Git Re-Basin's and the neuron-interpolation paper's settings in miniature. Each model is a whole classifier (its head
+included) trained on the 1,200 train digits of the embedded pool (the same split as `digits_TA8`, `digits` view) from
+its own initialisation seed and its own data order. There is no pretrained model and there are no task vectors: the
+hidden units of the models are in unrelated orders, so naive averaging fails and a fusion method must align them
+first (each pool declares its `permutation_spec`, with activation points and fusion levels).
 
-`mergebench_digits` registers this pool and its task pool `digits_full` (one entry point for the distribution).
+Twelve pools, `digits-<arch>_<setting>`, three architectures (`mergebench_digits_archs`: `mlp`, `cnn`, `vit`) in four
+data settings:
+
+- `seeds`: 2 models, each on the whole train split (only the initialisation and the data order differ);
+- `split2`, `split4`: 2 or 4 models, each on a label-skewed part: each class's examples are divided among the models
+  by a Dirichlet draw with concentrations spread evenly from 1 to 5 (smallest/largest 0.2, shuffled per class), as
+  the neuron-interpolation code makes its non-IID splits;
+- `shard2`: 2 models, each on a disjoint random half (the reference code's "sharded" splits divide the classes
+  instead; here the halves are IID, so only the amount of data differs from `seeds`).
+
+Every model of a pool scores on the whole test split through `digits_full`. Model i of pool seed s is initialised and
+ordered from seed 1000·s + i, and the splits are drawn from s, so pool seeds never share a model. `for_seed(s)` gives
+the pool of pool seed s under the same name: the runner uses it for cell seed s, so `--seed 0,1,2` fuses three
+independent sets of base models, and mean ± std over seeds covers the base models' variation, as the papers report.
+
+The checkpoints are cached as safetensors under a hash of the recipe (`$MERGEBENCH_CACHE/pools/digits-seeds/<hash>`),
+with `build.json` saying how long the build took and what each model saw. `mergebench_digits` registers these pools
+and their task pool `digits_full` (one entry point for the distribution).
 """
 
 from __future__ import annotations
@@ -16,45 +32,88 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mergebench_core import ModelPool, TaskPool
-from mergebench_core.alignment import PermutationSpec, mlp_permutation_spec
+from mergebench_core.alignment import PermutationSpec
+from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
 from mergebench_core.tensors import SafetensorsSource, load_state_dict, save_state_dict
 from mergebench_digits import DigitsData, Recipe
+from mergebench_digits_archs import ARCHS, MLPClassifier, build_model
+
+__all__ = ["MLPClassifier", "SeedsRecipe", "DigitsSeedsModelPool", "DigitsFullTaskPool", "POOLS", "build",
+           "ensure_built", "model_names", "train_subsets"]
 
 log = logging.getLogger(__name__)
 
 POOL_NAME = "digits-mlp_seeds"
 TASKPOOL_NAME = "digits_full"
 TASK = "digits"
-SEEDS_RECIPE_VERSION = 1  # bump when the build code changes in a way the recipe fields do not show
+SEEDS_RECIPE_VERSION = 2  # bump when the build code changes in a way the recipe fields do not show
+SETTINGS = ("full", "split", "shard")
+
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Adam at 2e-3 for 600 steps of 64 (32 epochs), constant: every MLP above 97 % in about a second.
+    "mlp": dict(arch_config=(("hidden", 128),), steps=600, lr=2e-3, batch_size=64, schedule="constant"),
+    # one-cycle Adam, 400 steps of 64: about 98 % in a few seconds.
+    "cnn": dict(arch_config=(("channels", (16, 32, 64)),), steps=400, lr=3e-3, batch_size=64, schedule="onecycle"),
+    # 4×4 patches (4 tokens and a class token): one-cycle Adam, 300 steps of 128, about 97 %.
+    "vit": dict(arch_config=(("patch", 4), ("dim", 64), ("depth", 2), ("heads", 4), ("mlp_hidden", 128)),
+                steps=300, lr=2e-3, batch_size=128, schedule="onecycle"),
+}
+SETTING_NAMES: dict[str, tuple[str, int]] = {"seeds": ("full", 2), "split2": ("split", 2), "split4": ("split", 4),
+                                             "shard2": ("shard", 2)}
 
 
 @dataclass(frozen=True)
 class SeedsRecipe:
-    """Everything that determines the pool's weights; its hash names the cache folder."""
+    """Everything that determines a pool's weights; its hash names the cache folder."""
 
+    arch: str = "mlp"
+    arch_config: tuple[tuple[str, Any], ...] = ARCH_DEFAULTS["mlp"]["arch_config"]
+    """Keyword arguments of the architecture (`mergebench_digits_archs.build_model`)."""
+    setting: str = "full"
+    """"full": every model sees the whole train split; "split": label-skewed parts (Dirichlet over models per class);
+    "shard": disjoint random parts."""
     num_models: int = 2
     seed: int = 0
-    """Model i is initialised from seed + i and sees the data in an order drawn from seed + i."""
+    """The pool seed: model i is initialised and ordered from 1000·seed + i; the splits are drawn from it."""
     data_seed: int = Recipe.seed
     n_train: int = Recipe.n_train
     """The train/test split: the TA8 pool's by default."""
-    hidden: int = 128
+    dirichlet_ratio: float = 0.2
+    """"split": the smallest Dirichlet concentration over the largest (1 to 1/ratio, spread evenly over models)."""
     steps: int = 600
     lr: float = 2e-3
-    """Adam at 2e-3 for 600 steps of 64 (32 epochs): every model above 97 % test accuracy in about a second."""
     batch_size: int = 64
+    schedule: str = "constant"
+    """"constant" or "onecycle" (torch's OneCycleLR with `lr` as its peak)."""
     version: int = SEEDS_RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
+        if self.num_models < 1:
+            raise ValueError("a pool needs at least one model")
+        object.__setattr__(self, "arch_config", tuple((k, _tuple(v)) for k, v in self.arch_config))
+
+    @classmethod
+    def preset(cls, arch: str, setting_name: str = "seeds", **changes: Any) -> SeedsRecipe:
+        """The recipe of pool `digits-<arch>_<setting_name>` (settings: seeds, split2, split4, shard2)."""
+        setting, num_models = SETTING_NAMES[setting_name]
+        return cls(arch=arch, setting=setting, num_models=num_models, **{**ARCH_DEFAULTS[arch], **changes})
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -62,69 +121,121 @@ class SeedsRecipe:
     def data(self) -> DigitsData:
         return DigitsData(Recipe(seed=self.data_seed, n_train=self.n_train))
 
+    def model(self) -> nn.Module:
+        return build_model(self.arch, **dict(self.arch_config))
 
-class MLPClassifier(nn.Module):
-    """The whole classifier is the model (the head included): 64 → hidden → hidden → 10 with ReLU."""
 
-    def __init__(self, hidden: int = 128, classes: int = 10):
-        super().__init__()
-        self.fc1 = nn.Linear(64, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.fc3 = nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+def _tuple(value: Any) -> Any:
+    return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def model_names(recipe: SeedsRecipe) -> list[str]:
     return [f"seed{i}" for i in range(recipe.num_models)]
 
 
-def _train(recipe: SeedsRecipe, seed: int, x: torch.Tensor, y: torch.Tensor) -> MLPClassifier:
+def train_subsets(recipe: SeedsRecipe, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Indices into the train split that each model trains on."""
+    n, k = len(labels), recipe.num_models
+    if recipe.setting == "full":
+        return [torch.arange(n) for _ in range(k)]
+    gen = torch.Generator().manual_seed(10_000 + recipe.seed)
+    if recipe.setting == "shard":
+        return [part.sort().values for part in torch.randperm(n, generator=gen).chunk(k)]
+    import numpy as np  # the Dirichlet draw: numpy's generator is seedable and stable across versions
+
+    rng = np.random.default_rng(10_000 + recipe.seed)
+    alphas = np.linspace(1.0, 1.0 / recipe.dirichlet_ratio, k)
+    parts: list[list[int]] = [[] for _ in range(k)]
+    for c in range(int(labels.max()) + 1):
+        idx = torch.nonzero(labels == c)[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=gen)].tolist()
+        shares = rng.dirichlet(rng.permutation(alphas))
+        counts = (shares * len(idx)).astype(int)
+        counts[-1] += len(idx) - counts.sum()
+        start = 0
+        for i, count in enumerate(counts.tolist()):
+            parts[i].extend(idx[start:start + count])
+            start += count
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
+
+
+def _init(recipe: SeedsRecipe, seed: int, gen: torch.Generator) -> nn.Module:
+    with torch.random.fork_rng():  # default initialisations draw from the global generator: leave it as it was
+        torch.manual_seed(seed)
+        model = recipe.model()
+    if recipe.arch == "mlp":
+        with torch.no_grad():  # He (Kaiming-normal) weights and zero biases, the usual start for ReLU networks
+            for layer in (model.fc1, model.fc2, model.fc3):
+                layer.weight.normal_(0.0, (2.0 / layer.in_features) ** 0.5, generator=gen)
+                layer.bias.zero_()
+    elif recipe.arch == "vit":
+        with torch.no_grad():
+            model.embed.cls.normal_(0.0, 0.02, generator=gen)
+            model.embed.pos.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def _train(recipe: SeedsRecipe, seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():  # the default initialisation draws from the global generator: leave it as it was
-        model = MLPClassifier(recipe.hidden, int(y.max()) + 1)
-    with torch.no_grad():  # He (Kaiming-normal) weights and zero biases, the usual start for ReLU networks
-        for layer in (model.fc1, model.fc2, model.fc3):
-            layer.weight.normal_(0.0, (2.0 / layer.in_features) ** 0.5, generator=gen)
-            layer.bias.zero_()
+    model = _init(recipe, seed, gen)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps) \
+        if recipe.schedule == "onecycle" else None
     order = torch.empty(0, dtype=torch.long)
+    model.train()
     for _ in range(recipe.steps):
-        if len(order) < recipe.batch_size:  # epochs in a seeded order; a short remainder joins the next epoch
+        while len(order) < recipe.batch_size:  # epochs in a seeded order; a short remainder joins the next epoch
             order = torch.cat([order, torch.randperm(len(x), generator=gen)])
         idx, order = order[: recipe.batch_size], order[recipe.batch_size:]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    log.info("trained the seed-%d classifier (last batch loss %.4f)", seed, loss.item())
+        if sched is not None:
+            sched.step()
+    log.info("trained the seed-%d %s classifier (last batch loss %.4f)", seed, recipe.arch, loss.item())
     return model.eval()
 
 
 def build(recipe: SeedsRecipe, folder: Path) -> None:
     """Train every model and write it to `folder` as safetensors (one thread, as the TA8 pool builds: the matrices
     are too small to gain from more, and a fixed thread count makes the weights the same on every machine)."""
-    log.info("building %s (recipe %s) in %s", POOL_NAME, recipe.digest(), folder)
+    log.info("building the %s/%s pool (recipe %s) in %s", recipe.arch, recipe.setting, recipe.digest(), folder)
+    start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         x, y = recipe.data().split(TASK, "train")
-        models = {name: _train(recipe, recipe.seed + i, x, y) for i, name in enumerate(model_names(recipe))}
+        parts = train_subsets(recipe, y)
+        models = {name: _train(recipe, 1000 * recipe.seed + i, x[parts[i]], y[parts[i]])
+                  for i, name in enumerate(model_names(recipe))}
     finally:
         torch.set_num_threads(threads)
     folder.mkdir(parents=True, exist_ok=True)
     for name, model in models.items():
         save_state_dict(model.state_dict(), folder / f"{name}.safetensors")
-    (folder / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))  # written last: done
+    classes = int(y.max()) + 1
+    info = {"seconds": round(time.perf_counter() - start, 2),
+            "models": {name: {"examples": len(parts[i]),
+                              "class_counts": torch.bincount(y[parts[i]], minlength=classes).tolist()}
+                       for i, name in enumerate(model_names(recipe))}}
+    write_text_atomic(folder / "build.json", json.dumps(info, indent=2))
+    write_text_atomic(folder / "recipe.json", json.dumps(dataclasses.asdict(recipe), indent=2))  # last: done
 
 
 def ensure_built(recipe: SeedsRecipe, root: Path | None = None) -> Path:
     folder = (root or cache_dir() / "pools" / "digits-seeds") / recipe.digest()
-    marker = folder / "recipe.json"
-    if not (marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(dataclasses.asdict(recipe)))):
-        build(recipe, folder)
+    want = json.loads(json.dumps(dataclasses.asdict(recipe)))
+    files = [folder / f"{n}.safetensors" for n in model_names(recipe)]
+
+    def done() -> bool:  # a torn recipe.json or a truncated checkpoint is rebuilt
+        return read_json(folder / "recipe.json") == want and safetensors_intact(files)
+
+    if not done():
+        with build_lock(folder, f"the {recipe.arch}/{recipe.setting} pool"):  # built once by concurrent processes
+            if not done():
+                (folder / "recipe.json").unlink(missing_ok=True)
+                build(recipe, folder)
     return folder
 
 
@@ -139,6 +250,7 @@ class DigitsSeedsModelPool(ModelPool):
     def __init__(self, recipe: SeedsRecipe | None = None, root: Path | None = None):
         self.recipe = recipe or SeedsRecipe()
         self.root = root
+        self._seeded: dict[int, DigitsSeedsModelPool] = {self.recipe.seed: self}
 
     @cached_property
     def folder(self) -> Path:
@@ -155,9 +267,13 @@ class DigitsSeedsModelPool(ModelPool):
         return self.folder / f"{name}.safetensors"
 
     def load_model(self, name: str) -> nn.Module:
-        model = MLPClassifier(self.recipe.hidden)
+        model = self.recipe.model()
         model.load_state_dict(load_state_dict(self._file(name)))
         return model.eval()
+
+    def build_model(self) -> nn.Module:
+        """An untrained instance of the architecture (no build needed): what methods inspect before any work."""
+        return self.recipe.model()
 
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return load_state_dict(self._file(name))
@@ -172,12 +288,27 @@ class DigitsSeedsModelPool(ModelPool):
         return f"{self.name}/{self.recipe.digest()}/{name}"
 
     def version_info(self) -> dict[str, str]:
-        return {"digits_seeds_recipe": self.recipe.digest()}
+        return {"digits_seeds_recipe": self.recipe.digest(), "digits_seeds_pool_seed": str(self.recipe.seed)}
 
     def permutation_spec(self) -> PermutationSpec:
-        """The two hidden layers' units: `P_fc1` (fc1's outputs, fc2's inputs) and `P_fc2` (fc2's outputs, fc3's
-        inputs); the 10 class logits stay in place."""
-        return mlp_permutation_spec(["fc1", "fc2", "fc3"])
+        """The architecture's spec (`mergebench_digits_archs`): hidden units, channels, or residual stream, heads and
+        MLP units; with activation points and fusion levels."""
+        return self.recipe.model().permutation_spec()
+
+    def for_seed(self, seed: int) -> DigitsSeedsModelPool:
+        """The same pool built from pool seed `seed` (other initialisations, orders and splits), under the same name:
+        the runner asks for it in every cell, so cell seed s fuses the base models of pool seed s."""
+        if seed not in self._seeded:
+            pool = type(self)(dataclasses.replace(self.recipe, seed=seed), self.root)
+            pool.name = self.name
+            pool._seeded = self._seeded
+            self._seeded[seed] = pool
+        return self._seeded[seed]
+
+    def build_info(self) -> dict[str, Any]:
+        """What `build.json` recorded: build seconds, and each model's number of examples and class counts."""
+        path = self.folder / "build.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class DigitsFullTaskPool(TaskPool):
@@ -222,9 +353,38 @@ class DigitsFullTaskPool(TaskPool):
         return {"digits_seeds_split": f"{self.recipe.data_seed}/{self.recipe.n_train}"}
 
 
+ARCH_LABELS = {"mlp": "MLP 64-128-128-10", "cnn": "VGG-style CNN 16-32-64", "vit": "ViT, 4x4 patches, 2 blocks"}
+SETTING_LABELS = {"seeds": "the full train split", "split2": "label-skewed (Dirichlet) halves",
+                  "split4": "label-skewed (Dirichlet) quarters", "shard2": "disjoint random halves"}
+
+
+def _factory(arch: str, setting_name: str):
+    name = f"digits-{arch}_{setting_name}"
+
+    def make() -> DigitsSeedsModelPool:
+        pool = DigitsSeedsModelPool(SeedsRecipe.preset(arch, setting_name))
+        pool.name = name
+        return pool
+
+    make.__name__ = make.__qualname__ = f"pool_{arch}_{setting_name}"
+    return name, make
+
+
+POOLS = dict(_factory(arch, setting) for arch in ARCHS for setting in SETTING_NAMES)
+"""{pool name: factory}: `digits-<arch>_<setting>` for arch in mlp, cnn, vit and setting in seeds, split2, split4,
+shard2."""
+
+
 def register_modelpools(register) -> None:  # called by mergebench_digits' hook (the distribution's entry point)
-    register(POOL_NAME, DigitsSeedsModelPool,
-             "2 digit classifiers (MLP 64-128-128-10) from different random inits, for fusion (embedded, offline)")
+    for name, factory in POOLS.items():
+        arch, setting = name.removeprefix("digits-").split("_")
+        models = SETTING_NAMES[setting][1]
+        register(name, factory, f"{models} digit classifiers ({ARCH_LABELS[arch]}) from different random inits, "
+                                f"each trained on {SETTING_LABELS[setting]}, for fusion (embedded, offline)")
+    from mergebench_core.fusion import folder_pool_from_env
+
+    register("fusion-folder", folder_pool_from_env, "your own models for fusion: model.py and one .safetensors per "
+                                                    "model in the folder $MERGEBENCH_FUSION_DIR")
 
 
 def register_taskpools(register) -> None:

@@ -32,6 +32,7 @@ def _race(target, *args, n: int = 2, timeout: float = 300) -> list:
     start, results = ctx.Barrier(n), ctx.Queue()
 
     def run(i: int) -> None:
+        torch.set_num_threads(1)  # OpenMP's pool does not survive fork: a child that used it would wait forever
         try:
             results.put((i, "ok", target(start, *args)))
         except BaseException as exc:  # reported to the test, which fails with it

@@ -6,8 +6,8 @@ cell in the driver's process), `--jobs 1` (each cell in a fresh forked worker, t
 run `--repeat` times, alternating, and the median wall time is printed with the ratios, then the check that `--jobs 2`
 stored exactly the numbers `--jobs 1` did.
 
-Run: `python bench/parallel_jobs.py` (about 2 minutes on 2 cores). Set OMP_NUM_THREADS=1 to compare like with like:
-torch then uses one thread per cell whatever the number of jobs.
+Run: `python bench/parallel_jobs.py` (a few minutes on 2 cores). Workers compute single-threaded (unless
+MERGEBENCH_WORKER_THREADS says otherwise), so every setting but `--isolation none` computes the same bits.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ tensor to disk as soon as it exists.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +36,23 @@ class TensorSource(Protocol):
     def get(self, key: str) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class SupportsReadInto(Protocol):
+    """A source that reads part of a tensor into memory the caller owns (block streaming, no allocation per read)."""
+
+    def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        """Read `out.numel()` entries of tensor `key`, from flat index `start` on, into `out` (contiguous, the
+        tensor's dtype)."""
+
+
+@runtime_checkable
+class SupportsReadSlices(Protocol):
+    """A source that reads many short runs of a tensor at once (the samples of `sparsify.bracket_thresholds`)."""
+
+    def read_slices(self, key: str, starts: Sequence[int], out: torch.Tensor) -> None:
+        """Read `out.shape[1]` entries of tensor `key` from each flat index in `starts` into the rows of `out`."""
+
+
 class StateDictSource:
     """A state dict already in memory."""
 
@@ -52,6 +71,19 @@ class StateDictSource:
     def get(self, key: str) -> torch.Tensor:
         return self.tensors[key]
 
+    def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        flat = self.tensors[key].detach().reshape(-1)
+        if out.dtype != flat.dtype or start < 0 or start + out.numel() > flat.numel():
+            raise ValueError(f"read_into({key!r}) needs a {flat.dtype} tensor of at most {flat.numel() - start} "
+                             f"entries, got {out.dtype} {list(out.shape)} from index {start}")
+        out.view(-1).copy_(flat[start:start + out.numel()])
+
+    def read_slices(self, key: str, starts: Sequence[int], out: torch.Tensor) -> None:
+        flat = self.tensors[key].detach().reshape(-1)
+        length = out.shape[1]
+        index = (torch.as_tensor(list(starts), dtype=torch.int64).view(-1, 1) + torch.arange(length)).view(-1)
+        out.copy_(flat[index.to(flat.device)].view(len(starts), length))
+
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -59,6 +91,7 @@ _ST_DTYPES = {
     "BOOL": torch.bool,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ELEMENT_SIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in _ST_DTYPES.items()}
 
 
 class SafetensorsSource:
@@ -77,12 +110,11 @@ class SafetensorsSource:
         self._data_start: dict[Path, int] = {}
         self._fds: dict[Path, int] = {}
         for f in self.files:
-            for key, meta in read_safetensors_header(f).items():
+            header, self._data_start[f] = _parse_header(f)
+            for key, meta in header.items():
                 if key in self._where:
-                    raise CheckpointError(f"tensor {key!r} appears in both {self._where[key]} and {f}")
+                    raise CheckpointError(f"tensor {_short(key)} appears in both {self._where[key]} and {f}")
                 self._where[key], self._meta[key] = f, meta
-            with open(f, "rb") as fh:
-                self._data_start[f] = 8 + struct.unpack("<Q", fh.read(8))[0]
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -180,14 +212,19 @@ def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
 
 
 def resolve_checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files that make up a checkpoint: a file, an index json, or a model folder."""
+    """The safetensors files that make up a checkpoint: a file, an index json, or a model folder.
+
+    Files found through a folder or an index must lie inside that folder (`input_root`): an index naming an
+    absolute path or one with `..`, or a symlink leading elsewhere, is refused, so a downloaded checkpoint cannot
+    make mergebench read (and merge into its output) files it was not pointed at.
+    """
     if path.is_dir():
         for index in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json"):
             if (path / index).is_file():
                 return _files_from_index(path / index)
         files = sorted(path.glob("*.safetensors"))
         if files:
-            return files
+            return [_inside(path, f, f"{path} holds {f.name}") for f in files]
         if any(path.glob("*.bin")) or any(path.glob("*.pt")):
             raise CheckpointError(f"{path} holds only pickle checkpoints (.bin/.pt); convert them to safetensors "
                                   f"first (`mergebench convert`), mergebench never unpickles by default")
@@ -202,51 +239,198 @@ def resolve_checkpoint_files(path: Path) -> list[Path]:
     return [path]
 
 
+def input_root(folder: Path) -> Path:
+    """The folder that a checkpoint folder's files (shards, configs) may resolve into.
+
+    That is the folder itself, except in a Hugging Face cache snapshot (`models--org--name/snapshots/<revision>/`),
+    whose files are symlinks into the repository's `blobs/` folder: there it is the repository folder.
+    """
+    folder = Path(os.path.abspath(folder))
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        return folder.parent.parent.resolve()
+    return folder.resolve()
+
+
+def resolves_inside(folder: Path, f: Path) -> bool:
+    """Whether `f` (a path in `folder`), after following every symlink, lies inside `input_root(folder)`."""
+    try:
+        f.resolve(strict=True).relative_to(input_root(folder))
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _inside(folder: Path, f: Path, what: str) -> Path:
+    if not resolves_inside(folder, f):
+        raise CheckpointError(f"{what}, which resolves to {os.path.realpath(f)}, outside the checkpoint folder; "
+                              f"mergebench reads only files inside the folder it is given")
+    return f
+
+
 def _files_from_index(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        size = index.stat().st_size
+        if size > 4 * max_header_bytes():
+            raise ValueError(f"{size} bytes, more than the {4 * max_header_bytes()} an index may have")
+        data = json.loads(index.read_bytes().decode("utf-8"))
+        weight_map = data["weight_map"] if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("its weight_map is not an object of tensor name -> shard file name")
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
-    files = sorted({index.parent / f for f in weight_map.values()})
-    for f in files:
+    files = []
+    for name in sorted(set(weight_map.values())):
+        parts = name.replace("\\", "/").split("/")
+        if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise CheckpointError(f"{index} names shard {_short(name)}, a path outside the checkpoint folder; "
+                                  f"shards must be files inside it")
+        f = index.parent / name
         if not f.is_file():
-            raise CheckpointError(f"{index} names shard {f.name}, which is missing")
+            raise CheckpointError(f"{index} names shard {_short(name)}, which is missing")
+        files.append(_inside(index.parent, f, f"{index} names shard {_short(name)}"))
     return files
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Parse and validate a safetensors header without reading tensor data."""
+def copy_side_files(folder: Path, out: Path) -> list[str]:
+    """Copy a checkpoint folder's other files (config, tokenizer) into `out`; returns a line per file skipped.
+
+    Only regular files at the folder's top level are copied, never weights, and never through a symlink that leads
+    outside the folder (`resolves_inside`): a `config.json` linked to a private file stays where it is. What is
+    copied is the file's content, not the link.
+    """
+    skipped = []
+    for f in sorted(folder.iterdir()):
+        if f.name.endswith((".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt")) or f.name.startswith("."):
+            continue
+        if not resolves_inside(folder, f):
+            skipped.append(f"{f} (a link to {os.path.realpath(f)}, outside {folder})")
+            continue
+        if not f.resolve().is_file():
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / f.name
+        if target.is_symlink():
+            target.unlink()
+        shutil.copyfile(f.resolve(), target)
+    return skipped
+
+
+MAX_HEADER_BYTES_ENV = "MERGEBENCH_MAX_HEADER_BYTES"
+MAX_TENSORS_ENV = "MERGEBENCH_MAX_TENSORS"
+
+
+def max_header_bytes() -> int:
+    """The largest safetensors header read (16 MiB; `MERGEBENCH_MAX_HEADER_BYTES` to change). Real headers take
+    about 120 bytes a tensor, so this allows 100,000+ tensors in one file while a hostile length is refused before
+    anything is parsed."""
+    return int(os.environ.get(MAX_HEADER_BYTES_ENV, str(16 << 20)))
+
+
+def max_tensors() -> int:
+    """The most tensors one safetensors file may declare (200,000; `MERGEBENCH_MAX_TENSORS` to change)."""
+    return int(os.environ.get(MAX_TENSORS_ENV, "200000"))
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: error messages quote values from files that may be hostile."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {_short(key)} appears twice")
+        out[key] = value
+    return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_header(path: Path) -> tuple[dict[str, dict], int]:
+    """(validated tensor entries, byte offset of the data section) of a safetensors file.
+
+    Everything a reader relies on is checked before any tensor is read, and every problem is a `CheckpointError`
+    naming the file: the header's length against the file and the cap, its JSON (an object, UTF-8, no duplicate
+    keys), the tensor count, and per tensor its dtype, a shape of non-negative integers, and `data_offsets` that are
+    two integers 0 <= start <= end inside the data section, span exactly shape x dtype bytes, and overlap no other
+    tensor's bytes.
+    """
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a valid safetensors file: {problem}")
+
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
+                raise bad("the file is shorter than its 8-byte header length (corrupt or truncated?)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}") from exc
-    header.pop("__metadata__", None)
+            if n > size - 8:
+                raise bad(f"its header length {n} exceeds the file size {size} (corrupt or truncated?)")
+            if n > max_header_bytes():
+                raise bad(f"its header is {n} bytes, more than the {max_header_bytes()} mergebench reads "
+                          f"(set {MAX_HEADER_BYTES_ENV} to allow more)")
+            blob = fh.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    # every entry needs at least 4 ':' (name, dtype, shape, data_offsets): refuse an absurd count before parsing
+    if blob.count(b":") > 4 * max_tensors() + 65_536:
+        raise bad(f"its header declares more than {max_tensors()} tensors (set {MAX_TENSORS_ENV} to allow more)")
+    try:
+        header = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"its header is not valid JSON ({exc}); the file is corrupt or truncated?") from None
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and
+                                     all(isinstance(v, str) for v in metadata.values())):
+        raise bad("its __metadata__ is not an object of strings")
+    if len(header) > max_tensors():
+        raise bad(f"its header declares {len(header)} tensors, more than {max_tensors()} "
+                  f"(set {MAX_TENSORS_ENV} to allow more)")
     data_len = size - 8 - n
+    spans = []
     for key, meta in header.items():
-        try:
-            start, end = meta["data_offsets"]
-            dtype = meta["dtype"]
-            numel = 1
-            for d in meta["shape"]:
-                numel *= d
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: malformed header entry for {key!r}") from exc
-        if dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        where = f"tensor {_short(key)}"
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+            raise bad(f"{where} is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {_short(key)} has unsupported dtype {_short(dtype)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"{where} has shape {_short(shape)}; a shape is a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"{where} has data_offsets {_short(offsets)}; they must be two integers 0 <= start <= end")
+        start, end = offsets
         if end > data_len:
-            raise CheckpointError(f"{path} is truncated: tensor {key!r} ends at byte {end} of the data section, "
-                                  f"which holds only {data_len} bytes")
-        if end - start != numel * torch.tensor([], dtype=_ST_DTYPES[dtype]).element_size():
-            raise CheckpointError(f"{path}: tensor {key!r} has {end - start} bytes for shape {meta['shape']}")
-    return header
+            raise CheckpointError(f"{path} is truncated: tensor {_short(key)} ends at byte {end} of the data "
+                                  f"section, which holds only {data_len} bytes")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - start != numel * _ELEMENT_SIZE[dtype]:
+            raise bad(f"{where} has {end - start} bytes for shape {_short(shape)} of {dtype}, which needs "
+                      f"{numel * _ELEMENT_SIZE[dtype]}")
+        if end > start:
+            spans.append((start, end, key))
+    spans.sort()
+    for (_, end_a, key_a), (start_b, _, key_b) in itertools.pairwise(spans):
+        if start_b < end_a:
+            raise bad(f"the bytes of tensors {_short(key_a)} and {_short(key_b)} overlap")
+    return header, 8 + n
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse and validate a safetensors header without reading tensor data (see `_parse_header`)."""
+    return _parse_header(path)[0]
 
 
 class StreamingSafetensorsWriter:
@@ -254,8 +438,11 @@ class StreamingSafetensorsWriter:
 
     The header needs every shape and dtype up front; the caller declares them (they are known from the inputs).
     Bytes go to a temporary file that replaces `path` only on `commit()`: an error never leaves a half-written
-    output behind.
+    output behind. Large tensors can be written in blocks (`write_block`), so no tensor needs to exist whole.
     """
+
+    patch_window: int = 1 << 22
+    """Entries read back at a time by `patch`."""
 
     def __init__(self, path: str | os.PathLike[str], layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: Mapping[str, str] | None = None):
@@ -281,44 +468,77 @@ class StreamingSafetensorsWriter:
         self._fh.write(struct.pack("<Q", len(blob)) + blob)
         self._data_start = 8 + len(blob)
         self._next = 0
+        self._done = 0  # entries of tensor `_next` written so far (blocks)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write the whole of tensor `key`, the next one of the layout."""
+        if self._next >= len(self._expected) or self._done:
+            self.abort()
+            raise ValueError(f"writer got {key} {tuple(tensor.shape)} {tensor.dtype} out of order")
         want_key, shape, dtype = self._expected[self._next]
         if key != want_key or tuple(tensor.shape) != shape or tensor.dtype != dtype:
             self.abort()
             raise ValueError(f"writer expected {want_key} {shape} {dtype}, got {key} {tuple(tensor.shape)} "
                              f"{tensor.dtype}")
-        t = tensor.detach().to("cpu").contiguous()
+        self.write_block(key, 0, tensor.reshape(-1))
+
+    def write_block(self, key: str, start: int, values: torch.Tensor) -> None:
+        """Write flat entries [start, start + values.numel()) of tensor `key`: the blocks of one tensor come in
+        order and together cover it, and tensors come in the layout's order."""
+        if self._next >= len(self._expected):
+            self.abort()
+            raise ValueError(f"writer got a block of {key} after every tensor was written")
+        want_key, shape, dtype = self._expected[self._next]
+        numel = torch.Size(shape).numel()
+        if key != want_key or values.dtype != dtype or start != self._done or start + values.numel() > numel:
+            self.abort()
+            raise ValueError(f"writer expected entries {self._done}.. of {want_key} {shape} {dtype}, got {key} "
+                             f"{values.dtype} entries {start}..{start + values.numel()}")
+        t = values.detach().to("cpu").contiguous()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: write its raw 16-bit pattern
             t = t.view(torch.int16)
         if t.numel():
             self._fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))  # no intermediate bytes copy
-        self._next += 1
+        self._done += values.numel()
+        if self._done == numel:
+            self._next += 1
+            self._done = 0
 
     def patch(self, key: str, index: torch.Tensor | None, values: torch.Tensor) -> None:
         """Overwrite entries of a tensor already written: those at flat `index`, or all of it when `index` is None.
 
-        A method that settles a few entries only after its merge pass (TIES's one-pass top-k) corrects them here,
-        before `commit()`; only that tensor is read back.
+        A method that settles a few entries only after its merge pass corrects them here, before `commit()`. The
+        tensor is read back and rewritten in windows of at most `patch_window` entries, so patching a large tensor
+        holds no more of it than that.
         """
         position = self._position.get(key)
         if position is None or position >= self._next:
             raise ValueError(f"cannot patch {key!r}: it has not been written yet")
         _, shape, dtype = self._expected[position]
+        numel = torch.Size(shape).numel()
         raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype  # numpy has no bfloat16
-        current = torch.empty(torch.Size(shape).numel(), dtype=dtype)
-        if index is None:
-            current.copy_(values.reshape(-1))
-        else:
-            self._fh.flush()
-            _pread_exact(self._fh.fileno(), memoryview(current.view(raw_dtype).numpy()).cast("B"),
-                         self._data_start + self._offsets[key])
-            current[index] = values.to(dtype)
+        values = values.detach().to("cpu").reshape(-1).to(dtype)
+        if index is not None:
+            index = index.detach().to("cpu").reshape(-1).to(torch.int64)
+            order = torch.argsort(index)
+            index, values = index[order], values[order]
         self._fh.flush()
-        buf = memoryview(current.view(raw_dtype).numpy()).cast("B")
-        offset, done = self._data_start + self._offsets[key], 0
-        while done < len(buf):
-            done += os.pwrite(self._fh.fileno(), buf[done:], offset + done)
+        fd, size = self._fh.fileno(), torch.empty(0, dtype=dtype).element_size()
+        for lo in range(0, numel, self.patch_window):
+            hi = min(numel, lo + self.patch_window)
+            offset = self._data_start + self._offsets[key] + lo * size
+            window = torch.empty(hi - lo, dtype=dtype)
+            if index is None:
+                window.copy_(values[lo:hi])
+            else:
+                a, b = torch.searchsorted(index, torch.tensor([lo, hi])).tolist()
+                if a == b:
+                    continue
+                _pread_exact(fd, memoryview(window.view(raw_dtype).numpy()).cast("B"), offset)
+                window[index[a:b] - lo] = values[a:b]
+            buf, done = memoryview(window.view(raw_dtype).numpy()).cast("B"), 0
+            while done < len(buf):
+                done += os.pwrite(fd, buf[done:], offset + done)
 
     def commit(self) -> Path:
         if self._next != len(self._expected):

@@ -17,7 +17,7 @@ from .api import (
 )
 from .errors import CheckpointError, ConfigError, MergebenchError, UnknownNameError
 from .hookspecs import hookimpl
-from .merging import MergeStream, TensorMergeMethod
+from .merging import MergeStream, TaskVectorMethod, TensorMergeMethod
 
 try:
     __version__ = _metadata.version("mergebench")
@@ -26,6 +26,6 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 
 __all__ = [
     "ACCURACY", "MetricSpec", "PRETRAINED", "CheckpointError", "ConfigError", "Ensemble", "MergeOutput", "MergeStream", "MergebenchError",
-    "Method", "MethodInfo", "ModelPool", "PerTaskModels", "RunContext", "TaskPool", "TensorMergeMethod",
+    "Method", "MethodInfo", "ModelPool", "PerTaskModels", "RunContext", "TaskPool", "TaskVectorMethod", "TensorMergeMethod",
     "UnknownNameError", "hookimpl", "__version__",
 ]

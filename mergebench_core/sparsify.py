@@ -12,15 +12,15 @@ the one bucket that holds the k-th value) yields the exact k-th largest magnitud
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from .merging import MergeStream
-
+_CHUNK = 1 << 19  # entries (over all rows) compared at once: the temporaries stay in cache
+_FLUSH = 1 << 20  # magnitudes inside a bracket kept per row before they become a histogram
+_MAX_BINS = 1 << 20  # the most bit patterns such a histogram spans (8 MiB per row)
 _HI = 1 << 15  # |x| has a zero sign bit, so the high 16 bits of its pattern are below 2**15
 _LO = 1 << 16
 _INT32_MAX = (1 << 31) - 1
@@ -82,6 +82,7 @@ class StreamingTopK:
         hi = bits >> 16
         hi += self._row_offsets(_HI, hi.device)
         self.hi_hist += torch.bincount(hi.view(-1), minlength=len(self.counts) * _HI).view(-1, _HI).cpu()
+
 
     def _row_offsets(self, width: int, device: torch.device) -> torch.Tensor:
         return (torch.arange(len(self.counts), dtype=torch.int32, device=device) * width).view(-1, 1)
@@ -147,115 +148,396 @@ class StreamingTopK:
         return out.view(rows.shape)
 
 
-class OnePassTopK:
-    """Exact top-`counts[r]` magnitude selection for each of R rows, decided during the merge pass itself.
+    def thresholds(self) -> Thresholds:
+        """The exact selection as `Thresholds` (for blocks in the order they were observed)."""
+        self._find_thresholds()
+        cut, take, equal = [], [], []
+        for r, bits in enumerate(self.threshold):
+            if bits < 0:  # keeps nothing
+                cut.append(math.inf)
+                take.append(0)
+                equal.append(0)
+                continue
+            b, low = bits >> 16, bits & 0xFFFF
+            cut.append(float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)))
+            take.append(self.take_at_threshold[r])
+            equal.append(int(self.lo_hist[r, low]) if b == self.bucket[r] else 0)
+        return Thresholds(torch.tensor(cut, dtype=torch.float32), take, equal)
 
-    `StreamingTopK` needs two extra reads of every input before merging. This class needs none: a small sample of
-    the task vectors (`from_sample`, about 1/64 of the entries) brackets each row's threshold, lo ≤ t ≤ hi, with a
-    margin of `z` standard errors. During the merge pass `classify` settles every entry above hi (kept) and below lo
-    (dropped) for good, and the caller `hold`s the few entries in between (the boundary, about 1% of a model) with
-    whatever it needs to recompute them. Once every tensor has been seen, `resolve` picks exactly the right boundary
-    entries (largest magnitudes first, the earlier entry on ties, as `topk_mask` does) and the caller patches its
-    output there. If the exact counts show the sample misled the bracket, `resolve` returns False and the caller
-    falls back to `StreamingTopK`: the answer is exact either way, only the speed depends on the sample.
 
-    Masks come back as float32 0/1 tensors: torch's CPU comparisons that write floats run several times faster
-    than those that write bools, and the caller multiplies by them anyway.
+class Thresholds:
+    """An exact top-`count` selection per row, as thresholds: keep |x| > t, and of the entries with |x| = t the
+    first `take` in stream order (of the `equal` there are). `mask` applies it to chunks given in stream order, so a
+    model or a tensor can be streamed in blocks of any size and gets the same mask as `topk_mask` over the whole.
+
+    Where the kept equal entries end is known, for thresholds from `find_thresholds`, as a range of stream columns
+    per row (`ends`: before `a` all equal entries are kept, from `b` on none, and the first `rem` of those in
+    [a, b)); `mask` then needs the stream column of each chunk (`start`) and costs one comparison per entry.
+    Without it (`StreamingTopK.thresholds`), chunks must come in order and equal entries are counted as they pass.
     """
 
-    def __init__(self, counts: Iterable[int], lo: torch.Tensor, hi: torch.Tensor):
-        self.counts = torch.tensor([int(c) for c in counts], dtype=torch.int64)
-        self.lo = lo.to(torch.float32).reshape(-1, 1)
-        self.hi = hi.to(torch.float32).reshape(-1, 1)
-        self.above = torch.zeros(len(self.counts), dtype=torch.float64)
-        self._held: list[tuple[torch.Tensor, torch.Tensor]] = []  # per ticket: (boundary mask, values), (R, m) each
-        self._selected: list[torch.Tensor] | None = None
+    def __init__(self, t: torch.Tensor, take: Sequence[int], equal: Sequence[int],
+                 ends: dict[int, tuple[int, int, int]] | None = None):
+        self.t = t.to(torch.float32).reshape(-1)
+        self.take = [int(x) for x in take]
+        self.equal = [int(x) for x in equal]
+        # a row that takes every entry equal to t compares with ">= t", written "> the float below t"
+        below = torch.nextafter(self.t, torch.full_like(self.t, -math.inf))
+        ordered = [0 < tk < eq for tk, eq in zip(self.take, self.equal)]
+        self._cut = torch.where(torch.tensor([tk == eq for tk, eq in zip(self.take, self.equal)]), below,
+                                self.t).view(-1, 1)
+        self._below = below.view(-1, 1)
+        self.ends = {r: e for r, e in (ends or {}).items() if ordered[r]}
+        self._remaining = [tk if o and r not in self.ends else 0
+                           for r, (tk, o) in enumerate(zip(self.take, ordered))]
+        self._left = {r: e[2] for r, e in self.ends.items()}  # of `rem`, still to keep inside [a, b)
+        self._device_cut: dict[torch.device, torch.Tensor] = {}
 
-    @classmethod
-    def from_sample(cls, stream: MergeStream, counts: Iterable[int], *, seed: int = 0, rate: float = 1 / 64,
-                    chunk: int = 1024, z: float = 6.0) -> OnePassTopK:
-        """Bracket each row's threshold from chunks of the stream's task vectors, sampled at `rate`.
+    def mask(self, mags: torch.Tensor, out: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
+        """Float 0/1 keep-mask of a chunk of magnitudes (R, m), in stream order (float masks multiply faster);
+        `start` is its first stream column (needed when `ends` is known)."""
+        cut = self._device_cut.get(mags.device)
+        if cut is None:
+            cut = self._device_cut[mags.device] = self._cut.to(mags.device)
+        width = mags.shape[1]
+        fix = []
+        if self.ends:
+            if start is None:
+                raise ValueError("these thresholds need the stream column of each chunk")
+            cut = cut.clone()
+            for r, (a, b, _) in self.ends.items():
+                if start + width <= a:  # every equal entry here is kept
+                    cut[r] = self._below[r]
+                elif start < b:  # the chunk reaches [a, b): mended below
+                    fix.append(r)
+        out = torch.gt(mags, cut, out=out if out is not None else torch.empty_like(mags))
+        for r in fix:
+            a, b, _ = self.ends[r]
+            lo_col, hi_col = max(a - start, 0), min(b - start, width)
+            if lo_col > 0:
+                torch.gt(mags[r, :lo_col], self._below[r].item(), out=out[r, :lo_col])
+            left = self._left[r]
+            if left > 0 and hi_col > lo_col:
+                equal = torch.nonzero(mags[r, lo_col:hi_col] == self.t[r].item()).view(-1)[:left]
+                out[r, lo_col + equal] = 1.0
+                self._left[r] = left - int(equal.numel())
+        for r, left in enumerate(self._remaining):
+            if left > 0:  # no known end: the first `take` equal entries, counted as they pass
+                equal = torch.eq(mags[r], self.t[r].item(), out=torch.empty_like(mags[r]))
+                here = int(equal.sum())
+                if here <= left:  # all of this chunk's: no need to find them
+                    out[r] += equal
+                    self._remaining[r] -= here
+                else:
+                    at = torch.nonzero(equal).view(-1)[:left]
+                    out[r, at] = 1.0
+                    self._remaining[r] = 0
+        return out
 
-        Tensors of at most 4 chunks are read whole; larger ones contribute max(2, ⌈rate·n/chunk⌉) random chunks.
-        The count above a threshold is estimated per tensor (stratum) and summed; its standard error comes from
-        the spread of the per-chunk fractions, so entries that are correlated within a chunk widen the bracket
-        instead of breaking it.
-        """
-        counts = [int(c) for c in counts]
-        gen = torch.Generator().manual_seed(seed)
-        values, weights, strata = [], [], []  # strata: (first column, chunks, chunk length, n) of sampled tensors
-        column = 0
-        for key in stream.keys:
-            n = torch.Size(stream.shape(key)).numel()
-            if n == 0:
-                continue
-            if n <= 4 * chunk:
-                sample = stream.task_vector_slices(key, [0], n).reshape(len(counts), n)
-                weights.append(torch.ones(n, dtype=torch.float64))
+
+def _nonzero_sparse(flags: torch.Tensor) -> torch.Tensor:
+    """Indices of the non-zero entries of a flat tensor in which they are rare. As bools, 8 entries make one int64
+    word: `torch.nonzero` scans the words (an eighth of the entries) and then only the words that hold any, which is
+    several times faster than scanning every entry (about a nanosecond each)."""
+    b = flags.bool()
+    full = b.numel() // 8 * 8
+    words = torch.nonzero(b[:full].view(torch.int64)).view(-1)
+    local = torch.nonzero(b[:full].view(-1, 8).index_select(0, words).view(-1)).view(-1)
+    at = words[local >> 3] * 8 + (local & 7)
+    if full < b.numel():
+        at = torch.cat([at, torch.nonzero(b[full:]).view(-1) + full])
+    return at
+
+
+@dataclass
+class Sample:
+    """Magnitudes sampled from each row, (R, s), with per-entry weights (s,) (entries each stands for) and the
+    strata that `bracket` needs: (first column, chunks, chunk length, entries of the tensor) per sampled tensor."""
+
+    values: torch.Tensor
+    weights: torch.Tensor
+    strata: list[tuple[int, int, int, int]]
+
+
+def sample_plan(n: int, generator: torch.Generator, rate: float = 1 / 64, chunk: int = 1024) -> tuple[list[int], int]:
+    """(chunk starts, chunk length) to sample from a tensor of n entries: the whole tensor when it has at most 4
+    chunks, else max(2, ⌈rate·n/chunk⌉) random chunks."""
+    if n <= 4 * chunk:
+        return [0], n
+    slots = n // chunk
+    c = min(slots, max(2, math.ceil(rate * n / chunk)))
+    return (torch.randperm(slots, generator=generator)[:c].sort().values * chunk).tolist(), chunk
+
+
+def build_sample(parts: Iterable[tuple[torch.Tensor, int, int]]) -> Sample:
+    """A `Sample` from (magnitudes (R, c·L), chunks c, tensor entries n) per tensor; c = 1 with c·L = n means the
+    tensor was read whole."""
+    values, weights, strata, column = [], [], [], 0
+    for mags, c, n in parts:
+        width = mags.shape[1]
+        if width == 0:
+            continue
+        values.append(mags.to("cpu", torch.float32))
+        weights.append(torch.full((width,), n / width, dtype=torch.float64))
+        if width < n:
+            strata.append((column, c, width // c, n))
+        column += width
+    if not values:
+        return Sample(torch.zeros(0, 0), torch.zeros(0, dtype=torch.float64), [])
+    return Sample(torch.cat(values, 1), torch.cat(weights), strata)
+
+
+@dataclass
+class Bracket:
+    """Per row: lo <= t <= hi, and up to a few `levels`, magnitudes strictly between lo and hi that the sample saw
+    at least three times (NaN padding). A level is counted, not stored, by the counting pass: quantised inputs (bf16
+    task vectors) put whole runs of equal magnitudes inside a bracket."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    levels: torch.Tensor
+
+
+MAX_LEVELS = 0
+"""Levels counted per row (off: on bf16 Llama-shaped inputs counting two levels cost more than storing them)."""
+
+
+def bracket_thresholds(counts: Sequence[int], sample: Sample, z: float = 6.0) -> Bracket:
+    """The `Bracket` of each row: with high probability at most counts[r] entries exceed hi[r] and at least
+    counts[r] reach lo[r], estimated from `sample` with a margin of `z` standard errors (`_bracket`)."""
+    rows = len(counts)
+    lo, hi = torch.full((rows,), -1.0), torch.full((rows,), -1.0)
+    levels = torch.full((rows, MAX_LEVELS), math.nan)
+    if sample.values.numel():
+        if len(sample.strata) <= 1 and len(sample.values[0]) > 0 and bool((sample.weights == sample.weights[0]).all()):
+            lo, hi = _bracket_uniform(sample, counts, z)  # one tensor: every row at once
+        else:
+            for r, k in enumerate(counts):
+                lo[r], hi[r] = _bracket(sample.values[r], sample.weights, sample.strata, int(k), z)
+        for r in range(rows if MAX_LEVELS else 0):
+            x = sample.values[r]
+            inside = x[(x > lo[r]) & (x < hi[r])]
+            if inside.numel() > 1:
+                values, seen = torch.unique(inside, return_counts=True)
+                heavy = values[seen >= 3][torch.argsort(seen[seen >= 3], descending=True)][:MAX_LEVELS]
+                levels[r, :len(heavy)] = heavy
+    used = int((~torch.isnan(levels)).sum(1).max()) if rows else 0
+    return Bracket(lo, hi, levels[:, :used])
+
+
+def find_thresholds(counts: Sequence[int], sample: Sample | Bracket, blocks: Callable[[], Iterable[torch.Tensor]],
+                    z: float = 6.0, repeat: int = 1) -> tuple[Thresholds, bool]:
+    """Exact top-`counts[r]` thresholds of R rows streamed as blocks of values (R / repeat, m) by `blocks()`: row r
+    ranks the magnitudes of data row r mod (R / repeat) (so two selections of different counts can share the data).
+
+    The sample brackets each row's threshold, lo <= t <= hi, `z` standard errors wide; one pass over the blocks counts
+    the entries above hi, equal to hi, to lo and to each heavy level, and keeps the other magnitudes inside the bracket
+    (a few per thousand), from which the exact t, and how many entries equal to it are kept, follow. Should the
+    counts show the bracket missed, a two-pass radix select (`StreamingTopK`) finds the thresholds instead: exact
+    either way. Returns (thresholds, whether the bracket held). `sample` may also be the `Bracket` of
+    `bracket_thresholds`, so that a large sample can be freed first.
+    """
+    rows = len(counts)
+    bracket = sample if isinstance(sample, Bracket) else bracket_thresholds(counts, sample, z)
+    lo, hi, levels = bracket.lo, bracket.hi, bracket.levels
+    n_levels = levels.shape[1]
+    above = torch.zeros(rows, dtype=torch.int64)  # entries > hi
+    # The light magnitudes strictly between lo and hi are kept, chunk by chunk, row-major within a chunk, with how
+    # many each row has per chunk (so each row's come in stream order); the bracket's width in ranks bounds them to a
+    # few per thousand entries. Per chunk, the entries equal to hi, to lo and to each level are counted: from these
+    # counts follows where the kept entries equal to the threshold end.
+    inside: list[list[torch.Tensor]] = [[] for _ in range(rows)]  # per row, in stream order
+    # A row whose kept magnitudes pile up (a large model: the bracket's width in ranks grows with it) turns them into
+    # a histogram of their bit patterns once they pass _FLUSH, when its bracket spans at most _MAX_BINS patterns
+    # (magnitudes order like their patterns): memory stays bounded, and the exact threshold follows all the same.
+    first_bin = (lo.view(torch.int32).to(torch.int64) + 1).tolist()
+    bins = [int(b) - f if 0 <= lo[r] < hi[r] < math.inf else 0
+            for r, (b, f) in enumerate(zip(hi.view(torch.int32).tolist(), first_bin))]
+    hist: dict[int, torch.Tensor] = {}
+    stored = [0] * rows
+
+    def flush(r: int) -> None:
+        patterns = torch.cat(inside[r]).view(torch.int32).to(torch.int64) - first_bin[r]
+        counted = torch.bincount(patterns, minlength=bins[r])
+        hist[r] = hist[r] + counted if r in hist else counted
+        inside[r], stored[r] = [], 0
+
+    per_chunk: list[torch.Tensor] = []  # (rows,) count of kept inside magnitudes, per chunk
+    chunks: list[tuple[int, int]] = []  # (first stream column, width)
+    at_marks: list[torch.Tensor] = []  # per chunk: (2 + levels, rows) counts of entries == hi, == lo, == each level
+    dev = None
+    offset = 0
+    lo_below_hi = lo < hi
+    for block in blocks():
+        if dev is None or dev[0].device != block.device:
+            dev = (lo.to(block.device).view(-1, 1), hi.to(block.device).view(-1, 1), levels.to(block.device))
+        dev_lo, dev_hi, dev_levels = dev
+        # cache-sized chunks, float 0/1 comparisons (several times faster than bool ones on a CPU) and float sums
+        # (exact: a chunk holds far fewer than 2^24 entries a row); a GPU takes the whole block at once (each
+        # chunk costs a synchronisation there)
+        step = max(1, block.shape[1] if block.is_cuda else _CHUNK // max(rows, 1))
+        width = min(step, block.shape[1])
+        # buffers reused by every chunk: |x|, > hi, >= hi, > lo, >= lo, == each level; and their counts per row
+        n_buf = 5 + n_levels
+        buffers = torch.empty(n_buf * rows * width, dtype=torch.float32, device=block.device)
+        sums = torch.empty((n_buf - 1, rows), dtype=torch.float32, device=block.device)
+        for j in range(0, block.shape[1], step):
+            here = min(step, block.shape[1] - j)
+            parts = buffers[:n_buf * rows * here].view(n_buf, rows, here)
+            mags, gt_hi, ge_hi, gt_lo, ge_lo = parts[:5]
+            chunk = block[:, j:j + step]
+            if repeat > 1:
+                torch.abs(chunk, out=mags[:len(chunk)])
+                mags[len(chunk):].copy_(mags[:len(chunk)].repeat(repeat - 1, 1))
             else:
-                slots = n // chunk
-                c = min(slots, max(2, math.ceil(rate * n / chunk)))
-                starts = (torch.randperm(slots, generator=gen)[:c].sort().values * chunk).tolist()
-                sample = stream.task_vector_slices(key, starts, chunk).reshape(len(counts), c * chunk)
-                weights.append(torch.full((c * chunk,), n / (c * chunk), dtype=torch.float64))
-                strata.append((column, c, chunk, n))
-            values.append(sample.abs())
-            column += sample.shape[1]
-        x = torch.cat(values, 1)
-        w = torch.cat(weights)
-        lo, hi = torch.empty(len(counts)), torch.empty(len(counts))
-        for r, k in enumerate(counts):
-            lo[r], hi[r] = _bracket(x[r], w, strata, k, z)
-        return cls(counts, lo, hi)
+                torch.abs(chunk, out=mags)
+            torch.gt(mags, dev_hi, out=gt_hi)
+            torch.ge(mags, dev_hi, out=ge_hi)
+            torch.gt(mags, dev_lo, out=gt_lo)
+            torch.ge(mags, dev_lo, out=ge_lo)
+            for h in range(n_levels):
+                torch.eq(mags, dev_levels[:, h:h + 1], out=parts[5 + h])
+            for i in range(n_buf - 1):
+                torch.sum(parts[1 + i], 1, out=sums[i])
+            counts_here = sums.to(torch.int64).cpu()
+            above += counts_here[0]
+            chunks.append((offset + j, here))
+            at_marks.append(torch.cat([(counts_here[1] - counts_here[0]).view(1, -1),
+                                       torch.where(lo_below_hi, counts_here[3] - counts_here[2], 0).view(1, -1),
+                                       counts_here[4:]]))
+            # light entries strictly inside: > lo, < hi, at no level (a row with lo == hi has none)
+            interior = (counts_here[2] - counts_here[1] - counts_here[4:].sum(0)).clamp_(min=0)
+            per_chunk.append(interior)
+            if bool((interior > 0).any()):
+                window = gt_lo.sub_(ge_hi)
+                for h in range(n_levels):
+                    window.sub_(parts[5 + h])
+                found = mags.reshape(-1)[_nonzero_sparse(window.clamp_(min=0).view(-1))].cpu()
+                for r, part in enumerate(torch.split(found, interior.tolist())):  # row-major: each row's run
+                    if part.numel():
+                        inside[r].append(part)
+                        stored[r] += part.numel()
+                        if stored[r] > _FLUSH and 0 < bins[r] <= _MAX_BINS and n_levels == 0:
+                            flush(r)
+        offset += block.shape[1]
+    marks = torch.stack(at_marks) if at_marks else torch.zeros(0, 2 + n_levels, rows, dtype=torch.int64)
+    totals = marks.sum(0)  # (2 + levels, rows)
+    counts_inside = torch.stack(per_chunk) if per_chunk else torch.zeros(0, rows, dtype=torch.int64)
+    t, take, equal, ends = torch.empty(rows), [], [], {}
+    for r, k in enumerate(counts):
+        need = int(k) - int(above[r])
+        if need < 0:
+            break
+        mark = None  # which counted mark the threshold is (0 hi, 1 lo, 2 + h level h), None for a light value
+        n_above = 0
+        if need <= totals[0, r]:  # the threshold is hi itself
+            t[r], n_equal, mark = hi[r], int(totals[0, r]), 0
+        else:
+            need -= int(totals[0, r])
+            if r in hist:  # the row's magnitudes became a histogram of bit patterns: the threshold from it
+                if inside[r]:
+                    flush(r)
+                counted = hist[r]
+                if need > int(counted.sum()):
+                    if need - int(counted.sum()) > totals[1, r]:
+                        break
+                    need -= int(counted.sum())
+                    t[r], n_equal, mark = lo[r], int(totals[1, r]), 1
+                else:  # no known end: the mask counts the kept equal entries as they pass
+                    from_top = torch.cumsum(counted.flip(0), 0)
+                    i = int(torch.searchsorted(from_top, need))
+                    n_above = int(from_top[i - 1]) if i > 0 else 0
+                    pattern = len(counted) - 1 - i
+                    t[r] = torch.tensor([first_bin[r] + pattern], dtype=torch.int64).to(torch.int32).view(
+                        torch.float32)[0]
+                    n_equal = int(counted[pattern])
+                take.append(need - n_above)
+                equal.append(n_equal)
+                if mark is not None and 0 < take[-1] < n_equal:
+                    seen = torch.cumsum(marks[:, mark, r], 0)
+                    c = int(torch.searchsorted(seen, take[-1]))
+                    before = int(seen[c - 1]) if c > 0 else 0
+                    ends[r] = (chunks[c][0], chunks[c][0] + chunks[c][1], take[-1] - before)
+                continue
+            light = torch.cat(inside[r]) if inside[r] else torch.zeros(0)
+            level_values = levels[r][~torch.isnan(levels[r])]
+            n_inside = light.numel() + int(totals[2:2 + len(level_values), r].sum())
+            if need <= n_inside:
+                if len(level_values):  # every magnitude strictly inside, levels with their multiplicity
+                    cand = torch.cat([light, level_values])
+                    mult = torch.cat([torch.ones(light.numel(), dtype=torch.int64), totals[2:2 + len(level_values), r]])
+                    order = torch.argsort(cand, descending=True, stable=True)
+                    t[r] = cand[order[int(torch.searchsorted(torch.cumsum(mult[order], 0), need))]]
+                    n_above, n_equal = int(mult[cand > t[r]].sum()), int(mult[cand == t[r]].sum())
+                else:  # the need-th largest, by a selection rather than a sort
+                    t[r] = torch.kthvalue(light, light.numel() - need + 1).values
+                    n_above, n_equal = int((light > t[r]).sum()), int((light == t[r]).sum())
+                is_level = (level_values == t[r]).nonzero().view(-1)
+                if is_level.numel():
+                    mark = 2 + int(is_level[0])
+                elif 0 < need - n_above < n_equal:  # the chunk holding the last kept light entry equal to t
+                    rank = need - n_above  # among the row's entries equal to t, in stream order
+                    chunk_of = torch.repeat_interleave(torch.arange(len(per_chunk)), counts_inside[:, r])
+                    chunks_of_equal = chunk_of[light == t[r]]
+                    c = int(chunks_of_equal[rank - 1])
+                    ends[r] = (chunks[c][0], chunks[c][0] + chunks[c][1], rank - int((chunks_of_equal < c).sum()))
+            elif need - n_inside <= totals[1, r]:
+                need -= n_inside
+                t[r], n_equal, mark = lo[r], int(totals[1, r]), 1
+            else:
+                break
+        take.append(need - n_above)
+        equal.append(n_equal)
+        if mark is not None and 0 < take[-1] < n_equal:  # the chunk in which the take-th equal entry lies
+            seen = torch.cumsum(marks[:, mark, r], 0)
+            c = int(torch.searchsorted(seen, take[-1]))
+            before = int(seen[c - 1]) if c > 0 else 0
+            ends[r] = (chunks[c][0], chunks[c][0] + chunks[c][1], take[-1] - before)
+    else:
+        return Thresholds(t, take, equal, ends), True
+    exact = StreamingTopK(counts)
+    for block in blocks():
+        exact.observe_high(block.repeat(repeat, 1) if repeat > 1 else block)
+    for block in blocks():
+        exact.observe_low(block.repeat(repeat, 1) if repeat > 1 else block)
+    return exact.thresholds(), False
 
-    def classify(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept, boundary) float 0/1 masks of a (R, m) block, in stream order; counts the kept entries."""
-        mags = rows.abs()
-        kept = torch.empty_like(mags)
-        torch.gt(mags, self.hi, out=kept)
-        boundary = torch.empty_like(mags)
-        torch.ge(mags, self.lo, out=boundary)
-        boundary -= kept  # hi >= lo, so kept entries are candidates too
-        # float32 counts are exact below 2**24 entries a row, and summing them is 7x faster than into float64
-        self.above += kept.sum(1) if rows.shape[1] < 1 << 24 else kept.sum(1, dtype=torch.float64)
-        return kept, boundary
 
-    def hold(self, values: torch.Tensor) -> int:
-        """Keep some columns (R, m) of the stream, in stream order, to settle their boundary entries (those with
-        lo ≤ |x| ≤ hi, as `classify` marked them) later; `values` must not change. Returns a ticket for `selected`."""
-        mags = values.abs()
-        self._held.append(((mags >= self.lo) & ~(mags > self.hi), values))
-        return len(self._held) - 1
+def _bracket_uniform(sample: Sample, counts: Sequence[int], z: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_bracket` for every row of a sample whose entries all have the same weight (one tensor, sampled or read
+    whole), vectorised: the same (lo, hi) as `_bracket` row by row, at a fraction of its cost per tensor."""
+    x = sample.values
+    rows, width = x.shape
+    weight = float(sample.weights[0])
+    total = weight * width
+    k = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+    # only the top ranks are needed (a margin above the largest k): a partial sort is cheaper than a full one
+    depth = min(width, math.ceil(1.25 * float(k.clamp(max=total).max()) / weight) + 64)
+    ordered = torch.topk(x, depth, dim=1).values if depth < width // 2 else torch.sort(x, dim=1, descending=True).values
 
-    def resolve(self) -> bool:
-        """Choose the boundary entries to keep; False when the counts show the bracket missed the threshold."""
-        rows = len(self.counts)
-        boundary = torch.cat([b for b, _ in self._held], 1) if self._held else torch.zeros(rows, 0, dtype=torch.bool)
-        need = self.counts - self.above.round().to(torch.int64)
-        if bool(((need < 0) | (need > boundary.sum(1))).any()):
-            return False
-        chosen = torch.zeros_like(boundary)
-        for r in range(rows):
-            if need[r] > 0:
-                columns = torch.nonzero(boundary[r]).view(-1)  # stream order: ticket, then column
-                mags = torch.cat([values[r][b[r]] for b, values in self._held]).abs()  # same order as `columns`
-                # larger magnitude first, then the earlier entry: one distinct int64 key per entry, so an unsorted
-                # top-k (a selection, cheaper than the stable sort it equals) picks exactly the right set
-                if len(mags) < 1 << 32:
-                    earlier = torch.arange(len(mags) - 1, -1, -1, dtype=torch.int64)
-                    key = (magnitude_bits(mags).to(torch.int64) << 32) | earlier
-                    top = torch.topk(key, int(need[r]), sorted=False).indices
-                else:  # pragma: no cover - more held entries than the key has room for
-                    top = torch.argsort(mags, descending=True, stable=True)[: int(need[r])]
-                chosen[r, columns[top]] = True
-        self._selected = list(torch.split(chosen, [b.shape[1] for b, _ in self._held], 1))
-        return True
+    def value_at(rank: torch.Tensor) -> torch.Tensor:
+        """Per row, the magnitude that `rank` entries (in estimated count) reach."""
+        nonlocal ordered
+        index = (torch.ceil(rank / weight) - 1).clamp(0, width - 1).to(torch.int64)
+        if int(index.max()) >= ordered.shape[1]:  # deeper than the partial sort went
+            ordered = torch.sort(x, dim=1, descending=True).values
+        return ordered.gather(1, index.view(-1, 1)).view(-1).to(torch.float64)
 
-    def selected(self, ticket: int) -> torch.Tensor:
-        """Bool (R, m) mask of the held entries of `ticket` that are in the top-k (after a successful `resolve`)."""
-        if self._selected is None:
-            raise RuntimeError("resolve() has not succeeded yet")
-        return self._selected[ticket]
+    estimate = value_at(k)
+    variance = torch.zeros(rows, dtype=torch.float64)
+    if sample.strata:
+        _, c, length, n = sample.strata[0]
+        frac = (x[:, :c * length] > estimate.to(torch.float32).view(-1, 1)).view(rows, c, length)
+        variance = n * n * (1 - c * length / n) * frac.to(torch.float64).mean(2).var(1) / c
+        variance = torch.maximum(variance, weight * (torch.minimum(k, total - k) + 1))
+    margin = z * variance.sqrt()
+    hi = torch.where(k - margin >= 1, value_at(k - margin), math.inf)
+    lo = torch.where(k + margin < total, value_at(k + margin), 0.0)
+    hi = torch.maximum(hi, lo)
+    none, every = k <= 0, k >= round(total)
+    lo = torch.where(none, math.inf, torch.where(every, -1.0, lo))
+    hi = torch.where(none, math.inf, torch.where(every, -1.0, hi))
+    return lo.to(torch.float32), hi.to(torch.float32)
 
 
 def _bracket(x: torch.Tensor, w: torch.Tensor, strata: list[tuple[int, int, int, int]], k: int,

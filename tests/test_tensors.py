@@ -49,7 +49,7 @@ def test_truncated_file_is_named(tmp_path):
 def test_garbage_file_is_named(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(struct.pack("<Q", 10) + b"not json!!")
-    with pytest.raises(CheckpointError, match="bad.safetensors is not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="bad.safetensors is not a valid safetensors file: its header is not valid"):
         SafetensorsSource(path)
 
 

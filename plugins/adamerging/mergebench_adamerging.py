@@ -6,7 +6,8 @@ tensor k per task). The λ are learned without labels: the sum over tasks of the
 of each task's test inputs is minimised with Adam, and after every step the λ are projected back onto [0, 1] (the
 authors clamp them inside the forward pass instead; projection keeps the stored values themselves in range).
 AdaMerging++ does the same with TIES-processed task vectors: each τ_t keeps its top-k entries by magnitude over the
-whole model, and only entries whose sign agrees with the elected sign (the sign of the trimmed vectors' sum).
+whole model, and only entries whose sign agrees with the elected sign (the sign of the trimmed vectors' sum, + where
+that sum is exactly 0: the core task-vector pipeline's trim and sign rule, `mergebench_core.pipeline`).
 
 Defaults and where they come from: λ initialised to 0.3 (the paper's prior, FusionBench's `init_values`),
 Adam with lr 1e-3 (paper and FusionBench), batch 16 per task (paper), 500 steps (the paper's task-wise runs;
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.sparsify import keep_count, topk_mask
+from mergebench_core.pipeline import agreeing_task_vectors
 from mergebench_core.stats import LogitsOf
 
 
@@ -69,15 +70,11 @@ class TiesParams(Params):
 
 def ties_task_vectors(taus: dict[str, torch.Tensor], k: float) -> dict[str, torch.Tensor]:
     """Per-task TIES processing of stacked task vectors {key: (T, ...)}: global top-k trim, then keep the entries that
-    agree with the elected sign. The per-task vectors stay separate (AdaMerging++ learns their weights)."""
+    agree with the elected sign (the core pipeline's trim and its one sign rule: a zero sum elects +). The per-task
+    vectors stay separate (AdaMerging++ learns their weights)."""
     keys = list(taus)
     flat = torch.cat([taus[key].flatten(1) for key in keys], dim=1)  # (T, P)
-    count = keep_count(k, flat.shape[1])
-    keep = torch.stack([topk_mask(row, count) for row in flat])
-    trimmed = flat * keep
-    elected = torch.sign(trimmed.sum(0))
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    out = trimmed * agree
+    out = agreeing_task_vectors(flat, k)
     result, offset = {}, 0
     for key in keys:
         n = taus[key][0].numel()

@@ -9,7 +9,9 @@ vectors are merged by task arithmetic: θ = θ_0 + λ Σ_t m_t ⊙ τ_t.
 Defaults: γ = `gamma` = 0.01 and `density` = 0.9 (MergeKit's `breadcrumbs` gamma default and its documented example;
 MergeKit's bare `density` default is 1.0, which keeps everything and so turns the method off). λ = 0.3, the task
 arithmetic default of this benchmark (FusionBench's TA setting); the paper tunes λ on validation data. Counts are
-exact (`mergebench_core.sparsify`): ties in magnitude go to the earlier entry.
+exact: entries are ranked by magnitude, the earlier entry first among equals (`mergebench_core.sparsify`), and the
+ranks ⌊γ'·n⌋ + 1 … ⌊γ'·n⌋ + ⌊density·n⌋ are kept (γ' the reduced γ). This is the core pipeline's trim with
+`skip_top` (`mergebench_core.pipeline`), streamed in blocks like every pipeline method.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.sparsify import bottomk_mask, keep_count, topk_mask
+from mergebench_core import MethodInfo, hookimpl
+from mergebench_core.pipeline import Pipeline, TaskVectorPipelineMethod
+from mergebench_core.sparsify import keep_count, topk_mask
 
 
 @dataclass
@@ -39,24 +42,22 @@ class Params:
 
 
 def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Keep-mask of one task-vector tensor: not among the ⌊γ·n⌋ largest, nor among the smallest beyond density."""
+    """Keep-mask of one task-vector tensor: the magnitude ranks after the ⌊γ'·n⌋ largest, ⌊density·n⌋ of them."""
     n = tau.numel()
-    keep = keep_count(density, n)
-    n_top = min(keep_count(gamma, n), n - keep)
-    n_bottom = n - keep - n_top
-    return ~(topk_mask(tau, n_top) | bottomk_mask(tau, n_bottom))
+    top, skip = Pipeline(keep=density, skip_top=gamma).counts(n, 1) if gamma > 0 else (keep_count(density, n), 0)
+    return topk_mask(tau, top) & ~topk_mask(tau, skip)
 
 
-class Breadcrumbs(TensorMergeMethod):
+class Breadcrumbs(TaskVectorPipelineMethod):
     """Task arithmetic on task vectors with their largest and smallest entries masked out, per tensor."""
 
     name = "breadcrumbs"
     Params = Params
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        masks = torch.stack([breadcrumbs_mask(t, self.params.density, self.params.gamma) for t in taus])
-        return base.to(torch.float32) + self.params.scaling_factor * (taus * masks).sum(0)
+    def pipeline(self) -> Pipeline:
+        p = self.params
+        return Pipeline(keep=p.density, skip_top=p.gamma, scope="tensor", scale=p.scaling_factor)
 
 
 @hookimpl

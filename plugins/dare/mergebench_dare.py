@@ -10,24 +10,19 @@ every entry keeps its expected value. The sparse vectors are then merged by
   from `config/method/dare/ties_merging.yaml`: λ = 0.5, k = 0.2 (threshold 20), combine "sum", magnitudes ranked
   over the whole model. MergeKit's `dare_ties` skips the magnitude trim; set `k=1.0` for that behaviour.
 
-Randomness: the drop mask of tensor `key` comes from `self.generator(key)`, one draw per expert in pool order. It
-depends only on the seed and the tensor's name, so a run is reproducible, and the global TIES threshold can be
-found in streaming passes that redraw exactly the same masks.
+Randomness: whether entry i of tensor `key` is dropped for expert t is a hash of (seed, key, t, i)
+(`mergebench_core.pipeline.drop_keep`). It depends on nothing else, so a run is reproducible, blocks of any size and
+any device draw the same masks, and the exact trim threshold of `dare_ties` is found with the same sample-and-count
+pass as TIES's, on the dropped vectors. Both methods are `mergebench_core.pipeline` pipelines (drop, then for
+`dare_ties` trim, elect with its one sign rule, combine).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-import torch
-
-from mergebench_core import MergeStream, MethodInfo, TensorMergeMethod, hookimpl
-from mergebench_core.sparsify import StreamingTopK, keep_count, topk_mask
-from mergebench_core.tensors import task_vectors
-from mergebench_ties import elect_and_combine
-
-log = logging.getLogger(__name__)
+from mergebench_core import MethodInfo, hookimpl
+from mergebench_core.pipeline import Pipeline, TaskVectorPipelineMethod
 
 
 def _check_drop(p: float) -> None:
@@ -73,65 +68,29 @@ class TiesParams:
             raise ValueError(f"scope must be 'global' or 'tensor', got {self.scope!r}")
 
 
-def drop_and_rescale(taus: torch.Tensor, p: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
-    """Zero each entry of the stacked task vectors (T, ...) with probability p; scale survivors by 1/(1 − p)."""
-    if p == 0.0:
-        return taus
-    keep = torch.stack([torch.rand(t.shape, generator=generator) >= p for t in taus])
-    out = taus * keep
-    return out / (1.0 - p) if rescale else out
-
-
-class _Dare(TensorMergeMethod):
-    info = MethodInfo(kind="merge", data="none", stochastic=True)
-
-    def dropped(self, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-        """The sparse task vectors of tensor `key`; the same key always gets the same mask for a given seed."""
-        return drop_and_rescale(task_vectors(experts, base), self.params.p, self.params.rescale, self.generator(key))
-
-
-class DareTaskArithmetic(_Dare):
+class DareTaskArithmetic(TaskVectorPipelineMethod):
     """Randomly sparsified task vectors, summed and added to the pretrained model."""
 
     name = "dare_ta"
     Params = TaParams
+    info = MethodInfo(kind="merge", data="none", stochastic=True)
 
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        return base.to(torch.float32) + self.params.scaling_factor * self.dropped(key, base, experts).sum(0)
+    def pipeline(self) -> Pipeline:
+        p = self.params
+        return Pipeline(drop=p.p, rescale=p.rescale, scale=p.scaling_factor)
 
 
-class DareTies(_Dare):
+class DareTies(TaskVectorPipelineMethod):
     """Randomly sparsified task vectors, merged with TIES (trim, elect sign, combine the agreeing entries)."""
 
     name = "dare_ties"
     Params = TiesParams
+    info = MethodInfo(kind="merge", data="none", stochastic=True)
 
-    def prepare(self, stream: MergeStream) -> None:
-        self._topk: StreamingTopK | None = None
-        if self.params.scope != "global" or self.params.k >= 1.0:
-            return
-        count = keep_count(self.params.k, stream.numel())
-        self._topk = StreamingTopK([count] * stream.num_experts)
-        # Two passes over the dropped vectors (the masks are redrawn identically from each key's generator).
-        for key, base, experts in stream:
-            self._topk.observe_high(self.dropped(key, base, experts))  # type: ignore[arg-type]
-        for key, base, experts in stream:
-            self._topk.observe_low(self.dropped(key, base, experts))  # type: ignore[arg-type]
-        self.extras["kept_per_task"] = count
-
-    def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        assert base is not None
-        taus = self.dropped(key, base, experts)
-        if self.params.k >= 1.0:
-            keep = torch.ones_like(taus, dtype=torch.bool)
-        elif self._topk is not None:
-            keep = self._topk.mask(taus)
-        else:
-            count = keep_count(self.params.k, base.numel())
-            keep = torch.stack([topk_mask(t, count) for t in taus])
-        merged = elect_and_combine(taus * keep, self.params.combine)
-        return base.to(torch.float32) + self.params.scaling_factor * merged
+    def pipeline(self) -> Pipeline:
+        p = self.params
+        return Pipeline(drop=p.p, rescale=p.rescale, keep=p.k, scope=p.scope, elect=True, combine=p.combine,
+                        scale=p.scaling_factor)
 
 
 @hookimpl

@@ -12,7 +12,10 @@ its own lightly modulated model; the artefact is task-specific, so results are m
 
 Conventions:
 - Every floating-point tensor takes part (the authors' code merges the whole state dict).
-- Where Σ_t τ_t is exactly zero the elected sign is −1, as in the authors' code ((x > 0)·2 − 1).
+- Where Σ_t τ_t is exactly zero the elected sign is +, the core pipeline's one rule (`mergebench_core.pipeline`;
+  the authors' code elects −1 there, (x > 0)·2 − 1; the two differ only where task vectors cancel exactly).
+- Elect and the unified vector are the core pipeline's election and "max" combination, so EMR streams in blocks
+  like every pipeline method: one pass for the rescalers, one to write the per-task models.
 - `rescale = "sum"` sums over every entry of the model, as the paper's equation is written. The authors' code
   (and FusionBench's port) instead sums the per-tensor *means*, Σ_k mean|τ_t[k]| / Σ_k mean|M_t[k] ⊙ τ_uni[k]|,
   which weighs small tensors (biases, norms) as much as large ones; choose it with `rescale = "tensor_mean"`.
@@ -25,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import PRETRAINED, MergeOutput, Method, MethodInfo, ModelPool, PerTaskModels, RunContext, hookimpl
-from mergebench_core.errors import MergebenchError
-from mergebench_core.merging import MergeStream
-from mergebench_core.tensors import StateDictSource, TensorSource, check_compatible, is_mergeable
+from mergebench_core import MergeOutput, MergeStream, MethodInfo, ModelPool, RunContext, hookimpl
+from mergebench_core.merging import merge_sources
+from mergebench_core.pipeline import Pipeline, TaskVectorPipelineMethod, combine
+from mergebench_core.tensors import TensorSource
 
 
 @dataclass
@@ -43,10 +46,13 @@ class Params:
 
 def elect_and_mask(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(τ_uni, masks) for stacked task vectors (T, ...): the elected unified vector and each task's agreement."""
-    sign = torch.where(taus.sum(0) > 0, 1.0, -1.0).to(taus.dtype)
-    masks = taus * sign > 0
-    magnitude = (taus.abs() * masks).amax(0)
-    return sign * magnitude, masks
+    flat = taus.reshape(len(taus), -1)
+    uni = combine(flat, EMR_PIPELINE)
+    return uni.view(taus.shape[1:]), (flat * uni > 0).view(taus.shape)
+
+
+EMR_PIPELINE = Pipeline(elect=True, combine="max")
+"""Elect (the sign of Σ τ, + on a zero sum), then per entry the largest agreeing magnitude: τ_uni."""
 
 
 @dataclass
@@ -57,74 +63,54 @@ class EmrResult:
     rescalers: list[float]
 
 
-def emr_merge_sources(base: TensorSource, experts: Sequence[TensorSource], rescale: str = "sum") -> EmrResult:
-    """EMR over tensor sources in two streaming passes: the rescalers first, then the per-task tensors."""
-    if not experts:
-        raise MergebenchError("nothing to merge: no expert models were given")
-    keys = check_compatible([base, *experts])
-    float_keys = [k for k in keys if is_mergeable(base.dtype(k))]
-    stream = MergeStream(float_keys, base, experts)
-    n = len(experts)
-    kept = torch.zeros(n, dtype=torch.float64)  # Σ|τ_t|
-    modulated = torch.zeros(n, dtype=torch.float64)  # Σ|M_t ⊙ τ_uni|
-    for _, taus in stream.task_vectors():
-        uni, masks = elect_and_mask(taus)
-        per_task = taus.flatten(1).abs().sum(1, dtype=torch.float64)
-        per_mod = (masks * uni.abs()).flatten(1).sum(1, dtype=torch.float64)
-        if rescale == "tensor_mean":
-            per_task, per_mod = per_task / max(uni.numel(), 1), per_mod / max(uni.numel(), 1)
-        kept += per_task
-        modulated += per_mod
-    # a task whose masked vector is all zero gets no update whatever its λ; 0 keeps the number finite
-    lambdas = torch.where(modulated > 0, kept / modulated.clamp_min(1e-300), torch.zeros_like(kept))
-    out: list[dict[str, torch.Tensor]] = [{} for _ in experts]
-    float_set = set(float_keys)
-    for key in keys:
-        if key not in float_set:  # integer buffers: identical in every model (checked by the engine's rules)
-            value = base.get(key)
-            for src in experts:
-                if not torch.equal(src.get(key), value):
-                    raise MergebenchError(f"non-floating tensor {key!r} differs between {base.name} and {src.name}")
-            for sd in out:
-                sd[key] = value.clone()
-            continue
-        b, ex = stream.read(key)
-        assert b is not None
-        taus = torch.stack([e.to(torch.float32) - b.to(torch.float32) for e in ex])
-        uni, masks = elect_and_mask(taus)
-        for t, sd in enumerate(out):
-            sd[key] = (b.to(torch.float32) + float(lambdas[t]) * (masks[t] * uni)).to(b.dtype)
-    return EmrResult(out, [float(x) for x in lambdas])
-
-
-class Emr(Method):
+class Emr(TaskVectorPipelineMethod):
     """One unified task vector, modulated per task by a sign-agreement mask and a magnitude rescaler."""
 
     name = "emr"
     Params = Params
     info = MethodInfo(kind="merge", data="none", task_specific=True, task_vectors=True)
 
+    def pipeline(self) -> Pipeline:
+        return EMR_PIPELINE
+
+    def prepare(self, stream: MergeStream) -> None:
+        """The rescalers need the whole model: one pass that sums |τ_t| and |M_t ⊙ τ_uni| per task."""
+        super().prepare(stream)
+        n = stream.num_experts
+        kept = torch.zeros(n, dtype=torch.float64)  # Σ|τ_t|
+        modulated = torch.zeros(n, dtype=torch.float64)  # Σ|M_t ⊙ τ_uni|
+        for block, _, taus, uni in self.merged_blocks(stream):
+            per_task = taus.abs().sum(1, dtype=torch.float64).cpu()
+            per_mod = ((taus * uni > 0) * uni.abs()).sum(1, dtype=torch.float64).cpu()
+            if self.params.rescale == "tensor_mean":
+                size = max(torch.Size(block.shape).numel(), 1)
+                per_task, per_mod = per_task / size, per_mod / size
+            kept += per_task
+            modulated += per_mod
+        # a task whose masked vector is all zero gets no update whatever its λ; 0 keeps the number finite
+        self.lambdas = torch.where(modulated > 0, kept / modulated.clamp_min(1e-300), torch.zeros_like(kept))
+        self.extras["rescalers"] = [float(x) for x in self.lambdas]
+        self._scales: dict[torch.device, torch.Tensor] = {}
+
+    def output(self, key: str, base: torch.Tensor, taus: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        scales = self._scales.get(taus.device)
+        if scales is None:
+            scales = self._scales[taus.device] = self.lambdas.to(taus.device, torch.float32).view(-1, 1)
+        return base.to(torch.float32) + scales * ((taus * merged > 0) * merged)
+
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        if not pool.has_pretrained:
-            raise MergebenchError(f"method {self.name!r} needs a pretrained model, and pool {pool.name!r} has none")
-        tensor_source = getattr(pool, "tensor_source", None)
-
-        def source(name: str) -> TensorSource:
-            return tensor_source(name) if tensor_source is not None else StateDictSource(pool.state_dict(name), name)
-
-        names = pool.expert_names
-        result = emr_merge_sources(source(PRETRAINED), [source(n) for n in names], self.params.rescale)
-        models = {}
-        for name, sd in zip(names, result.state_dicts):
-            task = pool.task_of(name)
-            if task in models:
-                raise MergebenchError(f"experts of pool {pool.name!r} share the task {task!r}; EMR needs one per task")
-            model = pool.load_model(PRETRAINED)
-            model.load_state_dict(sd)
-            models[task] = model
-        rescalers = {pool.task_of(n): lam for n, lam in zip(names, result.rescalers)}
+        output = super().run(pool, ctx)
+        rescalers = {pool.task_of(n): lam for n, lam in zip(pool.expert_names, output.extras["rescalers"])}
         ctx.log.info("emr rescalers: %s", rescalers)
-        return MergeOutput(PerTaskModels(models), extras={"rescalers": rescalers})
+        return MergeOutput(output.model, extras={"rescalers": rescalers})
+
+
+def emr_merge_sources(base: TensorSource, experts: Sequence[TensorSource], rescale: str = "sum") -> EmrResult:
+    """EMR over tensor sources in two streaming passes: the rescalers first, then the per-task tensors."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in experts]
+    method = Emr(Params(rescale=rescale))
+    merge_sources(method, base, experts, sink=out)
+    return EmrResult(out, method.extras["rescalers"])
 
 
 @hookimpl

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
+from mergebench_core import MethodInfo, hookimpl
+from mergebench_core.merging import MatrixTaskVectorMethod
 from mergebench_core.tensors import polar_factor
 
 log = logging.getLogger(__name__)
@@ -97,31 +98,32 @@ def iso_cts_matrix(taus: torch.Tensor, common_space_fraction: float) -> torch.Te
     return s_all.mean() * (polar_factor(u_all) @ polar_factor(vh_all))
 
 
-class IsoC(TensorMergeMethod):
+class IsoC(MatrixTaskVectorMethod):
     """Task arithmetic with each layer's spectrum made flat (isotropic) in the common subspace."""
 
     name = "iso_c"
     Params = IsoCParams
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        merged = iso_c_matrix(taus) if taus.dim() == 3 else taus.mean(0)
-        return base.to(torch.float32) + self.params.scaling_factor * merged
+    def scale(self) -> float:
+        return self.params.scaling_factor
+
+    def merge_matrix(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+        return iso_c_matrix(taus)
 
 
-class IsoCTS(TensorMergeMethod):
+class IsoCTS(MatrixTaskVectorMethod):
     """Iso-C whose least significant common directions are replaced by each task's own top directions."""
 
     name = "iso_cts"
     Params = IsoCTSParams
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        if taus.dim() == 3:
-            merged = iso_cts_matrix(taus, self.params.common_space_fraction)
-        else:
-            merged = taus.mean(0)
-        return base.to(torch.float32) + self.params.scaling_factor * merged
+    def scale(self) -> float:
+        return self.params.scaling_factor
+
+    def merge_matrix(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+        return iso_cts_matrix(taus, self.params.common_space_fraction)
 
 
 @hookimpl

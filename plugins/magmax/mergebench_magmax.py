@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
+from mergebench_core import MethodInfo, TaskVectorMethod, hookimpl
+from mergebench_core.pipeline import max_magnitude
 
 
 @dataclass
@@ -23,20 +24,13 @@ class Params:
     """λ applied to the selected maximum-magnitude task vector."""
 
 
-def max_magnitude(taus: torch.Tensor) -> torch.Tensor:
-    """Per entry, the value of largest |τ| among the stacked task vectors (T, ...); later tasks win ties."""
-    chosen = taus[0]
-    for tau in taus[1:]:
-        chosen = torch.where(tau.abs() >= chosen.abs(), tau, chosen)
-    return chosen
-
-
-class MagMax(TensorMergeMethod):
+class MagMax(TaskVectorMethod):
     """Adds the entry-wise largest-magnitude task vector to the pretrained model."""
 
     name = "magmax"
     Params = Params
     info = MethodInfo(kind="merge", data="none")
+    blockwise = True  # element-wise: large tensors stream in blocks
 
     def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         return base.to(torch.float32) + self.params.scaling_factor * max_magnitude(taus)

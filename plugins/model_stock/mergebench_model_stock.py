@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import MergebenchError, MergeStream, MethodInfo, TensorMergeMethod, hookimpl
+from mergebench_core import MergebenchError, MergeStream, MethodInfo, TaskVectorMethod, hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,13 @@ def stock_ratio(cos: float, n: int) -> float:
     return n * cos / (1.0 + (n - 1) * cos)
 
 
-class ModelStock(TensorMergeMethod):
+class ModelStock(TaskVectorMethod):
     """Interpolates each tensor between θ_0 and the experts' mean by a ratio set by the angle between updates."""
 
     name = "model_stock"
     Params = Params
     info = MethodInfo(kind="merge", data="none")
+    # not blockwise: the ratio of a tensor depends on the angles between its whole task vectors
 
     def prepare(self, stream: MergeStream) -> None:
         if stream.num_experts < 2:

@@ -4,8 +4,9 @@ NeurIPS 2023) with each trimmed task vector weighted by w_t = T · r_t.
 r is the cell's preference over its T tasks (normalised to sum 1), so the uniform preference gives w_t = 1 and plain
 `ties` bit for bit; a vertex of the simplex gives w = T on one task and 0 on the others. Without a preference (or
 through `mergebench merge`, which has none) the method is `ties`. Every other parameter and convention — `k`,
-`scope`, `combine`, λ = `scaling_factor`, exact ⌊k·n⌋ trimming with ties to the earlier entry, the tensor's majority
-sign where a column's sum is exactly 0 — is the `ties` plugin's, whose code this plugin reuses.
+`scope`, `combine`, λ = `scaling_factor`, exact ⌊k·n⌋ trimming with ties to the earlier entry, + elected where a
+column's sum is exactly 0 — is the `ties` plugin's: both are the core's task-vector pipeline
+(`mergebench_core.pipeline`), this one with a weight stage.
 
 The steps, for each task t:
 
@@ -27,10 +28,8 @@ cares little about still votes with its full magnitude, and can veto a preferred
 normalised variant divides by the sum of the agreeing weights instead of their count; that would cancel the
 preference wherever one task alone contributes, so "mean" here is TIES's disjoint mean of the weighted entries.)
 
-Cost: with a preference and `scope="global"`, the exact global thresholds come from two streaming radix-select
-passes over the unweighted task vectors before the merge pass (`mergebench_core.sparsify.StreamingTopK`, as
-`ties`'s exact fallback and `dare_ties` do), not from `ties`'s one-pass sample bracket; the kept entries, and hence
-the merge, are the same.
+Cost: the same as `ties`: the exact thresholds of the unweighted vectors come from a sample and one counting pass,
+and the merge streams in blocks.
 """
 
 from __future__ import annotations
@@ -39,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 from mergebench_ties import Params as TiesParams
-from mergebench_ties import Ties, apply, majority_sign, pick_agreeing, sign_balance, signed_sums, sum_rows
+from mergebench_ties import Ties, ties_pipeline
 
-from mergebench_core import MergebenchError, MergeOutput, MergeStream, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.sparsify import StreamingTopK, keep_count, topk_mask
+from mergebench_core import MergebenchError, MergeOutput, MethodInfo, ModelPool, RunContext, hookimpl
+from mergebench_core.pipeline import Pipeline, combine
 
 
 @dataclass
@@ -52,17 +51,14 @@ class Params(TiesParams):
     the unweighted ones (false: the preference then weights only the combination)."""
 
 
-def weighted_elect_and_combine(trimmed: torch.Tensor, weights: torch.Tensor, combine: str,
+def weighted_elect_and_combine(trimmed: torch.Tensor, weights: torch.Tensor, combine_how: str,
                                weighted_election: bool = True) -> torch.Tensor:
-    """TIES's election and combination of trimmed task vectors (T, ...) weighted by `weights` (T,); `trimmed` is
-    overwritten. With every weight 1 this is `mergebench_ties.elect_and_combine`, bit for bit."""
+    """TIES's election and combination of trimmed task vectors (T, ...) weighted by `weights` (T,). With every
+    weight 1 this is `mergebench_ties.elect_and_combine`, bit for bit."""
     flat = trimmed.reshape(len(trimmed), -1)
-    unweighted_total = None if weighted_election else sum_rows(flat, torch.empty(flat.shape[1], dtype=flat.dtype))
-    weighted = flat.mul_(weights.to(flat.dtype).view(-1, 1))
-    sums = signed_sums(weighted, combine)  # (Σ, Σ positive, Σ negative[, counts]) of the weighted entries
-    if unweighted_total is not None:
-        sums = (unweighted_total, *sums[1:])  # the election reads sums[0]; the combination reads the rest
-    return pick_agreeing(sums, majority_sign(sign_balance(sums[0])), combine).view(trimmed.shape[1:])
+    pipe = Pipeline(elect=True, combine=combine_how, elect_on="weighted" if weighted_election else "unweighted")
+    weighted = flat * weights.to(flat.dtype).view(-1, 1)
+    return combine(weighted, pipe, flat).view(trimmed.shape[1:])
 
 
 def expert_weights(ctx: RunContext, tasks: list[str]) -> torch.Tensor | None:
@@ -87,7 +83,15 @@ class PreferenceTies(Ties):
     def __init__(self, params: Params | None = None):
         super().__init__(params)
         self.weights: torch.Tensor | None = None
-        """Per expert, in pool order; None merges with plain `ties` (its one-pass global selection included)."""
+        """Per expert, in pool order; None merges with plain `ties`."""
+
+    def pipeline(self) -> Pipeline:
+        pipe = ties_pipeline(self.params)
+        if self.weights is None:
+            return pipe
+        return Pipeline(keep=pipe.keep, scope=pipe.scope, elect=True, combine=pipe.combine, scale=pipe.scale,
+                        weights=tuple(float(w) for w in self.weights),
+                        elect_on="weighted" if self.params.weighted_election else "unweighted")
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
         tasks = [pool.task_of(e) for e in pool.expert_names]
@@ -98,36 +102,6 @@ class PreferenceTies(Ties):
             output.extras["task_weights"] = dict(zip(tasks, self.weights.tolist()))
             output.extras["weighted_election"] = self.params.weighted_election
         return output
-
-    def prepare(self, stream: MergeStream) -> None:
-        if self.weights is None:
-            super().prepare(stream)
-            return
-        if len(self.weights) != stream.num_experts:
-            raise MergebenchError(f"pa_ties has {len(self.weights)} weights for {stream.num_experts} experts")
-        # `ties`'s one-pass state stays empty, so its `finish` has nothing to patch
-        self._stream, self._onepass, self._held, self._topk = stream, None, {}, None
-        if self.params.scope != "global":
-            return
-        count = keep_count(self.params.k, stream.numel())
-        self.extras["kept_per_task"] = count
-        self._topk = StreamingTopK([count] * stream.num_experts)
-        for _, taus in stream.task_vectors():  # unweighted: the preference never changes which entries are kept
-            self._topk.observe_high(taus)
-        for _, taus in stream.task_vectors():
-            self._topk.observe_low(taus)
-
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        if self.weights is None:
-            return super().merge_task_vectors(key, base, taus)
-        if self._topk is not None:
-            keep = self._topk.mask(taus)
-        else:
-            count = keep_count(self.params.k, base.numel())
-            keep = torch.stack([topk_mask(t, count) for t in taus])
-        combined = weighted_elect_and_combine(taus.mul_(keep), self.weights, self.params.combine,
-                                              self.params.weighted_election)
-        return apply(base, combined, self.params.scaling_factor)
 
 
 @hookimpl

@@ -21,6 +21,7 @@ class SimpleAverage(TensorMergeMethod):
     Params = Params
     info = MethodInfo(kind="merge", data="none")
     requires_base = False
+    blockwise = True  # element-wise: large tensors stream in blocks
 
     def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([e.to(torch.float32) for e in experts]).mean(0)

@@ -16,14 +16,12 @@ The method needs exactly two experts: the pool's own two, or the two named in `m
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, MergeStream, MethodInfo, ModelPool, RunContext
-from mergebench_core import TensorMergeMethod, hookimpl
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource, TensorSource
+from mergebench_core import MergebenchError, MergeStream, MethodInfo, ModelPool, TensorMergeMethod, hookimpl
 
 
 @dataclass
@@ -67,10 +65,17 @@ class Slerp(TensorMergeMethod):
     info = MethodInfo(kind="merge", data="none")
     requires_base = False
 
+    def __init__(self, params: Params | None = None):
+        super().__init__(params)
+        self.chosen: list[str] | None = None
+        """The two models' names, once `select_experts` has chosen them (stored with the result)."""
+
     def prepare(self, stream: MergeStream) -> None:
         if stream.num_experts != 2:
             raise MergebenchError(f"slerp interpolates exactly two models, but {stream.num_experts} were given; "
                                   f"name two with slerp.models=[first,second]")
+        if self.chosen is not None:
+            self.extras["models"] = list(self.chosen)
 
     def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
         return slerp(self.params.t, experts[0], experts[1], self.params.dot_threshold)
@@ -81,29 +86,21 @@ class Slerp(TensorMergeMethod):
             return f"slerp needs two experts and the pool has {len(pool.expert_names)} (choose with slerp.models=[a,b])"
         return super().unsuitable_for(pool, params)
 
-    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        names = self.params.models
-        if names is None:
-            if len(pool.expert_names) != 2:
-                raise MergebenchError(
-                    f"slerp interpolates exactly two models, but pool {pool.name!r} has {len(pool.expert_names)}: "
-                    f"{', '.join(pool.expert_names)}. Name two with slerp.models=[first,second]")
-            names = list(pool.expert_names)
-        unknown = [n for n in names if n not in pool.expert_names]
+    def select_experts(self, names: Sequence[str]) -> list[str]:
+        """The two models to interpolate: `models` when given (names of pool experts, or of the files given to
+        `mergebench merge`), else the only two there are."""
+        chosen = self.params.models
+        if chosen is None:
+            if len(names) != 2:
+                raise MergebenchError(f"slerp interpolates exactly two models, but {len(names)} were given: "
+                                      f"{', '.join(names)}. Name two with slerp.models=[first,second]")
+            chosen = list(names)
+        unknown = [n for n in chosen if n not in names]
         if unknown:
-            raise MergebenchError(f"slerp.models names {unknown}, which pool {pool.name!r} lacks; its experts: "
-                                  f"{', '.join(pool.expert_names)}")
-        tensor_source = getattr(pool, "tensor_source", None)
-
-        def source(name: str) -> TensorSource:
-            return tensor_source(name) if tensor_source is not None else StateDictSource(pool.state_dict(name), name)
-
-        merged: dict[str, torch.Tensor] = {}
-        merge_sources(self, None, [source(n) for n in names], sink=merged, seed=ctx.seed,
-                      progress=ctx.track)
-        model = pool.load_model(PRETRAINED if pool.has_pretrained else names[0])
-        model.load_state_dict(merged)
-        return MergeOutput(model, extras={"models": list(names)})
+            raise MergebenchError(f"slerp.models names {unknown}, which are not among the models: {', '.join(names)}"
+                                  f" (the pool's experts, or for `mergebench merge` the files' names or --task-names)")
+        self.chosen = list(chosen)
+        return list(chosen)
 
 
 @hookimpl

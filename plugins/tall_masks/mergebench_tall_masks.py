@@ -14,8 +14,9 @@ that marks the entries where task t's own update dominates what the other tasks 
   number of tasks gives the pretrained model.
 
 `multitask`: "sum" (task arithmetic, the authors' default `use_ties: false`) or "ties" (TIES with `ties_k` = 0.2,
-magnitudes ranked over the whole model, combine `ties_combine` = "sum", as the authors' `ties_agg: sum`).
-Masks depend only on each tensor's entries, so everything streams tensor by tensor.
+magnitudes ranked over the whole model, combine `ties_combine` = "sum", as the authors' `ties_agg: sum`; TIES's sign
+rule is the core pipeline's, a zero sum elects +). τ_MTL comes from the core's task-vector pipeline
+(`mergebench_core.pipeline`) and the masks depend only on each entry's values, so both methods stream in blocks.
 """
 
 from __future__ import annotations
@@ -25,12 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, MergeStream, Method, MethodInfo, ModelPool
-from mergebench_core import PerTaskModels, RunContext, TensorMergeMethod, hookimpl
-from mergebench_core.merging import merge_sources
-from mergebench_core.sparsify import StreamingTopK, keep_count
-from mergebench_core.tensors import StateDictSource, TensorSource
-from mergebench_ties import elect_and_combine
+from mergebench_core import MergeOutput, MergeStream, MethodInfo, ModelPool, RunContext, hookimpl
+from mergebench_core.pipeline import Pipeline, TaskVectorPipelineMethod
 
 log = logging.getLogger(__name__)
 
@@ -82,28 +79,11 @@ class TallParams:
         _check_multitask(self.multitask, self.ties_k, self.ties_combine, self.tall_mask_lambda)
 
 
-class MultiTaskVector:
-    """τ_MTL tensor by tensor: the plain sum, or TIES with a whole-model magnitude threshold found up front."""
-
-    def __init__(self, how: str, ties_k: float, ties_combine: str):
-        self.how, self.ties_k, self.ties_combine = how, ties_k, ties_combine
-        self._topk: StreamingTopK | None = None
-
-    def prepare(self, stream: MergeStream) -> None:
-        if self.how != "ties":
-            return
-        count = keep_count(self.ties_k, stream.numel())
-        self._topk = StreamingTopK([count] * stream.num_experts)
-        for _, taus in stream.task_vectors():
-            self._topk.observe_high(taus)
-        for _, taus in stream.task_vectors():
-            self._topk.observe_low(taus)
-
-    def __call__(self, taus: torch.Tensor) -> torch.Tensor:
-        """τ_MTL of one tensor; with TIES, tensors must come in the order `prepare` saw them."""
-        if self._topk is None:
-            return taus.sum(0)
-        return elect_and_combine(taus * self._topk.mask(taus), self.ties_combine)
+def multitask_pipeline(how: str, ties_k: float, ties_combine: str) -> Pipeline:
+    """The pipeline that forms τ_MTL: the plain sum, or TIES over the whole model."""
+    if how == "ties":
+        return Pipeline(keep=ties_k, scope="global", elect=True, combine=ties_combine)
+    return Pipeline()
 
 
 def tall_masks(taus: torch.Tensor, mtl: torch.Tensor, lam: float) -> torch.Tensor:
@@ -111,82 +91,57 @@ def tall_masks(taus: torch.Tensor, mtl: torch.Tensor, lam: float) -> torch.Tenso
     return taus.abs() > lam * (mtl.unsqueeze(0) - taus).abs()
 
 
-class Consensus(TensorMergeMethod):
+class Consensus(TaskVectorPipelineMethod):
     """Task arithmetic (or TIES) restricted to the entries that at least k tasks' TALL masks share."""
 
     name = "consensus"
     Params = ConsensusParams
     info = MethodInfo(kind="merge", data="none")
 
-    def prepare(self, stream: MergeStream) -> None:
+    def pipeline(self) -> Pipeline:
         p = self.params
-        self._mtl = MultiTaskVector(p.multitask, p.ties_k, p.ties_combine)
-        self._mtl.prepare(stream)
-        self._kept = 0
-        self._total = stream.numel()
+        return multitask_pipeline(p.multitask, p.ties_k, p.ties_combine)
 
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        mtl = self._mtl(taus)
-        keep = tall_masks(taus, mtl, self.params.tall_mask_lambda).sum(0) >= self.params.k
+    def prepare(self, stream: MergeStream) -> None:
+        super().prepare(stream)
+        self.extras.pop("kept_per_task", None)
+        self._kept, self._total = 0, stream.numel()
+
+    def output(self, key: str, base: torch.Tensor, taus: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        keep = tall_masks(taus, merged, self.params.tall_mask_lambda).sum(0) >= self.params.k
         self._kept += int(keep.sum())
         self.extras["kept_fraction"] = self._kept / max(self._total, 1)
-        return base.to(torch.float32) + self.params.scaling_factor * (mtl * keep)
+        return base.to(torch.float32) + self.params.scaling_factor * (merged * keep)
 
 
-class _TallMaskPass(TensorMergeMethod):
-    """One streaming pass that builds every task's tensors; used by `TallMasks`, never registered on its own."""
-
-    name = "tall_masks"
-    Params = TallParams
-
-    def prepare(self, stream: MergeStream) -> None:
-        p = self.params
-        self._mtl = MultiTaskVector(p.multitask, p.ties_k, p.ties_combine)
-        self._mtl.prepare(stream)
-        self.per_task: list[dict[str, torch.Tensor]] = [{} for _ in range(stream.num_experts)]
-        self.kept = [0] * stream.num_experts
-        self.total = stream.numel()
-
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        mtl = self._mtl(taus)
-        masks = tall_masks(taus, mtl, self.params.tall_mask_lambda)
-        b = base.to(torch.float32)
-        for t, mask in enumerate(masks):
-            self.per_task[t][key] = (b + mtl * mask).to(base.dtype)
-            self.kept[t] += int(mask.sum())
-        return base
-
-
-class TallMasks(Method):
+class TallMasks(TaskVectorPipelineMethod):
     """One model per task: θ_0 plus the part of the multi-task vector that task's TALL mask selects."""
 
     name = "tall_masks"
     Params = TallParams
     info = MethodInfo(kind="merge", data="none", task_specific=True, task_vectors=True)
 
+    def pipeline(self) -> Pipeline:
+        p = self.params
+        return multitask_pipeline(p.multitask, p.ties_k, p.ties_combine)
+
+    def prepare(self, stream: MergeStream) -> None:
+        super().prepare(stream)
+        self.extras.pop("kept_per_task", None)
+        self._kept = torch.zeros(stream.num_experts, dtype=torch.int64)
+        self._total = stream.numel()
+
+    def output(self, key: str, base: torch.Tensor, taus: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        masks = tall_masks(taus, merged, self.params.tall_mask_lambda)
+        self._kept += masks.sum(1).cpu()
+        self.extras["mask_density"] = [int(n) / max(self._total, 1) for n in self._kept]
+        return base.to(torch.float32) + merged * masks
+
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        if not pool.has_pretrained:
-            raise MergebenchError("tall_masks needs a pretrained model (task vectors), and this pool has none")
-        tasks = [pool.task_of(e) for e in pool.expert_names]
-        if len(set(tasks)) != len(tasks):
-            raise MergebenchError(f"tall_masks builds one model per task, but several experts share a task: {tasks}")
-        tensor_source = getattr(pool, "tensor_source", None)
-
-        def source(name: str) -> TensorSource:
-            return tensor_source(name) if tensor_source is not None else StateDictSource(pool.state_dict(name), name)
-
-        shared: dict[str, torch.Tensor] = {}
-        work = _TallMaskPass(self.params)
-        merge_sources(work, source(PRETRAINED), [source(n) for n in pool.expert_names], sink=shared,
-                      seed=ctx.seed, progress=ctx.track)
-        models = {}
-        for task, tensors in zip(tasks, work.per_task):
-            model = pool.load_model(PRETRAINED)
-            model.load_state_dict({k: tensors.get(k, v) for k, v in shared.items()})
-            models[task] = model
-        kept = {task: n / max(work.total, 1) for task, n in zip(tasks, work.kept)}
+        output = super().run(pool, ctx)
+        kept = {pool.task_of(n): f for n, f in zip(pool.expert_names, output.extras["mask_density"])}
         log.info("TALL masks keep %s of the entries", {t: round(f, 3) for t, f in kept.items()})
-        return MergeOutput(PerTaskModels(models), extras={"mask_density": kept})
+        return MergeOutput(output.model, extras={"mask_density": kept})
 
 
 @hookimpl

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
+from mergebench_core import MethodInfo, TaskVectorMethod, hookimpl
 
 
 @dataclass
@@ -18,12 +18,13 @@ class Params:
     """λ, the weight of the summed task vectors."""
 
 
-class TaskArithmetic(TensorMergeMethod):
+class TaskArithmetic(TaskVectorMethod):
     """Adds the scaled sum of task vectors to the pretrained model."""
 
     name = "task_arithmetic"
     Params = Params
     info = MethodInfo(kind="merge", data="none")
+    blockwise = True  # element-wise: large tensors stream in blocks
 
     def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         return base.to(torch.float32) + self.params.scaling_factor * taus.sum(0)

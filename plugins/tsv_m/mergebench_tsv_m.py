@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
+from mergebench_core import MethodInfo, hookimpl
+from mergebench_core.merging import MatrixTaskVectorMethod
 from mergebench_core.tensors import polar_factor
 
 log = logging.getLogger(__name__)
@@ -51,22 +52,21 @@ def tsv_merge_matrix(taus: torch.Tensor) -> torch.Tensor:
     return (polar_factor(u_cat) * s_cat) @ polar_factor(vh_cat)
 
 
-class TsvMerge(TensorMergeMethod):
+class TsvMerge(MatrixTaskVectorMethod):
     """Keep each task's top singular directions per layer, decorrelate them across tasks, and add them up."""
 
     name = "tsv_m"
     Params = Params
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        if taus.dim() == 3:
-            if min(taus.shape[1:]) < taus.shape[0]:
-                log.warning("tsv_m: %s %s has fewer singular directions than tasks (%d); its update is zero, as in "
-                            "the reference code", key, list(base.shape), taus.shape[0])
-            merged = tsv_merge_matrix(taus)
-        else:
-            merged = taus.mean(0)
-        return base.to(torch.float32) + self.params.alpha * merged
+    def scale(self) -> float:
+        return self.params.alpha
+
+    def merge_matrix(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+        if min(taus.shape[1:]) < taus.shape[0]:
+            log.warning("tsv_m: %s %s has fewer singular directions than tasks (%d); its update is zero, as in "
+                        "the reference code", key, list(taus.shape[1:]), taus.shape[0])
+        return tsv_merge_matrix(taus)
 
 
 @hookimpl

@@ -51,13 +51,14 @@ class WeightedAverage(TensorMergeMethod):
     Params = Params
     info = MethodInfo(kind="merge", data="none")
     requires_base = False
+    blockwise = True  # element-wise: large tensors stream in blocks
 
     def prepare(self, stream: MergeStream) -> None:
         self._weights = resolve_weights(self.params.weights, stream.num_experts, self.params.normalize)
         self.extras["weights"] = self._weights
 
     def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros(experts[0].shape, dtype=torch.float32)
+        out = torch.zeros(experts[0].shape, dtype=torch.float32, device=experts[0].device)
         for w, e in zip(self._weights, experts):
             out += w * e.to(torch.float32)
         return out

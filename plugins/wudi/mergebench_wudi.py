@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
+from mergebench_core import MethodInfo, hookimpl
+from mergebench_core.merging import MatrixTaskVectorMethod
 
 
 @dataclass
@@ -76,19 +77,15 @@ def wudi_matrix(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
     return merged.detach()
 
 
-class Wudi(TensorMergeMethod):
+class Wudi(MatrixTaskVectorMethod):
     """Find, per linear weight, the update that interferes least with each task's own input subspace."""
 
     name = "wudi"
     Params = Params
     info = MethodInfo(kind="merge", data="none")
 
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        if taus.dim() == 3:
-            merged = wudi_matrix(taus, self.params.steps, self.params.lr)
-        else:
-            merged = taus.mean(0)
-        return base.to(torch.float32) + merged
+    def merge_matrix(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+        return wudi_matrix(taus, self.params.steps, self.params.lr)
 
 
 @hookimpl

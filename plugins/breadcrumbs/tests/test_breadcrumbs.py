@@ -22,21 +22,22 @@ def merge(params, base, experts):
 def test_removes_the_top_gamma_and_enough_small_entries_to_reach_density():
     # n = 10, density 0.7 keeps 7; γ = 0.1 removes the 1 largest (-10), so the 2 smallest (1, -2) go too.
     # τ1 -> [3, 0, 0, 7, 0, 5, 9, -4, 6, 8]
-    # τ2 = [1, 1, 1, 1, 1, 1, 1, 1, 1, 50]: top 1 is 50; the 2 smallest are the two earliest ones
-    #    -> [0, 0, 1, 1, 1, 1, 1, 1, 1, 0]
+    # τ2 = [1, 1, 1, 1, 1, 1, 1, 1, 1, 50]: top 1 is 50; the nine 1s rank in index order (the earlier first), so
+    #    ranks 2..8 keep the first seven -> [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
     base = {"w": torch.full((10,), 2.0)}
     tau1 = torch.tensor([3.0, -10.0, 1.0, 7.0, -2.0, 5.0, 9.0, -4.0, 6.0, 8.0])
     tau2 = torch.tensor([1.0] * 9 + [50.0])
     out = merge(Params(density=0.7, gamma=0.1, scaling_factor=0.5), base,
                 [{"w": base["w"] + tau1}, {"w": base["w"] + tau2}])
-    kept = torch.tensor([3.0, 0, 1, 8, 1, 6, 10, -3, 7, 8])
+    kept = torch.tensor([4.0, 1, 1, 8, 1, 6, 10, -4, 6, 8])
     assert torch.allclose(out["w"], base["w"] + 0.5 * kept)
 
 
 def test_ties_in_magnitude_go_to_the_earlier_entry():
-    # [2, 2, 1, 1]: γ = 0.25 removes one 2 (index 0); density 0.5 keeps 2, so one 1 goes too (index 2).
+    # [2, 2, 1, 1] ranks as indices 0, 1, 2, 3: γ = 0.25 removes rank 1 (index 0); density 0.5 keeps ranks 2 and
+    # 3 (indices 1 and 2), so the later 1 goes.
     mask = breadcrumbs_mask(torch.tensor([2.0, -2.0, 1.0, -1.0]), density=0.5, gamma=0.25)
-    assert mask.tolist() == [False, True, False, True]
+    assert mask.tolist() == [False, True, True, False]
 
 
 @pytest.mark.parametrize("density,gamma,expected", [
@@ -47,6 +48,23 @@ def test_ties_in_magnitude_go_to_the_earlier_entry():
 ])
 def test_edge_densities(density, gamma, expected):
     assert breadcrumbs_mask(torch.arange(1.0, 11.0), density, gamma).tolist() == expected
+
+
+def test_streaming_equals_the_reference_with_many_ties():
+    from mergebench_core.pipeline import reference_outputs
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(80, 70, generator=g), "b": torch.randn(5000, generator=g),
+            "s": torch.randn(3, generator=g)}
+    experts = [{k: v + torch.randint(-3, 4, v.shape, generator=g) * 0.5 for k, v in base.items()} for _ in range(3)]
+    for density, gamma in ((0.9, 0.01), (0.5, 0.2), (0.95, 0.1)):
+        method = Breadcrumbs(Params(density=density, gamma=gamma))
+        want = reference_outputs(method.pipeline(), base, experts)
+        for block in (1 << 22, 999):
+            out = {}
+            merge_sources(method, StateDictSource(base), [StateDictSource(e) for e in experts], sink=out,
+                          block_entries=block)
+            assert all(torch.equal(out[k], want[k]) for k in base), (density, gamma, block)
 
 
 def test_zero_task_vectors_return_the_base():

@@ -12,10 +12,11 @@ from mergebench_core.tensors import StateDictSource
 from mergebench_dare import DareTaskArithmetic, DareTies, TaParams, TiesParams
 
 
-def merge(method, base, experts, seed=0):
+def merge(method, base, experts, seed=0, block_entries=1 << 22):
     out = {}
     merge_sources(method, StateDictSource(base, "base"),
-                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out, seed=seed)
+                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out, seed=seed,
+                  block_entries=block_entries)
     return out
 
 
@@ -65,7 +66,7 @@ def test_same_seed_same_output_different_seed_different_output(method):
 def test_dare_ties_with_p_zero_matches_hand_computed_ties():
     # k = 0.5 of 4 entries keeps 2 per task (as in the TIES tests):
     #   τ1 = [2, -3, 1, 0] -> [2, -3, 0, 0];  τ2 = [4, 1, -1, 1] -> [4, 1, 0, 0];  τ3 = [-1, -2, 0, 5] -> [0, -2, 0, 5]
-    # elected signs of the sum [6, -4, 0, 5]: [+, -, majority +, +]; agreeing sum = [6, -5, 0, 5]; λ = 0.5
+    # elected signs of the sum [6, -4, 0, 5]: [+, -, + (a zero sum), +]; agreeing sum = [6, -5, 0, 5]; λ = 0.5
     base = {"w": torch.zeros(4)}
     experts = [{"w": torch.tensor(v)} for v in ([2.0, -3.0, 1.0, 0.0], [4.0, 1.0, -1.0, 1.0], [-1.0, -2.0, 0.0, 5.0])]
     for scope in ("global", "tensor"):
@@ -85,6 +86,35 @@ def test_dare_ties_global_keeps_k_of_the_dropped_entries():
     for k in out:  # kept entries are the same rescaled values the TA variant sees (same seed, same masks)
         nz = out[k] != 0
         assert torch.equal(out[k][nz], dropped[k][nz])
+
+
+def test_the_drop_hash_is_the_documented_function():
+    from mergebench_core.pipeline import _mix32, _salt, drop_keep
+
+    # the tensor hash (int32 arithmetic wrapping modulo 2^32) equals the pure-Python one, for indices on both
+    # sides of 2^31 and 2^32, through the fast range path and the general index path
+    salt = _salt(3, "w", 1)
+    index = [0, 1, 12345, (1 << 31) - 1, 1 << 31, (1 << 32) + 5]
+    expected = [float(_mix32(salt ^ (i & 0xFFFFFFFF) ^ (((i >> 32) * 0x27D4EB2F) & 0xFFFFFFFF)) & 0x7FFFFFFF
+                      >= round(0.3 * (1 << 31))) for i in index]
+    assert drop_keep(3, "w", 1, torch.tensor(index), 0.3).tolist() == expected
+    assert drop_keep(3, "w", 1, range(0, 3), 0.3).tolist() == expected[:2] + [
+        float(_mix32(salt ^ 2) & 0x7FFFFFFF >= round(0.3 * (1 << 31)))]
+    assert torch.equal(drop_keep(3, "w", 1, range(10, 5000), 0.3), drop_keep(3, "w", 1, torch.arange(10, 5000), 0.3))
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_streaming_equals_the_reference_in_blocks(scope):
+    from mergebench_core.pipeline import reference_outputs
+
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(60, 50, generator=g), "b": torch.randn(3000, generator=g), "s": torch.randn(())}
+    experts = [{k: v + torch.randint(-3, 4, v.shape, generator=g) * 0.5 for k, v in base.items()} for _ in range(3)]
+    for method in (DareTaskArithmetic(TaParams(p=0.4)), DareTies(TiesParams(p=0.3, k=0.3, scope=scope))):
+        want = reference_outputs(method.pipeline(), base, experts, seed=7)
+        for block in (1 << 22, 1000):
+            got = merge(method, base, experts, seed=7, block_entries=block)
+            assert all(torch.equal(got[k], want[k]) for k in base), (method.name, block)
 
 
 def test_zero_task_vectors_return_the_base():

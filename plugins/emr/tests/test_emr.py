@@ -44,9 +44,25 @@ def test_unified_vector_and_masks():
     assert masks.tolist() == [[True, True, True, False], [False, True, True, True]]
 
 
-def test_a_zero_sum_elects_the_negative_sign():
+def test_a_zero_sum_elects_the_positive_sign():
+    # the core pipeline's one rule (the authors' code elects − here)
     uni, masks = elect_and_mask(torch.tensor([[1.0], [-1.0]]))
-    assert uni.tolist() == [-1.0] and masks.tolist() == [[False], [True]]
+    assert uni.tolist() == [1.0] and masks.tolist() == [[True], [False]]
+
+
+@pytest.mark.parametrize("rescale", ["sum", "tensor_mean"])
+def test_blocks_give_the_same_bits_as_whole_tensors(rescale):
+    from mergebench_core.merging import merge_sources
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(70, 40, generator=g), "b": torch.randn(7, generator=g), "s": torch.randn((), generator=g)}
+    experts = [StateDictSource({k: v + torch.randint(-2, 3, v.shape, generator=g) * 0.5 for k, v in base.items()})
+               for _ in range(3)]
+    whole, blocks = [{} for _ in experts], [{} for _ in experts]
+    merge_sources(Emr(Params(rescale=rescale)), StateDictSource(base), experts, sink=whole)
+    method = Emr(Params(rescale=rescale))
+    merge_sources(method, StateDictSource(base), experts, sink=blocks, block_entries=333)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(whole, blocks) for k in base)
 
 
 def test_params_are_validated():

@@ -115,16 +115,16 @@ def expected(combined):
 @pytest.mark.parametrize("scope,combine", SCOPES_AND_COMBINES)
 def test_vertex_preference_by_hand(scope, combine):
     # r = (1, 0): w = (2, 0). Weighted trimmed vectors: [6, 0, 4, 0, -4, 0] and zeros.
-    # Weighted election: sums [6, 0, 4, 0, -4, 0] -> +, (majority +), +, (majority +), -, (majority +); only a's
+    # Weighted election: sums [6, 0, 4, 0, -4, 0] -> +, (0: +), +, (0: +), -, (0: +); only a's
     # entries are non-zero, each alone in its column, so sum and mean agree: combined = [6, 0, 4, 0, -4, 0],
     # which is 2·trim(τ_a): the preferred expert's TIES vector at the strength of the whole sum.
     got, extras = hand_merge((1.0, 0.0), scope=scope, combine=combine)
     torch.testing.assert_close(got, expected([6, 0, 4, 0, -4, 0]), rtol=0, atol=0)
     assert extras["task_weights"] == {"a": 2.0, "b": 0.0} and extras["preference"] == {"a": 1.0, "b": 0.0}
     assert extras["weighted_election"] is True
-    # Unweighted election: sums of trimmed [3, 4, -1, 0, -4.5, 0] -> +, +, -, (0), -, (0); two columns elect +,
-    # two elect -, so the majority is 0 and the zero columns take nothing. b (weight 0) wins column 2 and a's 2·2
-    # disagrees with it: combined = [6, 0, 0, 0, -4, 0]; column 1 elects b's + but b's weighted entry is 0.
+    # Unweighted election: sums of trimmed [3, 4, -1, 0, -4.5, 0] -> +, +, -, (0: +), -, (0: +); the zero columns
+    # hold no entry, so they take nothing. b (weight 0) wins column 2 and a's 2·2 disagrees with it:
+    # combined = [6, 0, 0, 0, -4, 0]; column 1 elects b's + but b's weighted entry is 0.
     got, extras = hand_merge((1.0, 0.0), scope=scope, combine=combine, weighted_election=False)
     torch.testing.assert_close(got, expected([6, 0, 0, 0, -4, 0]), rtol=0, atol=0)
     assert extras["weighted_election"] is False
@@ -134,7 +134,7 @@ def test_vertex_preference_by_hand(scope, combine):
                                               ("mean", [1.5, 6, -4.5, 0, -2.375, 0])])
 def test_interior_preference_by_hand(combine, combined):
     # r = (0.25, 0.75): w = (0.5, 1.5). Weighted: a -> [1.5, 0, 1, 0, -1, 0], b -> [0, 6, -4.5, 0, -3.75, 0].
-    # Both elections give +, +, -, (0), -, (0) here. Column 4: a and b agree: sum -4.75, mean over 2 -> -2.375;
+    # Both elections give +, +, -, (0: +), -, (0: +) here. Column 4: a and b agree: sum -4.75, mean over 2 -> -2.375;
     # column 2: only b's -4.5 agrees.
     for weighted_election in (True, False):
         got, _ = hand_merge((0.25, 0.75), combine=combine, weighted_election=weighted_election)
@@ -172,8 +172,7 @@ def reference_pa_ties(base, experts, weights, k, lam, combine, scope, weighted_e
     out = {}
     for key, seg_w, seg_u in zip(keys, weighted.split(sizes, 1), trimmed.split(sizes, 1)):
         sign = torch.sign((seg_w if weighted_election else seg_u).sum(0))
-        majority = torch.sign(sign.sum())
-        sign[sign == 0] = majority
+        sign[sign == 0] = 1  # a zero sum elects + (the core pipeline's rule)
         agree = (torch.sign(seg_w) == sign) & (seg_w != 0)
         merged = (seg_w * agree).sum(0)
         if combine == "mean":

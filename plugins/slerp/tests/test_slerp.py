@@ -55,9 +55,9 @@ def test_needs_exactly_two_models():
 
 def test_on_the_embedded_pool(digits_pools):
     pool, taskpool = digits_pools
-    with pytest.raises(MergebenchError, match="has 8: digits"):
+    with pytest.raises(MergebenchError, match="exactly two models, but 8 were given: digits"):
         Slerp().run(pool, RunContext(taskpool=taskpool))
-    with pytest.raises(MergebenchError, match="lacks"):
+    with pytest.raises(MergebenchError, match="not among the models"):
         Slerp(Params(models=["digits", "nope"])).run(pool, RunContext(taskpool=taskpool))
     out = Slerp(Params(models=["digits", "rot90"])).run(pool, RunContext(taskpool=taskpool))
     metrics = evaluate(taskpool, out.model, tasks=["digits", "rot90"])

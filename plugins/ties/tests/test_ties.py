@@ -11,10 +11,10 @@ from mergebench_core.merging import merge_sources
 from mergebench_core.tensors import StateDictSource
 
 
-def merge(params, base, experts):
+def merge(params, base, experts, block_entries=1 << 22, method=None):
     out = {}
-    merge_sources(Ties(params), StateDictSource(base, "base"),
-                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out)
+    merge_sources(method or Ties(params), StateDictSource(base, "base"),
+                  [StateDictSource(e, f"e{i}") for i, e in enumerate(experts)], sink=out, block_entries=block_entries)
     return out
 
 
@@ -30,7 +30,7 @@ def test_global_scope_keeps_exactly_k_n_entries_and_breaks_ties_by_position():
     # k = 0.4 keeps ⌊0.4·5⌋ = 2 entries per task over the whole model.
     # τ1: |3| first, then |2| appears at a[2] and b[0]: the earlier, a[2], wins -> [3, 0, 2 | 0, 0]
     # τ2: |4| at a[1] and b[1] -> [0, 4, 0 | 0, -4];  τ3 keeps two zeros -> 0
-    # sum of trimmed = [3, 4, 2 | 0, -4]; b[0] has sum 0: tensor b's majority sign (-) is elected, nobody agrees.
+    # sum of trimmed = [3, 4, 2 | 0, -4]; b[0] has sum 0, which elects +: no entry there is positive, so 0.
     # agreeing entries: a = [3, 4, 2], b = [0, -4]; θ = θ0 + 0.3·that
     out = merge(Params(k=0.4, scaling_factor=0.3), BASE, EXPERTS)
     assert torch.allclose(out["a"], torch.tensor([1.9, 2.2, 1.6]))
@@ -50,7 +50,7 @@ def test_sign_election_and_combine(combine, expected):
     #   τ1 = [2, -3, 1, 0] -> [2, -3, 0, 0]
     #   τ2 = [4, 1, -1, 1] -> [4, 1, 0, 0]   (|1| three times: the first, index 1, is kept)
     #   τ3 = [-1, -2, 0, 5] -> [0, -2, 0, 5]
-    # sum = [6, -4, 0, 5] -> signs [+, -, (majority +), +]
+    # sum = [6, -4, 0, 5] -> signs [+, -, + (a zero sum elects +), +]
     # agreeing: [2 and 4 | -3 and -2 (τ2's +1 disagrees) | none | 5]
     #   sum  -> [6, -5, 0, 5]      mean -> [3, -2.5, 0, 5];   λ = 0.3
     base = {"w": torch.zeros(4)}
@@ -79,26 +79,13 @@ def test_bad_parameters_are_reported_with_their_name():
         build_params("ties", Params, {}, parse_overrides(["method.k=abc"]))
 
 
-def reference_ties(base, experts, k, lam, combine):
-    """TIES written the direct way, over the whole model held in memory: the answer the streaming merge must give."""
-    from mergebench_core.sparsify import keep_count, topk_mask
-
-    keys = list(base)
-    taus = torch.stack([torch.cat([(e[key] - base[key]).reshape(-1) for key in keys]) for e in experts])
-    count = keep_count(k, taus.shape[1])
-    trimmed = torch.stack([t * topk_mask(t, count) for t in taus])
-    out, offset = {}, 0
-    for key in keys:
-        seg = trimmed[:, offset:offset + base[key].numel()]
-        offset += base[key].numel()
-        elected = torch.sign(seg.sum(0))
-        elected = torch.where(elected == 0, torch.sign(elected.sum()), elected)
-        agree = seg * elected > 0
-        merged = (seg * agree).sum(0)
-        if combine == "mean":
-            merged = merged / agree.sum(0).clamp(min=1)
-        out[key] = base[key] + lam * merged.view(base[key].shape)
-    return out
+def test_an_exact_cancellation_elects_plus():
+    # k = 1: τ1 = [2, -1], τ2 = [-2, 1]: both columns sum to exactly 0, so + is elected (MergeKit's rule): the
+    # positive entries are combined, [2, 1]. (The paper's code would fill in the model's majority sign.)
+    base = {"w": torch.zeros(2)}
+    experts = [{"w": torch.tensor([2.0, -1.0])}, {"w": torch.tensor([-2.0, 1.0])}]
+    out = merge(Params(k=1.0, scaling_factor=1.0), base, experts)
+    assert out["w"].tolist() == [2.0, 1.0]
 
 
 def quantized_pool(seed, shapes, experts=4):
@@ -111,31 +98,43 @@ def quantized_pool(seed, shapes, experts=4):
 
 
 @pytest.mark.parametrize("combine", ["sum", "mean"])
-def test_one_pass_global_top_k_equals_the_whole_model_answer(combine):
-    # tensors large enough to be sampled (not read whole), so the boundary is held and patched after the pass
-    shapes = [(100, 60), (5000,), (7,), (50, 50), (1,)]
-    for seed in range(4):
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_streaming_equals_the_whole_model_reference_bit_for_bit(combine, scope):
+    from mergebench_core.pipeline import reference_outputs
+    from mergebench_ties import ties_pipeline
+
+    # tensors large enough to be sampled (not read whole), and blocks smaller than tensors
+    shapes = [(100, 60), (5000,), (7,), (50, 50), (1,), ()]
+    for seed in range(3):
         base, experts = quantized_pool(seed, shapes)
         for k in (0.1, 0.37, 0.9):
-            params = Params(k=k, combine=combine, scaling_factor=0.3)
-            got = merge(params, base, experts)
-            want = reference_ties(base, experts, k, 0.3, combine)
-            for key in base:
-                assert torch.allclose(got[key], want[key], atol=1e-6, rtol=0), (seed, k, key)
+            params = Params(k=k, combine=combine, scaling_factor=0.3, scope=scope)
+            want = reference_outputs(ties_pipeline(params), base, experts)
+            for block in (1 << 22, 1000, 333):
+                got = merge(params, base, experts, block_entries=block)
+                for key in base:
+                    assert torch.equal(got[key], want[key]), (seed, k, key, block)
 
 
-def test_a_missed_bracket_falls_back_to_the_exact_passes(monkeypatch, caplog):
-    from mergebench_core.sparsify import OnePassTopK
-
-    def misleading_sample(stream, counts, **_):  # a bracket far too low: far more than k entries lie above it
-        return OnePassTopK(counts, torch.zeros(len(counts)), torch.full((len(counts),), 1e-3))
+def test_a_missed_bracket_falls_back_to_the_exact_passes(monkeypatch):
+    import mergebench_core.sparsify as sparsify
+    from mergebench_core.pipeline import reference_outputs
+    from mergebench_ties import ties_pipeline
 
     base, experts = quantized_pool(0, [(100, 60), (5000,)])
-    one_pass = merge(Params(k=0.2), base, experts)
-    monkeypatch.setattr(OnePassTopK, "from_sample", misleading_sample)
-    got = merge(Params(k=0.2), base, experts)
-    assert "bracket missed" in caplog.text
-    want = reference_ties(base, experts, 0.2, 0.3, "sum")
-    assert all(torch.allclose(got[key], want[key], atol=1e-6, rtol=0) for key in base)
-    # rows are summed in order on every path, so patched entries carry the very same bits as a plain merge's
-    assert all(torch.equal(got[key], one_pass[key]) for key in base)
+    for scope in ("global", "tensor"):
+        params = Params(k=0.2, scope=scope)
+        sampled = Ties(params)
+        want = merge(params, base, experts, method=sampled)
+        assert "exact_fallbacks" not in sampled.extras
+        # a bracket far too low: far more than k entries lie above it
+        monkeypatch.setattr(sparsify, "_bracket", lambda *a, **k: (0.0, 1e-3))
+        monkeypatch.setattr(sparsify, "_bracket_uniform",
+                            lambda sample, counts, z: (torch.zeros(len(counts)), torch.full((len(counts),), 1e-3)))
+        fallback = Ties(params)
+        got = merge(params, base, experts, method=fallback)
+        monkeypatch.undo()
+        assert fallback.extras["exact_fallbacks"] >= 1
+        assert all(torch.equal(got[key], want[key]) for key in base)
+        reference = reference_outputs(ties_pipeline(params), base, experts)
+        assert all(torch.equal(got[key], reference[key]) for key in base)

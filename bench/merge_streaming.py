@@ -14,7 +14,7 @@ What it does
 Run it (not part of the test suite):
     /work/venv/bin/python bench/merge_streaming.py            # 8 experts, temp dir under $TMPDIR
     /work/venv/bin/python bench/merge_streaming.py --repeat 2 --keep --workdir /tmp/mb-bench
-    /work/venv/bin/python bench/merge_streaming.py --methods ties --check-exact   # + one-pass == exact fallback
+    /work/venv/bin/python bench/merge_streaming.py --methods ties --check-exact   # + sampled == exact fallback
 Targets: TIES on 8 models within 3x the floor's wall time, and peak RSS under 2 GB.
 """
 
@@ -106,13 +106,13 @@ def read_floor(paths: list[str]) -> None:
 
 
 def check_exact(base: Path, experts: list[Path]) -> int:
-    """TIES's one-pass global top-k against its exact fallback (forced by a useless bracket), bit for bit."""
+    """TIES's sampled-bracket global top-k against its exact fallback (forced by a useless bracket), bit for bit."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
     from mergebench_ties import Ties
 
+    import mergebench_core.sparsify as sparsify
     from mergebench_core.merging import merge_sources
-    from mergebench_core.sparsify import OnePassTopK
     from mergebench_core.tensors import SafetensorsSource
 
     def run() -> dict[str, torch.Tensor]:
@@ -120,17 +120,18 @@ def check_exact(base: Path, experts: list[Path]) -> int:
         merge_sources(Ties(), SafetensorsSource(base), [SafetensorsSource(e) for e in experts], sink=out)
         return out
 
-    one_pass = run()
-    sample = OnePassTopK.from_sample
-    OnePassTopK.from_sample = classmethod(lambda cls, stream, counts, **_: cls(counts, torch.zeros(len(counts)),
-                                                                               torch.zeros(len(counts))))
+    sampled = run()
+    bracket, uniform = sparsify._bracket, sparsify._bracket_uniform
+    # a bracket that always misses: the radix-select fallback runs
+    sparsify._bracket = lambda *a, **k: (0.0, 0.0)
+    sparsify._bracket_uniform = lambda sample, counts, z: (torch.zeros(len(counts)), torch.zeros(len(counts)))
     try:
         exact = run()
     finally:
-        OnePassTopK.from_sample = sample
-    differing = [k for k in one_pass if not torch.equal(one_pass[k], exact[k])]
-    print(f"ties one-pass vs exact fallback: {len(one_pass) - len(differing)} of {len(one_pass)} tensors identical"
-          + (f"; differing: {', '.join(differing[:5])}" if differing else ""))
+        sparsify._bracket, sparsify._bracket_uniform = bracket, uniform
+    differing = [k for k in sampled if not torch.equal(sampled[k], exact[k])]
+    print(f"ties sampled bracket vs exact fallback: {len(sampled) - len(differing)} of {len(sampled)} tensors "
+          f"identical" + (f"; differing: {', '.join(differing[:5])}" if differing else ""))
     return 1 if differing else 0
 
 
@@ -166,7 +167,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest is reported")
     parser.add_argument("--methods", default="ties,task_arithmetic,dare_ta")
     parser.add_argument("--check-exact", action="store_true",
-                        help="also check, in-process, that TIES's one-pass output equals its exact fallback's")
+                        help="also check, in-process, that TIES's sampled-bracket output equals its exact fallback's")
     parser.add_argument("--floor-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_child:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,8 @@ import torch
 
 from .api import PRETRAINED, MergeOutput, Method, ModelPool, PerTaskModels, RunContext
 from .errors import CheckpointError, MergebenchError
+from .roles import Fallbacks, MatrixView, Role, declared_roles, model_roles, resolve_roles, role_from_name
+from .running_stats import rule_value
 from .tensors import (
     StateDictSource,
     SupportsReadInto,
@@ -330,6 +332,13 @@ class TensorMergeMethod(Method):
         super().__init__(params)
         self.seed = 0
         self.extras: dict[str, Any] = {}
+        self.roles: dict[str, Role] = {}
+        """Every tensor's role, set by the engine before `prepare` (see `mergebench_core.roles`)."""
+        self.fallbacks = Fallbacks(self.name if hasattr(self, "name") else type(self).__name__)
+
+    def role(self, key: str, shape: tuple[int, ...]) -> Role:
+        """The role of tensor `key` (of `shape`): the engine's, else what its name and shape suggest."""
+        return self.roles.get(key) or role_from_name(key, tuple(shape))
 
     def prepare(self, stream: MergeStream) -> None:
         """Gather whole-model statistics in passes over `stream` before merging; most methods need none."""
@@ -375,21 +384,27 @@ class TensorMergeMethod(Method):
         names = self.select_experts(pool.expert_names)
         base = pool_source(pool, PRETRAINED) if pool.has_pretrained else None
         experts = [pool_source(pool, n) for n in names]
+        # the model is loaded first: its modules give every tensor's role (a conv kernel's matrix view, running
+        # statistics); "recompute" is settled after the merge (by the runner), so the engine writes the mean
+        first = pool.load_model(PRETRAINED if pool.has_pretrained else names[0])
+        roles = model_roles(first, declared_roles(pool))
+        bn_stats = "base" if ctx.bn_stats == "base" else "mean"
         if not self.info.task_specific:
             merged: dict[str, torch.Tensor] = {}
-            merge_sources(self, base, experts, sink=merged, seed=ctx.seed, progress=ctx.track)
-            model = pool.load_model(PRETRAINED if pool.has_pretrained else names[0])
-            model.load_state_dict(merged)
-            return MergeOutput(model, extras=dict(self.extras))
+            merge_sources(self, base, experts, sink=merged, seed=ctx.seed, progress=ctx.track, roles=roles,
+                          bn_stats=bn_stats)
+            first.load_state_dict(merged)
+            return MergeOutput(first, extras=dict(self.extras))
         tasks = [pool.task_of(n) for n in names]
         if len(set(tasks)) != len(tasks):
             raise MergebenchError(f"{self.name} builds one model per task, but experts of pool {pool.name!r} share a "
                                   f"task: {tasks}")
         per_task: list[dict[str, torch.Tensor]] = [{} for _ in names]
-        merge_sources(self, base, experts, sink=per_task, seed=ctx.seed, progress=ctx.track)
+        merge_sources(self, base, experts, sink=per_task, seed=ctx.seed, progress=ctx.track, roles=roles,
+                      bn_stats=bn_stats)
         models = {}
-        for task, tensors in zip(tasks, per_task):
-            model = pool.load_model(PRETRAINED if pool.has_pretrained else names[0])
+        for i, (task, tensors) in enumerate(zip(tasks, per_task)):
+            model = first if i == 0 else pool.load_model(PRETRAINED if pool.has_pretrained else names[0])
             model.load_state_dict(tensors)
             models[task] = model
         return MergeOutput(PerTaskModels(models), extras=dict(self.extras))
@@ -415,19 +430,46 @@ class TaskVectorMethod(TensorMergeMethod):
 
 
 class MatrixTaskVectorMethod(TaskVectorMethod):
-    """A task-vector method that merges every 2-D weight as a matrix (an SVD, a least-squares problem: TSV-M, Iso-C,
-    WUDI) and every other tensor (biases, norms, convolutions) as the mean of its task vectors, as their reference
-    code does; θ = θ_0 + `scale()` · merged. Such methods need whole tensors, so they are never `blockwise`."""
+    """A task-vector method that merges the weight of every linear map as a matrix (an SVD, a least-squares problem:
+    TSV-M, Iso-C, WUDI) and every 0-D or 1-D tensor (biases, norm scales) as the mean of its task vectors, as their
+    reference code does; θ = θ_0 + `scale()` · merged. Such methods need whole tensors, so they are never
+    `blockwise`.
+
+    Which tensors are matrices comes from their role (`mergebench_core.roles`): a 2-D tensor is a matrix as stored
+    (Linear, Embedding), a convolution kernel (out, in, *k) is merged on its matrix view out × (in · prod(k)) and
+    reshaped back. A tensor of two or more dimensions with no usable view (a grouped convolution, a 3-D parameter)
+    falls back to the mean with a warning, counted in the result's extras (`fallback_tensors`)."""
 
     def merge_matrix(self, key: str, taus: torch.Tensor) -> torch.Tensor:
-        """The merged update of a 2-D weight from its stacked task vectors (T, rows, cols)."""
+        """The merged update of a weight matrix from its stacked task vectors (T, rows, cols)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement merge_matrix")
 
     def scale(self) -> float:
         return 1.0
 
+    def matrix_view(self, key: str, shape: tuple[int, ...]) -> MatrixView | None:
+        """The view under which tensor `key` is merged as a matrix, or None for the mean (recording a fallback when
+        the tensor is more than a vector)."""
+        role = self.role(key, shape)
+        view = role.view if role.view is not None else (MatrixView("linear") if len(shape) == 2 else None)
+        if len(shape) < 2:
+            return None  # biases, norms, scalars: the mean is the method's own rule
+        if view is None:
+            self.fallbacks.add(key, "mean", f"a {len(shape)}-D {role.kind} tensor with no matrix view")
+            return None
+        if not view.usable:
+            self.fallbacks.add(key, "mean", "a grouped convolution, whose kernel is not one matrix",
+                               f" (groups={view.groups})")
+            return None
+        return view
+
     def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        merged = self.merge_matrix(key, taus) if taus.dim() == 3 else taus.mean(0)
+        shape = tuple(taus.shape[1:])
+        view = self.matrix_view(key, shape)
+        if view is None:
+            merged = taus.mean(0)
+        else:
+            merged = view.from_matrix(self.merge_matrix(key, view.to_matrix(taus, batch_dims=1)), shape)
         return base.to(torch.float32) + self.scale() * merged
 
 
@@ -499,13 +541,19 @@ def merge_sources(method: TensorMergeMethod, base: TensorSource | None, experts:
                   sink: Sink | MutableMapping[str, torch.Tensor] | Sequence[Sink | MutableMapping[str, torch.Tensor]],
                   seed: int = 0, check_values: bool = True, progress: Callable[..., Iterator[Any]] | None = None,
                   device: torch.device | str = "cpu", block_entries: int = DEFAULT_BLOCK_ENTRIES,
-                  prefetch: bool | None = None) -> None:
+                  prefetch: bool | None = None, roles: Mapping[str, Role] | None = None,
+                  bn_stats: str = "mean") -> None:
     """Run `method` over the sources, handing each output tensor to `sink` (a `Sink`, or a dict to fill) in the
     base's key order, then the method's corrections (`finish`).
 
     A task-specific method (`info.task_specific`: one model per expert) writes to a sequence of sinks, one per
     expert in order; its merge returns the stacked outputs (n_experts, *shape), and integer buffers go to each.
     `device`, `block_entries` and `prefetch` are the `MergeStream`'s.
+
+    `roles` (from the model: `roles.roles_of`) give each tensor's role; keys they do not name get the role their name
+    and shape suggest (checkpoint files). Running statistics never reach the method: they are set by `bn_stats`,
+    "base" (the pretrained model's) or "mean" (the experts' average; counters are the base's), and tensors the
+    method could not treat as their role asks are counted in `method.extras["fallback_tensors"]`.
     """
     per_task = method.info.task_specific
     if not experts:
@@ -526,9 +574,15 @@ def merge_sources(method: TensorMergeMethod, base: TensorSource | None, experts:
     shapes = {k: tuple(ref.shape(k)) for k in keys}
     dtypes = {k: ref.dtype(k) for k in keys}
     sinks = [s if isinstance(s, Sink) else DictSink(s, shapes, dtypes) for s in sink_list]
-    float_keys = [k for k in keys if is_mergeable(ref.dtype(k))]
+    method.roles = resolve_roles(keys, shapes, dtypes, roles)
+    running = {k for k in keys if method.roles[k].is_running_stat}
+    if running and bn_stats not in ("base", "mean"):
+        raise MergebenchError(f"bn_stats {bn_stats!r}: a merge sets running statistics by 'base' or 'mean' "
+                              f"('recompute' needs data, after the merge)")
+    float_keys = [k for k in keys if is_mergeable(ref.dtype(k)) and k not in running]
     method.seed = seed
     method.extras = {}
+    method.fallbacks = Fallbacks(method.name)
     stream = MergeStream(float_keys, base, experts, check_values=check_values, device=device,
                          block_entries=block_entries, prefetch=prefetch)
     on_task_vectors = isinstance(method, TaskVectorMethod)
@@ -539,6 +593,12 @@ def merge_sources(method: TensorMergeMethod, base: TensorSource | None, experts:
         float_set = set(float_keys)
         iterator = progress(keys, desc=f"merging ({method.name})", total=len(keys)) if progress else keys
         for key in iterator:
+            if key in running:  # the rule, never the method (and the same value in every per-task model)
+                value = rule_value(key, bn_stats, base.get(key) if base is not None else None,
+                                   [e.get(key) for e in experts])
+                for s in sinks:
+                    s.write(key, value)
+                continue
             if key not in float_set:  # integer buffers are copied, after checking the experts agree
                 value = ref.get(key)
                 for src in sources[1:]:
@@ -555,6 +615,8 @@ def merge_sources(method: TensorMergeMethod, base: TensorSource | None, experts:
                     s.patch(key, index, v.to(dtypes[key]))
             else:
                 sinks[0].patch(key, index, values.to(dtypes[key]))
+        if method.fallbacks:
+            method.extras["fallback_tensors"] = dict(method.fallbacks.counts)
     finally:
         stream.close()
 

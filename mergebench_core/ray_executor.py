@@ -68,7 +68,8 @@ class RayExecutor:
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, CellResult]]:
         import ray
 
-        options = dataclasses.replace(self.runner.options, executor="local")
+        options = dataclasses.replace(self.runner.options, executor="local",
+                                      bn_stats=self.runner.bn_stats)  # a config file's bn_stats: too
         store = self.runner.store
         store_path = str(store.path) if store is not None else None
         started = {self.remote.remote(options, store_path, job.spec): (job, time.monotonic()) for job in jobs}

@@ -7,7 +7,9 @@ statistics of a model on a task's training data:
   *per-example* gradient of the negative log-likelihood, with the true labels ("empirical") or with labels drawn from
   the model's own predictive distribution ("sampled", an unbiased Monte-Carlo estimate of the true Fisher);
 - the Gram matrix XᵀX / n of the inputs of every `nn.Linear` (RegMean), and of every transformers `Conv1D`
-  (GPT-2's linear layers, which store their weight transposed, (in, out): `weight_is_transposed`).
+  (GPT-2's linear layers, which store their weight transposed, (in, out): `weight_is_transposed`); on request of
+  every Conv1d/Conv2d with groups = 1 too, over its unfolded input patches (`conv_patches`), which is the Gram of
+  the kernel's matrix view out × (in · prod(k)).
 
 They are expensive (a backward pass per example for Fisher) and identical across methods and across a grid of
 hyper-parameters, so `StatsCache` stores each one under a key of (model identity, task, statistic, number of
@@ -299,23 +301,85 @@ def weight_is_transposed(module: nn.Module) -> bool:
 
 
 def in_features(module: nn.Module) -> int:
-    """The width of a linear layer's input, whichever way it stores its weight."""
+    """The width of a layer's input rows: a linear layer's input, whichever way it stores its weight; a
+    convolution's unfolded patch (in_channels · prod(kernel_size), groups = 1)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.in_channels // module.groups * math.prod(module.kernel_size))
     weight = module.weight
     return int(weight.shape[0] if weight_is_transposed(module) else weight.shape[1])
 
 
+def gram_convolutions(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The convolutions of `model` whose input Grams can be collected ({name: module}: nn.Conv1d and nn.Conv2d with
+    groups = 1, as linear maps of their unfolded input patches), and why each other one cannot ({name: reason}:
+    grouped, 3-D and transposed convolutions)."""
+    ok: dict[str, nn.Module] = {}
+    refused: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.conv._ConvNd):
+            continue
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            refused[name] = "a transposed convolution"
+        elif not isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            refused[name] = f"a {type(m).__name__} (patches of 3-D inputs are not unfolded)"
+        elif m.groups != 1:
+            refused[name] = f"a grouped convolution (groups={m.groups})"
+        else:
+            ok[name] = m
+    return ok, refused
+
+
+def gram_layers(model: nn.Module, convolutions: bool = False) -> dict[str, nn.Module]:
+    """The layers whose input Grams RegMean uses: `linear_layers`, and with `convolutions` the convolutions of
+    `gram_convolutions`."""
+    layers = linear_layers(model)
+    if convolutions:
+        layers.update(gram_convolutions(model)[0])
+    return {name: m for name, m in model.named_modules() if name in layers}  # forward-definition order
+
+
+def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The unfolded input patches of a Conv1d or Conv2d (groups = 1) as rows (positions, in_channels · prod(k)), in
+    the order of the kernel's matrix view `weight.flatten(1)`: y = patches @ weight.flatten(1)ᵀ + bias at every
+    output position. A 1×1 convolution's patches are the channel vectors at every position."""
+    conv1d = isinstance(module, nn.Conv1d)
+    if x.dim() == (2 if conv1d else 3):  # an unbatched input
+        x = x.unsqueeze(0)
+    padding: Any = module.padding
+    if isinstance(padding, str) or module.padding_mode != "zeros":  # pad as the layer does, then unfold unpadded
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(module.kernel_size)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if conv1d:
+        x = x.unsqueeze(-2)
+        kernel, stride, dilation, padding = ((1, *t) for t in (kernel, stride, dilation, padding))
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C·k, L)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as rows of the vectors its weight matrix multiplies: token vectors for linear layers, unfolded
+    patches for convolutions."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return conv_patches(module, x)
+    return x.reshape(-1, x.shape[-1])
+
+
 def linear_input_grams(model: nn.Module, taskpool: TaskPool, task: str, n_examples: int = 256, *,
                        batch_size: int = 32, device: torch.device | str = "cpu", modules: Sequence[str] | None = None,
-                       progress: Progress | None = None) -> dict[str, torch.Tensor]:
+                       progress: Progress | None = None, convolutions: bool = False) -> dict[str, torch.Tensor]:
     """{module name: XᵀX / rows} for the inputs X of every `nn.Linear` of `model` (or those in `modules`) on the
     first `n_examples` examples of `task`, collected with forward hooks under inference mode.
 
     Inputs with extra leading dimensions (tokens) are flattened to rows, so n counts rows. When `modules` is given
     the forward pass stops as soon as each of them has seen its input (RegMean++ asks for one layer at a time).
+    With `convolutions`, Conv1d/Conv2d layers (groups = 1) are included too: their rows are the unfolded input
+    patches at every output position (`conv_patches`), so the Gram belongs to the kernel's matrix view.
     """
     device = torch.device(device)
     model = model.to(device).eval()
-    layers = linear_layers(model)
+    layers = gram_layers(model, convolutions)
     wanted = list(layers) if modules is None else list(modules)
     missing = [m for m in wanted if m not in layers]
     if missing:
@@ -327,7 +391,7 @@ def linear_input_grams(model: nn.Module, taskpool: TaskPool, task: str, n_exampl
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = input_rows(module, args[0].detach()).float()
             grams[name] += x.T @ x
             rows[name] += x.shape[0]
             seen_in_batch.add(name)
@@ -353,12 +417,12 @@ def linear_input_grams(model: nn.Module, taskpool: TaskPool, task: str, n_exampl
     return {m: (grams[m] / rows[m]).cpu() for m in wanted}
 
 
-def forward_order(model: nn.Module, taskpool: TaskPool, task: str) -> list[str]:
-    """Names of the linear layers of `model` in the order a forward pass first calls them (layers never called are
-    left out), from one example of `task`."""
+def forward_order(model: nn.Module, taskpool: TaskPool, task: str, convolutions: bool = False) -> list[str]:
+    """Names of the linear layers of `model` (and with `convolutions` its `gram_convolutions`) in the order a forward
+    pass first calls them (layers never called are left out), from one example of `task`."""
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n) if n not in order else None)
-               for name, m in linear_layers(model).items()]
+               for name, m in gram_layers(model, convolutions).items()]
     try:
         inputs, _ = next(iter(taskpool.batches(task, "train", batch_size=1, limit=1)))
         with torch.inference_mode():
@@ -390,10 +454,12 @@ def cached_fisher(cache: StatsCache, pool: ModelPool, model_name: str, taskpool:
 
 def cached_linear_grams(cache: StatsCache, pool: ModelPool, model_name: str, taskpool: TaskPool, task: str, *,
                         n_examples: int = 256, batch_size: int = 32, device: torch.device | str = "cpu",
-                        progress: Progress | None = None) -> dict[str, torch.Tensor]:
+                        progress: Progress | None = None, convolutions: bool = False) -> dict[str, torch.Tensor]:
     """`linear_input_grams` of pool model `model_name` on `task`, cached. Grams use no randomness: the seed in the
-    key is always 0, so runs with different seeds share them."""
-    key = StatsKey(pool.identity(model_name), task_key(taskpool, task), "linear_grams", n_examples, 0)
+    key is always 0, so runs with different seeds share them. With `convolutions` the statistic is another entry
+    ("linear_conv_grams"), so files cached before convolutions had Grams are never read as complete."""
+    statistic = "linear_conv_grams" if convolutions else "linear_grams"
+    key = StatsKey(pool.identity(model_name), task_key(taskpool, task), statistic, n_examples, 0)
     return cache.get_or_compute(key, lambda: linear_input_grams(
         pool.load_model(model_name), taskpool, task, n_examples, batch_size=batch_size, device=device,
-        progress=progress))
+        progress=progress, convolutions=convolutions))

@@ -12,7 +12,8 @@ stacked left and right factors are orthonormalised (polar factor, as in TSV-M), 
 its mean.
 
 Conventions (all as the authors' code and FusionBench's port):
-- Only 2-D tensors are treated this way; every other tensor is the plain mean of the task vectors.
+- Weight matrices are treated this way, convolution kernels on their matrix view out × (in · prod(k)) (the
+  reference code averages them); vectors (biases, norms) are the plain mean of the task vectors.
 - The mean singular value runs over all r = min(rows, cols) values, zeros included, and the isotropic update
   spans all r directions. For a rank-deficient sum the directions beyond its rank are whatever the SVD returns;
   fine-tuned task vectors are full rank, so this only matters for synthetic inputs.

@@ -1,11 +1,14 @@
 """RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023).
 
-Each linear weight (`nn.Linear`, or transformers' `Conv1D`, GPT-2's, which stores it (in, out)) is the
-least-squares merge of the experts' layers on their own inputs:
+Each linear weight (`nn.Linear`, or transformers' `Conv1D`, GPT-2's, which stores it (in, out)) and each
+convolution kernel (nn.Conv1d/Conv2d with groups = 1, on its matrix view out × (in · prod(k)), whose inputs are the
+unfolded patches at every output position) is the least-squares merge of the experts' layers on their own inputs:
 W = (Σ_t G_t)⁻¹ Σ_t G_t W_t (in the (in, out) layout), with G_t = XᵀX / n the Gram matrix of the layer's inputs
 under expert t on its task's training data. Off-diagonal entries of each G_t are scaled by
 α = `reduce_non_diagonal_ratio`, which interpolates between that closed form (α = 1) and a per-input-feature
-weighted average (α = 0). Every other floating tensor (biases, norms, embeddings) is the plain average.
+weighted average (α = 0). Every other floating tensor (biases, norms, embeddings) is the plain average; a
+convolution whose patches cannot be unfolded (grouped, 3-D, transposed) is averaged too, with a warning and a count
+in the result's extras (`fallback_tensors`). Batch-norm running statistics follow the run's `bn_stats` rule.
 
 Defaults and where they come from:
 - `n_examples` = 256: FusionBench's `num_regmean_examples` for CLIP (the paper uses up to 1,000).
@@ -25,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.stats import StatsCache, cached_linear_grams, linear_layers, weight_is_transposed
+from mergebench_core.roles import Fallbacks
+from mergebench_core.stats import StatsCache, cached_linear_grams, gram_convolutions, linear_layers, weight_is_transposed
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +60,14 @@ def reduce_non_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
 def regmean_weight(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], ratio: float,
                    transposed: bool = False) -> torch.Tensor:
     """The RegMean merge of Linear weights (out, in) given each expert's input Gram (in, in), solved in float64.
-    `transposed`: the weights are stored (in, out) (`Conv1D`), and so is the result."""
+    `transposed`: the weights are stored (in, out) (`Conv1D`), and so is the result. Convolution kernels
+    (out, in, *k) are solved on their matrix view (out, in · prod(k)), with Grams of the unfolded patches, and
+    reshaped back."""
     if transposed:
         return regmean_weight([w.T for w in weights], grams, ratio).T.contiguous()
+    if weights[0].dim() > 2:
+        shape = weights[0].shape
+        return regmean_weight([w.reshape(shape[0], -1) for w in weights], grams, ratio).reshape(shape)
     reduced = [reduce_non_diagonal(g.double(), ratio) for g in grams]
     lhs = sum(reduced)
     rhs = sum(g @ w.double().T for g, w in zip(reduced, weights))
@@ -97,7 +106,8 @@ def regmean_merge(states: Sequence[Mapping[str, torch.Tensor]], grams: Sequence[
 
 
 class RegMean(Method):
-    """Merge every Linear layer by least squares on the experts' own layer inputs; average the rest."""
+    """Merge every Linear layer and convolution by least squares on the experts' own layer inputs; average the
+    rest."""
 
     name = "regmean"
     Params = Params
@@ -109,18 +119,27 @@ class RegMean(Method):
         p = self.params
         cache = StatsCache.for_context(ctx)
         experts = pool.expert_names
-        grams = [cached_linear_grams(cache, pool, e, ctx.taskpool, pool.task_of(e), n_examples=p.n_examples,
-                                     batch_size=p.batch_size, device=ctx.device, progress=ctx.track)
-                 for e in experts]
         base_name = PRETRAINED if pool.has_pretrained else experts[0]
         model = pool.load_model(base_name)
+        convs, refused = gram_convolutions(model)
+        grams = [cached_linear_grams(cache, pool, e, ctx.taskpool, pool.task_of(e), n_examples=p.n_examples,
+                                     batch_size=p.batch_size, device=ctx.device, progress=ctx.track,
+                                     convolutions=bool(convs))
+                 for e in experts]
         transposed = {n for n, m in linear_layers(model).items() if weight_is_transposed(m)}
+        fallbacks = Fallbacks(self.name)
+        for name, why in refused.items():
+            key = f"{name}.weight" if name else "weight"
+            if not excluded(key, p.exclude_param_names_regex):
+                fallbacks.add(key, "mean", why.split(" (")[0], why[len(why.split(" (")[0]):])
         merged, regressed = regmean_merge([pool.state_dict(e) for e in experts], grams,
                                           p.reduce_non_diagonal_ratio, p.exclude_param_names_regex,
                                           keep=pool.state_dict(base_name), transposed=transposed)
         model.load_state_dict(merged)
-        return MergeOutput(model, extras={"regressed": regressed,
-                                          "stats_cache": {"hits": cache.hits, "misses": cache.misses}})
+        extras = {"regressed": regressed, "stats_cache": {"hits": cache.hits, "misses": cache.misses}}
+        if fallbacks:
+            extras["fallback_tensors"] = dict(fallbacks.counts)
+        return MergeOutput(model, extras=extras)
 
 
 @hookimpl

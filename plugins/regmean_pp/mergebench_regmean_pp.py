@@ -8,6 +8,9 @@ merged. So each layer is fitted to the activations it will actually receive, car
 The closed form per layer, the off-diagonal scaling and the treatment of every other tensor are RegMean's
 (see mergebench-regmean, whose functions this plugin reuses).
 
+Convolutions (Conv1d/Conv2d, groups = 1) are merged like Linear layers, on their kernels' matrix views with Grams of
+the unfolded input patches (see mergebench-regmean).
+
 Granularity: the paper and FusionBench merge a transformer block at a time (the linear layers inside one block see
 inputs from the merged previous blocks and each expert's own block); here every Linear layer is its own step,
 which needs no knowledge of the architecture and is the same thing for models made of single-layer blocks.
@@ -21,7 +24,8 @@ Defaults (FusionBench's CLIP configuration, as for RegMean): `n_examples` = 256,
 from __future__ import annotations
 
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.stats import forward_order, linear_input_grams, weight_is_transposed
+from mergebench_core.roles import Fallbacks
+from mergebench_core.stats import forward_order, gram_convolutions, linear_input_grams, weight_is_transposed
 from mergebench_regmean import Params, excluded, regmean_merge, regmean_weight
 
 
@@ -46,19 +50,29 @@ class RegMeanPlusPlus(Method):
         model = pool.load_model(base_name)
         model.load_state_dict(merged)
         model.to(ctx.device)
-        order = forward_order(model, taskpool, tasks[0])
+        convs, refused = gram_convolutions(model)
+        fallbacks = Fallbacks(self.name)
+        for name, why in refused.items():
+            key = f"{name}.weight" if name else "weight"
+            if not excluded(key, p.exclude_param_names_regex):
+                fallbacks.add(key, "mean", why.split(" (")[0], why[len(why.split(" (")[0]):])
+        order = forward_order(model, taskpool, tasks[0], convolutions=bool(convs))
         regressed = []
         for layer in ctx.track(order, desc="regmean++ layers", total=len(order)):
             key = f"{layer}.weight" if layer else "weight"
             if excluded(key, p.exclude_param_names_regex) or key not in states[0]:
                 continue  # a weight tied to another tensor (an LM head tied to the embedding) is merged as that one
             grams = [linear_input_grams(model, taskpool, t, p.n_examples, batch_size=p.batch_size,
-                                        device=ctx.device, modules=[layer])[layer] for t in tasks]
+                                        device=ctx.device, modules=[layer], convolutions=bool(convs))[layer]
+                     for t in tasks]
             weight = regmean_weight([s[key] for s in states], grams, p.reduce_non_diagonal_ratio,
                                     transposed=weight_is_transposed(model.get_submodule(layer)))
             model.get_submodule(layer).weight.data.copy_(weight.to(ctx.device))
             regressed.append(key)
-        return MergeOutput(model.cpu(), extras={"regressed_in_order": regressed})
+        extras: dict[str, object] = {"regressed_in_order": regressed}
+        if fallbacks:
+            extras["fallback_tensors"] = dict(fallbacks.counts)
+        return MergeOutput(model.cpu(), extras=extras)
 
 
 @hookimpl

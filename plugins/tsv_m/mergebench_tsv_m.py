@@ -6,8 +6,10 @@ left factors [U_1 … U_T] and right factors [V_1 … V_T] are then replaced by 
 (the polar factor, i.e. the orthogonal Procrustes solution, computed by an SVD), which removes the interference
 between tasks' subspaces, and the layer update is Û diag(Σ_1 … Σ_T) V̂ᵀ.
 
-Tensors that are not 2-D (biases, norms, the patch-embedding convolution, class embedding) are averaged over
-tasks, as the reference code does. θ = θ_0 + α · merged, with α = `alpha` = 1.0 (the paper's code and FusionBench's
+Convolution kernels (out, in, *k) are merged the same way on their matrix view out × (in · prod(k)) and reshaped
+back (the reference code averages them; mergebench reads every tensor through its role, `mergebench_core.roles`).
+Vectors (biases, norms, the class embedding) are averaged over tasks, as the reference code does; a tensor with no
+usable matrix view (a grouped convolution) is averaged too, with a warning and a count in the extras. θ = θ_0 + α · merged, with α = `alpha` = 1.0 (the paper's code and FusionBench's
 `TaskSingularVectorMerging` config both use 1.0; there is no tuned coefficient in the method).
 
 Consequence worth knowing: 2-D tensors are effectively *summed* (α Σ τ when tasks are orthogonal) while other

@@ -7,9 +7,18 @@ sees on task t. So the interference a merged update τ_m causes on task t can be
 
     L(τ_m) = Σ_t ‖(τ_m − τ_t) τ_tᵀ‖²_F / ‖τ_t‖²_F
 
-with Adam, starting from task arithmetic's Σ_t τ_t. Every other tensor is the mean of the task vectors, and
+with Adam, starting from task arithmetic's Σ_t τ_t; a convolution kernel is the matrix out × (in · prod(k)) that
+multiplies unfolded input patches, so it is treated the same way on that view. Every other tensor (biases, norms)
+is the mean of the task vectors, and
 θ = θ_0 + τ_m (no scaling coefficient). Defaults follow the authors' code (as ported to FusionBench): Adam with
 lr = 1e-5, no weight decay, 300 steps (FusionBench's YAML config raises the steps to 400).
+
+The default `lr` is an absolute step size: Adam moves every entry by about `lr` per step whatever the scale of the
+weights, so 300 steps of 1e-5 travel about 3e-3, which suits CLIP's task vectors and may be far too short (or too
+long) for another model; on the embedded pools it stops well short of the minimum. `relative_lr` makes the step
+scale-free: each tensor's learning rate is `relative_lr` times the root mean square of its starting point Σ_t τ_t,
+so multiplying every task vector by c multiplies the result by c (up to Adam's ε). The paper fixes an absolute rate;
+the relative one is this package's option, off by default.
 
 Implementation note: L is quadratic, with gradient 2 (τ_m A − B) where A = Σ_t τ_tᵀτ_t / ‖τ_t‖² and
 B = Σ_t τ_t τ_tᵀτ_t / ‖τ_t‖² (evaluated in a rounding-safe form, see `interference_terms`). Both are computed once
@@ -34,13 +43,17 @@ class Params:
     steps: int = 300
     """Adam steps per 2-D tensor (the authors' code; FusionBench's config uses 400)."""
     lr: float = 1e-5
-    """Adam learning rate (the authors' code)."""
+    """Adam learning rate (the authors' code): an absolute step in weight units."""
+    relative_lr: float | None = None
+    """If set, each tensor's learning rate is this times the RMS of Σ_t τ_t (scale-free; `lr` is then unused)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.relative_lr is not None and not self.relative_lr > 0:
+            raise ValueError(f"relative_lr must be > 0 (or unset), got {self.relative_lr}")
 
 
 def interference_terms(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,10 +77,15 @@ def interference_loss(merged: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
     return (w * ((merged.unsqueeze(0) - taus) @ taus.transpose(1, 2)).flatten(1).square().sum(1)).sum()
 
 
-def wudi_matrix(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """Minimise L over τ_m by Adam from Σ_t τ_t, for stacked 2-D task vectors (T, m, n)."""
+def wudi_matrix(taus: torch.Tensor, steps: int, lr: float, relative: bool = False) -> torch.Tensor:
+    """Minimise L over τ_m by Adam from Σ_t τ_t, for stacked 2-D task vectors (T, m, n); with `relative`, `lr` is a
+    multiple of the RMS of Σ_t τ_t."""
     a, c, _ = interference_terms(taus)
     start = taus.sum(0)
+    if relative:
+        lr = lr * float(start.square().mean().sqrt())
+        if lr == 0.0:
+            return start
     merged = torch.nn.Parameter(start.clone())
     opt = torch.optim.Adam([merged], lr=lr, weight_decay=0.0)
     for _ in range(steps):
@@ -85,7 +103,10 @@ class Wudi(MatrixTaskVectorMethod):
     info = MethodInfo(kind="merge", data="none")
 
     def merge_matrix(self, key: str, taus: torch.Tensor) -> torch.Tensor:
-        return wudi_matrix(taus, self.params.steps, self.params.lr)
+        p = self.params
+        if p.relative_lr is not None:
+            return wudi_matrix(taus, p.steps, p.relative_lr, relative=True)
+        return wudi_matrix(taus, p.steps, p.lr)
 
 
 @hookimpl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mergebench_iso import IsoC, IsoCParams, IsoCTS, IsoCTSParams, split_dimensions
+from mergebench_iso import IsoC, IsoCParams, IsoCTS, IsoCTSParams, iso_c_matrix, iso_cts_matrix, split_dimensions
 
 from mergebench_core.merging import merge_sources
 from mergebench_core.tensors import StateDictSource
@@ -99,3 +99,27 @@ def test_runs_on_the_digits_pool(digits_pools, method):
     acc = evaluate(taskpool, out.model, limit=200)
     mean = sum(m["accuracy"] for m in acc.values()) / len(acc)
     assert mean > 0.5, acc  # ten classes per task: chance is 0.1
+
+
+@pytest.mark.parametrize("method, matrix", [
+    (IsoC(IsoCParams(scaling_factor=1.3)), lambda t: iso_c_matrix(t)),
+    (IsoCTS(IsoCTSParams(scaling_factor=1.5)), lambda t: iso_cts_matrix(t, 0.8)),
+])
+def test_a_conv_kernel_is_merged_on_its_matrix_view(method, matrix):
+    # Iso of a 3×3 kernel (out, in, 3, 3) is Iso of its matrix out × (in·9), reshaped back (it used to be the
+    # mean); the 1-D bias stays the mean of the task vectors.
+    from mergebench_core.roles import roles_of
+
+    g = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(3, 5, 3)
+    base = {k: torch.randn(v.shape, generator=g) for k, v in conv.state_dict().items()}
+    experts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    taus = torch.stack([e["weight"] - base["weight"] for e in experts])
+    out: dict[str, torch.Tensor] = {}
+    merge_sources(method, StateDictSource(base), [StateDictSource(e) for e in experts], sink=out,
+                  roles=roles_of(conv))
+    alpha = method.scale()
+    want = base["weight"] + alpha * matrix(taus.reshape(2, 5, 27)).reshape(taus.shape[1:])
+    torch.testing.assert_close(out["weight"], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["bias"], base["bias"] + alpha * torch.stack(
+        [e["bias"] - base["bias"] for e in experts]).mean(0))

@@ -112,3 +112,117 @@ def test_beats_task_arithmetic_on_the_embedded_pool(digits_pools, tmp_path):
     ta_model = pool.load_model(PRETRAINED)
     ta_model.load_state_dict(ta)
     assert mean_acc(out.model) > mean_acc(ta_model)
+
+
+# -- convolutions -------------------------------------------------------------------------------------------------
+
+C, H, W = 3, 5, 6
+
+
+class ImageTasks(TaskPool):
+    """Two tasks of images (N, C, H, W) with different channel statistics; `per_position` hands each out as
+    (N, H, W, C) instead, the same data read as one vector per position (for the equivalent Linear layer)."""
+
+    name = "image-tasks"
+
+    def __init__(self, per_position: bool = False):
+        g = torch.Generator().manual_seed(2)
+        self.per_position = per_position
+        self.x = {t: torch.randn(12, C, H, W, generator=g) * (torch.rand(C, 1, 1, generator=g) * 2 + 0.2) + i
+                  for i, t in enumerate(self.tasks)}
+
+    @property
+    def tasks(self) -> list[str]:
+        return ["a", "b"]
+
+    def batches(self, task: str, split: str = "test", *, batch_size: int = 256,
+                limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        x = self.x[task][:limit]
+        if self.per_position:
+            x = x.permute(0, 2, 3, 1)
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size], torch.zeros(len(x[i:i + batch_size]), dtype=torch.long)
+
+    def logits(self, model: nn.Module, task: str, inputs: torch.Tensor) -> torch.Tensor:
+        return model(inputs).flatten(1)
+
+
+class LayerPool(ModelPool):
+    """A base and two experts of one layer built by `make`, with the given weights."""
+
+    name = "layers"
+
+    def __init__(self, make, weights: dict[str, torch.Tensor]):
+        self.make, self.weights = make, weights
+
+    @property
+    def expert_names(self) -> list[str]:
+        return ["a", "b"]
+
+    def load_model(self, name: str) -> nn.Module:
+        layer = self.make()
+        layer.weight.data.copy_(self.weights[name].reshape(layer.weight.shape))
+        return layer.eval()
+
+
+def _conv_weights(out: int, kernel: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(out, C, kernel, kernel, generator=g) for n in (PRETRAINED, "a", "b")}
+
+
+def test_a_1x1_convolution_is_merged_as_the_linear_layer_applied_at_every_position(tmp_path):
+    weights = _conv_weights(4, 1, 3)
+    params = Params(n_examples=12, reduce_non_diagonal_ratio=0.9, batch_size=5)
+    conv = RegMean(params).run(LayerPool(lambda: nn.Conv2d(C, 4, 1, bias=False), weights),
+                               RunContext(taskpool=ImageTasks(), cache_dir=tmp_path / "conv"))
+    linear = RegMean(params).run(LayerPool(lambda: nn.Linear(C, 4, bias=False), weights),
+                                 RunContext(taskpool=ImageTasks(per_position=True), cache_dir=tmp_path / "lin"))
+    assert conv.extras["regressed"] == ["weight"] and "fallback_tensors" not in conv.extras
+    torch.testing.assert_close(conv.model.weight.data.reshape(4, C), linear.model.weight.data, rtol=1e-5, atol=1e-6)
+    mean = (weights["a"] + weights["b"]).reshape(4, C) / 2
+    assert (linear.model.weight.data - mean).abs().max() > 0.05  # a regression, not the average
+
+
+def _patches_by_hand(x: torch.Tensor, k: int, stride: int, pad: int) -> torch.Tensor:
+    """Every k×k patch of zero-padded x as a row (channel, row, column order), position by position."""
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = []
+    for n in range(x.shape[0]):
+        for i in range(0, xp.shape[2] - k + 1, stride):
+            for j in range(0, xp.shape[3] - k + 1, stride):
+                rows.append(xp[n, :, i:i + k, j:j + k].reshape(-1))
+    return torch.stack(rows)
+
+
+def test_a_kxk_convolution_is_the_least_squares_fit_to_the_experts_outputs(tmp_path):
+    # With α = 1 RegMean is argmin_W Σ_t ‖P_t Wᵀ − Y_t‖² / n_t, P_t the task's unfolded patches and Y_t = P_t W_tᵀ
+    # the expert's own outputs: solved here by lstsq on patches cut out by hand and outputs from F.conv2d.
+    k, stride, pad = 3, 2, 1
+    weights = _conv_weights(4, k, 4)
+    tasks = ImageTasks()
+    out = RegMean(Params(n_examples=12, reduce_non_diagonal_ratio=1.0, batch_size=5)).run(
+        LayerPool(lambda: nn.Conv2d(C, 4, k, stride=stride, padding=pad, bias=False), weights),
+        RunContext(taskpool=tasks, cache_dir=tmp_path))
+    a, b = [], []
+    for t in tasks.tasks:
+        p = _patches_by_hand(tasks.x[t], k, stride, pad).double()
+        y = torch.nn.functional.conv2d(tasks.x[t].double(), weights[t].double(), stride=stride, padding=pad)
+        y = y.permute(0, 2, 3, 1).reshape(-1, 4)  # the same position order as the patches
+        a.append(p / len(p) ** 0.5)
+        b.append(y / len(p) ** 0.5)
+    want = torch.linalg.lstsq(torch.cat(a), torch.cat(b)).solution.T.reshape(4, C, k, k).float()
+    torch.testing.assert_close(out.model.weight.data, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_grouped_convolution_is_averaged_with_a_warning_and_a_count(tmp_path, caplog):
+    import logging
+
+    g = torch.Generator().manual_seed(5)
+    weights = {n: torch.randn(6, 1, 3, 3, generator=g) for n in (PRETRAINED, "a", "b")}
+    with caplog.at_level(logging.WARNING):
+        out = RegMean(Params(n_examples=12)).run(
+            LayerPool(lambda: nn.Conv2d(C, 6, 3, groups=C, bias=False), weights),
+            RunContext(taskpool=ImageTasks(), cache_dir=tmp_path))
+    assert out.extras["fallback_tensors"] == {"mean": 1} and out.extras["regressed"] == []
+    assert any("grouped convolution" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(out.model.weight.data, (weights["a"] + weights["b"]) / 2)

@@ -100,3 +100,50 @@ def test_runs_on_the_embedded_pool(digits_pools, tmp_path):
     accs = [v["accuracy"] for v in evaluate(taskpool, out.model).values()]
     pre = [v["accuracy"] for v in evaluate(taskpool, pool.load_model(PRETRAINED)).values()]
     assert sum(accs) / len(accs) > sum(pre) / len(pre)
+
+
+def test_convolutions_are_merged_in_forward_order_like_linear_layers(tmp_path):
+    # A 1×1 conv followed by a 3×3 conv: the first layer sees the data itself, so it equals RegMean's; both
+    # kernels are regressed (neither is the plain average).
+    class Images(Tasks):
+        def __init__(self):
+            g = torch.Generator().manual_seed(3)
+            self.x = {t: torch.randn(10, 2, 5, 5, generator=g) * (1 + i) + i for i, t in enumerate(self.tasks)}
+
+        def logits(self, model, task, inputs):
+            return model(inputs).flatten(1)
+
+    class ConvPool(ModelPool):
+        name = "convs"
+
+        def __init__(self):
+            g = torch.Generator().manual_seed(4)
+            self.states = {}
+            for n in (PRETRAINED, "a", "b"):
+                model = self._make()
+                for p in model.parameters():
+                    p.data.copy_(torch.randn(p.shape, generator=g))
+                self.states[n] = model.state_dict()
+
+        @staticmethod
+        def _make():
+            return nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.Tanh(), nn.Conv2d(3, 2, 3, padding=1, bias=False))
+
+        @property
+        def expert_names(self):
+            return ["a", "b"]
+
+        def load_model(self, name):
+            model = self._make()
+            model.load_state_dict(self.states[name])
+            return model.eval()
+
+    pool, tasks = ConvPool(), Images()
+    pp = RegMeanPlusPlus(Params(n_examples=10)).run(pool, RunContext(taskpool=tasks, cache_dir=tmp_path))
+    plain = RegMean(RegMeanParams(n_examples=10)).run(pool, RunContext(taskpool=tasks, cache_dir=tmp_path))
+    assert pp.extras["regressed_in_order"] == ["0.weight", "2.weight"]
+    torch.testing.assert_close(pp.model[0].weight.data, plain.model[0].weight.data, rtol=1e-5, atol=1e-6)
+    for key in ("0.weight", "2.weight"):
+        mean = (pool.states["a"][key] + pool.states["b"][key]) / 2
+        assert (pp.model.state_dict()[key] - mean).abs().max() > 0.01
+    assert not torch.allclose(pp.model[2].weight.data, plain.model[2].weight.data)  # merged-model inputs differ

@@ -89,3 +89,27 @@ def test_runs_on_the_digits_pool(digits_pools):
     acc = evaluate(taskpool, out.model, limit=200)
     mean = sum(m["accuracy"] for m in acc.values()) / len(acc)
     assert mean > 0.5, acc  # ten classes per task: chance is 0.1
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)])
+def test_a_conv_kernel_is_merged_on_its_matrix_view(kernel):
+    # The kernel (out, in, kh, kw) is the matrix out × (in·kh·kw) applied to unfolded patches: TSV-M of the kernel
+    # is TSV-M of that matrix, reshaped back (it used to be the mean); the 1-D bias keeps the mean rule.
+    from mergebench_tsv_m import tsv_merge_matrix
+
+    from mergebench_core.roles import roles_of
+
+    g = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(4, 6, kernel)
+    base = {k: torch.randn(v.shape, generator=g) for k, v in conv.state_dict().items()}
+    experts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    taus = torch.stack([e["weight"] - base["weight"] for e in experts])
+    for roles in (roles_of(conv), None):  # from the module, and from the name and shape (a file merge)
+        out: dict[str, torch.Tensor] = {}
+        method = TsvMerge(Params(alpha=0.8))
+        merge_sources(method, StateDictSource(base), [StateDictSource(e) for e in experts], sink=out, roles=roles)
+        want = base["weight"] + 0.8 * tsv_merge_matrix(taus.reshape(3, 6, -1)).reshape(taus.shape[1:])
+        torch.testing.assert_close(out["weight"], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["bias"], base["bias"] + 0.8 * torch.stack(
+            [e["bias"] - base["bias"] for e in experts]).mean(0))
+        assert "fallback_tensors" not in method.extras

@@ -105,3 +105,41 @@ def test_runs_on_the_digits_pool(digits_pools):
             assert interference_loss(merged[key] - value, taus) < interference_loss(taus.sum(0), taus), key
     acc = evaluate(taskpool, out.model, limit=200)
     assert sum(m["accuracy"] for m in acc.values()) / len(acc) > 0.2, acc  # ten classes per task: chance is 0.1
+
+
+def test_a_conv_kernel_is_merged_on_its_matrix_view():
+    # WUDI's interference is measured on rows of the layer's matrix: for a kernel (out, in, kh, kw) those are the
+    # rows of out × (in·kh·kw), the vectors that multiply unfolded patches. The 1-D bias stays the mean.
+    from mergebench_core.roles import roles_of
+
+    g = torch.Generator().manual_seed(5)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    base = {k: torch.randn(v.shape, generator=g) for k, v in conv.state_dict().items()}
+    experts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    taus = torch.stack([e["weight"] - base["weight"] for e in experts])
+    out: dict[str, torch.Tensor] = {}
+    merge_sources(Wudi(Params(steps=20, lr=1e-2)), StateDictSource(base), [StateDictSource(e) for e in experts],
+                  sink=out, roles=roles_of(conv))
+    want = base["weight"] + wudi_matrix(taus.reshape(2, 4, 27), 20, 1e-2).reshape(taus.shape[1:])
+    torch.testing.assert_close(out["weight"], want, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out["weight"], base["weight"] + taus.mean(0))
+    torch.testing.assert_close(out["bias"], base["bias"] + taus.new_tensor(0) + torch.stack(
+        [e["bias"] - base["bias"] for e in experts]).mean(0))
+
+
+def test_relative_lr_makes_the_merge_scale_equivariant():
+    # L(c·τ_m; c·τ) = c²·L(τ_m; τ) and Adam ignores the gradient's scale, so with the step a multiple of the start's
+    # RMS, scaling every task vector by c scales every iterate by c; the absolute lr does not.
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.zeros(6, 5)}
+    experts = [{"w": torch.randn(6, 5, generator=g)} for _ in range(3)]
+    scaled = [{"w": e["w"] * 1e-3} for e in experts]
+    one = merge(base, experts, steps=50, relative_lr=0.01)["w"]
+    small = merge(base, scaled, steps=50, relative_lr=0.01)["w"]
+    torch.testing.assert_close(small, one * 1e-3, rtol=1e-4, atol=1e-9)
+    taus = torch.stack([e["w"] for e in experts])
+    assert interference_loss(one, taus) < interference_loss(taus.sum(0), taus)
+    absolute = merge(base, scaled, steps=50, lr=0.01)["w"]
+    assert not torch.allclose(absolute, one * 1e-3, rtol=1e-2)
+    with pytest.raises(ValueError, match="relative_lr"):
+        Params(relative_lr=0.0)

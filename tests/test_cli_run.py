@@ -2,6 +2,7 @@
 
 import json
 import types
+from importlib import metadata
 from dataclasses import dataclass
 
 import pytest
@@ -33,7 +34,7 @@ def test_one_cell_then_rerun_reuses_it(cli_env, capsys):
     assert ties.normalized_mean == pytest.approx(
         sum(ties.metrics[t]["accuracy"] / next(r for r in rows if r.method == "individual").metrics[t]["accuracy"]
             for t in ties.metrics) / 8)
-    assert ties.versions["mergebench-ties"] == "0.1.0" and "torch" in ties.versions
+    assert ties.versions["mergebench-ties"] == metadata.version("mergebench-ties") and "torch" in ties.versions
     created = ties.created_at
 
     assert main(["run", "--method", "ties", "--modelpool", POOL]) == 0
@@ -218,7 +219,7 @@ def test_leaderboard_formats(cli_env, capsys, fmt, marker):
 def test_list_shows_distribution_and_version(cli_env, capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "mergebench-ties 0.1.0" in out and "digits-mlp_TA8" in out and "digits_TA8" in out
+    assert f"mergebench-ties {metadata.version('mergebench-ties')}" in out and "digits-mlp_TA8" in out and "digits_TA8" in out
 
 
 def test_a_changed_pool_recipe_is_a_new_cell_not_a_stale_reuse(cli_env, with_third_party, capsys, monkeypatch):

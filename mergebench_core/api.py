@@ -226,6 +226,9 @@ class RunContext:
     method_version: str = ""
     """`distribution==version` of the plugin that provides the method: part of every trained model's cache key."""
     cache_dir: Path = field(default_factory=lambda: Path(".mergebench-cache"))
+    bn_stats: str = "mean"
+    """How a merge settles batch-norm running statistics: "base", "mean" or "recompute" (`--bn-stats`; see
+    `mergebench_core.running_stats`). The engine applies it; methods never merge running statistics themselves."""
     progress: Callable[..., Iterator[Any]] | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("mergebench"))
 
@@ -309,3 +312,7 @@ class Registration:
     version: str = ""
     default: bool = False
     """For model pools: run by `mergebench run` when no pool is named."""
+    params: type | None = None
+    """For model pools: the dataclass of the pool's parameters (`register(..., params=Params)`), whose defaults give
+    the pool as registered; the factory is then called with an instance (`factory(params)`), else with nothing.
+    See `mergebench_core.pool_params`."""

@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          dtype=args.dtype, trust_pickle=_trust_pickle(args), tasks=_split(args.tasks),
                          preferences=_preferences(args), eval_only=args.eval_only, loggers=_split(args.logger) or (),
                          jobs=args.jobs, cell_timeout=args.cell_timeout, isolation=args.isolation,
-                         executor=args.executor, ray_address=args.ray_address)
+                         executor=args.executor, ray_address=args.ray_address, bn_stats=args.bn_stats)
     if options.isolation == "process" and options.executor == "local":
         from .executors import reserve_threads_for_workers
 
@@ -127,7 +127,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         merge_sources(method, base, experts, sink=writers if per_task else writers[0], seed=args.seed,
                       progress=_progress, device=_merge_device(args.device), prefetch=args.prefetch,
-                      block_entries=max(1, int(args.block_mb * (1 << 20)) // 4))
+                      block_entries=max(1, int(args.block_mb * (1 << 20)) // 4), bn_stats=args.bn_stats)
         for w in writers:
             w.commit()
     except BaseException:
@@ -176,8 +176,8 @@ def cmd_download(args: argparse.Namespace) -> int:
         print(f"  fetching {line}", file=sys.stderr, flush=True)
 
     failures = []
-    for name in pools:
-        pool = runner.modelpool(registry.modelpool(name).name)
+    for name in runner.resolve_pool_names(pools):
+        pool = runner.modelpool(name)
         taskpool = runner.taskpool(runner.taskpool_for(pool.name))
         print(f"{pool.name} (task pool {taskpool.name}):", file=sys.stderr)
         for what in (pool, taskpool):  # one failing pool does not hide what the others lack
@@ -197,7 +197,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     trust = _trust_pickle(args)
     if args.modelpool:
-        pool = get_registry().modelpool(args.modelpool).obj()
+        from .pool_params import make_pool
+        from .pool_views import PoolName
+
+        parsed = PoolName.parse(args.modelpool)
+        pool = make_pool(get_registry().modelpool(parsed.base), parsed)
         convert = getattr(pool, "convert", None)
         if convert is None:
             raise MergebenchError(f"model pool {args.modelpool!r} has nothing to convert")
@@ -237,6 +241,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(tabulate(rows, headers=["name", "provided by", "", "description"], tablefmt="simple")
               if rows else "  (none installed)")
         print()
+        if title == "Model pools":
+            _list_pool_params(registry)
     makers = sorted(n for n, r in registry.methods.items()
                     if issubclass(r.obj, TrainingMethod) and r.obj.produces == "pool")
     if makers:
@@ -258,9 +264,33 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_pool_params(registry: Any) -> None:
+    """Each pool's parameters with their types and defaults, and how to set them."""
+    from .pool_params import describe_params
+
+    rows = [(name, describe_params(reg.params)) for name, reg in sorted(registry.modelpools.items()) if reg.params]
+    if not rows:
+        return
+    print("Model pool parameters: NAME(key=value,...), or pool.key=value for every selected pool that has it:")
+    for name, described in rows:
+        print(f"  {name}: {described}")
+    print()
+
+
+def _pool_filter(name: str | None) -> str | None:
+    """`-p NAME(k=v)` of leaderboard, show and plot in the stored (canonical) spelling, so `lr=3e-5` finds the rows of
+    `lr=3e-05`; plain names need no plugins loaded."""
+    if not name or "(" not in name:
+        return name
+    from .pool_params import canonical_filter
+
+    return canonical_filter(get_registry(), name)
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from .store import ResultStore
 
+    args.modelpool = _pool_filter(args.modelpool)
     if not Path(args.store).exists():
         raise MergebenchError(f"no results store at {args.store}; run `mergebench run` first or pass --store")
     results = ResultStore(args.store, readonly=True).all(args.modelpool, args.taskpool, history=args.history)
@@ -287,6 +317,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .loggers import log_path, read_log
     from .store import ResultStore
 
+    args.modelpool = _pool_filter(args.modelpool)
     if not Path(args.store).exists():
         raise MergebenchError(f"no results store at {args.store}")
     import time
@@ -331,6 +362,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .errors import normalize_name
     from .store import ResultStore
 
+    args.modelpool = _pool_filter(args.modelpool)
     if not Path(args.store).exists():
         raise MergebenchError(f"no results store at {args.store}; run `mergebench run` first or pass --store")
     results = ResultStore(args.store, readonly=True).all(args.modelpool, args.taskpool)
@@ -373,9 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run methods against model pools and store the results")
     run.add_argument("--method", "-m", action="append", help="method name(s), comma-separated; default: all")
     run.add_argument("--modelpool", "-p", action="append", help="model pool(s), comma-separated; default: the "
-                     "pools marked default")
+                     "pools marked default. NAME(key=value,...) sets pool parameters")
     run.add_argument("--taskpool", help="score with this task pool instead of each pool's default")
-    run.add_argument("--config", help="YAML file with `method:` and `<method name>:` sections")
+    run.add_argument("--config", help="YAML file with `method:`, `<method name>:` and `modelpool:` sections")
     run.add_argument("--seed", action="append", help="seed(s), comma-separated (default 0)")
     run.add_argument("--tasks", action="append",
                      help="restrict every pool to these tasks (their experts, and scoring on them), comma-separated")
@@ -395,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="the Ray cluster to use with --executor ray (default: a local Ray)")
     run.add_argument("--logger", action="append",
                      help="also send training curves to these registered loggers (JSON lines are always written)")
+    run.add_argument("--bn-stats", choices=["base", "mean", "recompute"],
+                     help="batch-norm running statistics of merged models: the pretrained model's, the experts' mean "
+                          "(default), or recomputed on the tasks' training data (pools with BatchNorm only)")
     run.add_argument("--limit", type=int, help="score only the first N test examples of each task")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     run.add_argument("--batch-size", type=int, default=256)
@@ -407,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--columns", action="append", metavar="COL,...",
                      help="the table's columns, as for `leaderboard --columns` (e.g. --columns=-merge,-mem)")
     run.add_argument("--per-seed", action="store_true", help="one row per seed instead of mean ± std over seeds")
-    run.add_argument("overrides", nargs="*", help="parameter overrides: method.x=1 or <method>.x=1,2,3 (sweep)")
+    run.add_argument("overrides", nargs="*", help="parameter overrides: method.x=1 or <method>.x=1,2,3 (sweep); "
+                     "pool.x=1 for model pool parameters")
     run.set_defaults(func=cmd_run)
 
     merge = sub.add_parser("merge", help="merge checkpoint files with a data-free method")
@@ -427,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "larger than this in blocks, so peak memory is about this times the number of models")
     merge.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                        help="read the next block while this one is merged (default: on with a GPU, off on a CPU)")
+    merge.add_argument("--bn-stats", choices=["base", "mean"], default="mean",
+                       help="batch-norm running statistics (found by name): the base's, or the experts' mean "
+                            "(default)")
     merge.add_argument("overrides", nargs="*", help="parameter overrides: method.x=1")
     merge.set_defaults(func=cmd_merge)
 

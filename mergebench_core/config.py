@@ -135,21 +135,23 @@ def check_overrides_used(overrides: Sequence[Override], methods: Mapping[str, ty
                               f"selected; selected: {', '.join(methods)}")
 
 
-def _unknown(method: str, key: str, types: Mapping[str, str]) -> ConfigError:
+def _unknown(method: str, key: str, types: Mapping[str, str], kind: str = "method") -> ConfigError:
     import difflib
     close = difflib.get_close_matches(key, list(types), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     listing = ", ".join(f"{k}: {t}" for k, t in types.items()) or "none"
-    return ConfigError(f"method {method!r} has no parameter {key!r}.{hint} Its parameters: {listing}")
+    return ConfigError(f"{kind} {method!r} has no parameter {key!r}.{hint} Its parameters: {listing}")
 
 
 def _instantiate(method: str, params_cls: type, base: Mapping[str, Any], dotlist: list[str],
-                 types: Mapping[str, str]) -> Any:
+                 types: Mapping[str, str], kind: str = "method") -> Any:
+    """`params_cls` with `base` (YAML values) and then `dotlist` (`k=v` strings) merged over its defaults, typed and
+    checked by omegaconf; `kind` ("method", "model pool") names the owner in errors."""
     if not base and not dotlist:  # the defaults: no need to import omegaconf (a fifth of a second at start-up)
         try:
             return params_cls()
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"method {method!r}: {exc}") from None
+            raise ConfigError(f"{kind} {method!r}: {exc}") from None
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -161,10 +163,10 @@ def _instantiate(method: str, params_cls: type, base: Mapping[str, Any], dotlist
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
         value = getattr(exc, "value", None)
         expected = types.get(str(key).split(".")[0], "?")
-        raise ConfigError(f"method {method!r}: parameter {key!r} expects {expected}, got {value!r} "
+        raise ConfigError(f"{kind} {method!r}: parameter {key!r} expects {expected}, got {value!r} "
                           f"({type(exc).__name__})") from None
     except (ValueError, TypeError) as exc:  # a Params.__post_init__ refused the value
-        raise ConfigError(f"method {method!r}: {exc}") from None
+        raise ConfigError(f"{kind} {method!r}: {exc}") from None
 
 
 def params_dict(params: Any) -> dict[str, Any]:

@@ -21,7 +21,10 @@ def register_methods(register: Callable[[type], None]) -> None:
 
 @hookspec
 def register_modelpools(register: Callable[..., None]) -> None:
-    """Register model pools: `register(name, factory, description="", default=False)`; `factory()` builds it."""
+    """Register model pools: `register(name, factory, description="", default=False, params=None)`; `factory()`
+    builds it, or `factory(params)` when `params` names a dataclass of the pool's parameters (every field with a
+    default that reproduces the pool as registered), chosen as `NAME(key=value)`, `pool.key=value` or a config file's
+    `modelpool:` section (`mergebench_core.pool_params`)."""
 
 
 @hookspec

@@ -882,10 +882,12 @@ def command(args: argparse.Namespace, progress: Callable[..., Iterator[Any]] | N
     merge_overrides = [item for item, o in zip(args.overrides, overrides) if o.target != trainer]
     if args.modelpool:
         parsed = PoolName.parse(args.modelpool)
-        if parsed != PoolName(parsed.base):
-            raise ConfigError(f"--modelpool {args.modelpool!r}: name a plain pool; the recipes derive its pools and "
-                              f"--tasks selects experts")
-        modelpool = registry.modelpool(parsed.base).name
+        if parsed != PoolName(parsed.base, base_params=parsed.base_params):
+            raise ConfigError(f"--modelpool {args.modelpool!r}: name a plain pool (parameters allowed); the recipes "
+                              f"derive its pools and --tasks selects experts")
+        from .pool_params import canonical_names
+
+        (modelpool,) = canonical_names(registry, args.modelpool)
     else:
         defaults = [n for n, r in sorted(registry.modelpools.items()) if r.default]
         if not defaults:

@@ -1,13 +1,16 @@
-"""Pools addressed by extended names: a subset of a pool's tasks, and derived pools.
+"""Pools addressed by extended names: pool parameters, a subset of a pool's tasks, and derived pools.
 
-A pool name may carry two suffixes, each optional:
+A pool name may carry three suffixes, each optional:
 
-    digits-mlp_TA8+finetune(steps=100)[digits,rot90]
-    └─ base pool ─┘└─ derived: every expert re-trained by a training method, with its non-default parameters ─┘
-                                               └─ tasks: only the experts of these tasks, scored on these tasks ─┘
+    digits-mlp_TA8(lr=3e-05)+finetune(steps=100)[digits,rot90]
+    └─ base pool ─┘└─ its parameters (pools that declare them, `mergebench_core.pool_params`) ─┘
+                            └─ derived: every expert re-trained by a training method, with its parameters ─┘
+                                                         └─ tasks: only the experts of these tasks, scored on them ─┘
 
 The name is the pool's identity in the store and in every table, so a two-task front never mixes with the
-eight-task grid, and a derived pool shows its recipe where its numbers are printed.
+eight-task grid, a recipe variant never mixes with the default recipe, and a derived pool shows its recipe where
+its numbers are printed. The runner stores the canonical form: the base pool's parameters with sorted keys, only
+non-default values, numbers in one spelling (`pool_params.canonical_params`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import torch
 from torch import nn
 
 from .api import Batch, MetricSpec, ModelPool, TaskPool
+from .config import split_top_level
 from .errors import ConfigError
 
-_NAME = re.compile(r"^(?P<base>[^+\[\]()]+)(?:\+(?P<method>[^+\[\]()]+)(?:\((?P<params>[^()]*)\))?)?"
+_NAME = re.compile(r"^(?P<base>[^+\[\]()]+)(?:\((?P<base_params>[^()]*)\))?"
+                   r"(?:\+(?P<method>[^+\[\]()]+)(?:\((?P<params>[^()]*)\))?)?"
                    r"(?:\[(?P<tasks>[^\[\]]*)\])?$")
 
 
@@ -34,23 +39,32 @@ class PoolName:
     params: tuple[str, ...] = ()
     """`key=value` items, as written."""
     tasks: tuple[str, ...] | None = None
+    base_params: tuple[str, ...] = ()
+    """The base pool's `key=value` items, as written (`POOL(k=v)`); last, so positional construction keeps working."""
 
     @classmethod
     def parse(cls, name: str) -> PoolName:
         m = _NAME.match(name.strip())
         if not m:
-            raise ConfigError(f"pool name {name!r} is not of the form POOL, POOL+METHOD, POOL+METHOD(k=v,...) or "
-                              f"any of these followed by [task,task,...]")
+            raise ConfigError(f"pool name {name!r} is not of the form POOL, POOL(k=v,...), POOL+METHOD, "
+                              f"POOL+METHOD(k=v,...), POOL(k=v,...)+METHOD(k=v,...), or any of these followed by "
+                              f"[task,task,...]")
         params = tuple(p.strip() for p in (m["params"] or "").split(",") if p.strip())
+        base_params = tuple(p.strip() for p in split_top_level(m["base_params"] or "") if p.strip())
         tasks = tuple(t.strip() for t in m["tasks"].split(",") if t.strip()) if m["tasks"] is not None else None
         if tasks is not None and not tasks:
             raise ConfigError(f"pool name {name!r} selects no tasks inside [...]")
-        return cls(m["base"].strip(), m["method"].strip() if m["method"] else None, params, tasks)
+        return cls(m["base"].strip(), m["method"].strip() if m["method"] else None, params, tasks, base_params)
+
+    @property
+    def pool(self) -> str:
+        """The base pool with its parameters: `POOL` or `POOL(k=v,...)`."""
+        return self.base + (f"({','.join(self.base_params)})" if self.base_params else "")
 
     @property
     def unrestricted(self) -> str:
         """The name without its task selection."""
-        out = self.base
+        out = self.pool
         if self.method:
             out += f"+{self.method}" + (f"({','.join(self.params)})" if self.params else "")
         return out

@@ -120,6 +120,22 @@ def _validate_method(cls: Any, plugin: str) -> type[Method]:
     return cls
 
 
+def _validate_pool_params(params: Any, kind: str, name: str, plugin: str) -> None:
+    """A pool's parameters are a dataclass whose defaults build the pool as registered: checked at registration, so a
+    plugin's mistake is reported as its own (a broken plugin), not as a user's bad pool name later."""
+    if kind != "modelpool":
+        raise PluginError(f"plugin {plugin!r}: {kind} {name!r} was registered with params; only model pools take "
+                          f"parameters")
+    if not (inspect.isclass(params) and is_dataclass(params)):
+        raise PluginError(f"plugin {plugin!r}: the params of model pool {name!r} must be a dataclass type, got "
+                          f"{params!r}")
+    try:
+        params()
+    except Exception as exc:  # noqa: BLE001 - whatever the plugin's dataclass raises is the plugin's error
+        raise PluginError(f"plugin {plugin!r}: the params of model pool {name!r} need a default for every field "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
 def build_registry(entry_points: list[metadata.EntryPoint] | None = None,
                    extra_modules: list[Any] | None = None) -> Registry:
     """Load plugins and collect what they register. `extra_modules` (tests) are registered as plugins too."""
@@ -182,10 +198,13 @@ def _collect(registry: Registry, module: Any, plugin: str, dist: str, version: s
         pending.append(Registration(normalize_name(cls.name), cls, "method", doc, plugin, dist, version))
 
     def pool_registrar(kind: str):
-        def register(name: str, factory: Any, description: str = "", default: bool = False) -> None:
+        def register(name: str, factory: Any, description: str = "", default: bool = False,
+                     params: type | None = None) -> None:
             if not callable(factory):
                 raise PluginError(f"plugin {plugin!r}: the factory for {kind} {name!r} is not callable")
-            pending.append(Registration(name, factory, kind, description, plugin, dist, version, default))
+            if params is not None:
+                _validate_pool_params(params, kind, name, plugin)
+            pending.append(Registration(name, factory, kind, description, plugin, dist, version, default, params))
         return register
 
     pm.hook.register_methods(register=register_method)

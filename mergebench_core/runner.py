@@ -26,11 +26,15 @@ from .errors import ConfigError, MergebenchError
 from .evaluation import Metrics, evaluate, primary_metrics, primary_value
 from .executors import ForkExecutor, InProcessExecutor, Job, can_fork
 from .loggers import LoggerSet
+from .merging import TensorMergeMethod
 from .paths import cache_dir
+from .pool_params import POOL_SECTION, POOL_TARGET, canonical_names, check_pool_settings, make_pool, pool_section
 from .pool_views import PoolName, TaskSubsetModelPool, TaskSubsetTaskPool
 from .preferences import Preference, PreferenceRequest, from_config
 from .registry import Registry
 from .resources import measure
+from .roles import DEFAULT_BN_STATS, Role, check_bn_stats, declared_roles, has_running_stats, model_roles
+from .running_stats import settle_running_stats
 from .store import CellResult, ResultStore, cell_key
 from .trained import DerivedModelPool, MissingTrainedModel, TrainedModelCache, TrainingMethod
 
@@ -76,6 +80,9 @@ class RunOptions:
     """"local" (worker processes on this machine) or "ray" (Ray tasks, `--executor ray`)."""
     ray_address: str | None = None
     """An existing Ray cluster to send cells to (`ray.init(address=...)`); None starts or joins a local Ray."""
+    bn_stats: str | None = None
+    """How merges settle batch-norm running statistics (`--bn-stats`: base, mean, recompute); None: the config
+    file's `bn_stats:`, else mean. See `mergebench_core.running_stats`."""
 
 
 @dataclass
@@ -149,6 +156,8 @@ class Runner:
         self.not_applicable: list[str] = []
         self.notes: list[str] = []
         self.trained = TrainedModelCache(Path(options.cache_dir) / "trained")
+        self.bn_stats = check_bn_stats(options.bn_stats or DEFAULT_BN_STATS)
+        self._roles: dict[str, dict[str, Role]] = {}
 
     # -- pools ------------------------------------------------------------------------------------------------
     def modelpool(self, name: str) -> ModelPool:
@@ -160,16 +169,14 @@ class Runner:
                 pool: ModelPool = TaskSubsetModelPool(inner, parsed.tasks, name)
             elif parsed.method is not None:
                 pool = self._derived(parsed)
-            else:
-                reg = self.registry.modelpool(name)
-                pool = reg.obj()
-                pool.name = pool.name or reg.name
+            else:  # a plain pool, with its parameters if it declares any (`pool_params`)
+                pool = make_pool(self.registry.modelpool(parsed.base), parsed)
                 pool.configure(dtype=self.options.dtype, trust_pickle=self.options.trust_pickle)
             self._modelpools[name] = pool
         return self._modelpools[name]
 
     def _derived(self, parsed: PoolName) -> DerivedModelPool:
-        base = self.modelpool(parsed.base)
+        base = self.modelpool(parsed.pool)
         reg = self.registry.method_registration(parsed.method or "")
         method_cls = reg.obj
         if not (issubclass(method_cls, TrainingMethod) and method_cls.produces == "pool"):
@@ -243,18 +250,17 @@ class Runner:
             raise ConfigError(f"--batch-size {opts.batch_size}: a batch holds at least one example")
         method_names = list(opts.methods) if opts.methods else sorted(self.registry.methods)
         regs = [self.registry.method_registration(m) for m in method_names]
-        if opts.modelpools:
-            pool_names = [self._canonical_pool_name(p) for p in opts.modelpools]
-        else:
-            pool_names = [n for n, r in sorted(self.registry.modelpools.items()) if r.default]
-            if not pool_names:
-                raise MergebenchError("no model pool selected and no installed pool is marked as default; "
-                                      "pass --modelpool (see `mergebench list`)")
-        if opts.tasks:
-            pool_names = [PoolName.parse(p).with_tasks(list(opts.tasks)) for p in pool_names]
         overrides = parse_overrides(opts.overrides)
         yaml_cfg = load_yaml(opts.config_file)
         check_sections(yaml_cfg, opts.config_file, self.registry.methods)
+        pool_cfg = pool_section(yaml_cfg)
+        pool_names = self.resolve_pool_names(opts.modelpools, pool_cfg, overrides)
+        overrides = [o for o in overrides if o.target != POOL_TARGET]
+        if opts.tasks:
+            pool_names = [PoolName.parse(p).with_tasks(list(opts.tasks)) for p in pool_names]
+        if "bn_stats" in yaml_cfg:
+            configured = yaml_cfg.pop("bn_stats")
+            self.bn_stats = check_bn_stats(opts.bn_stats or str(configured))
         preferences = opts.preferences
         if "preferences" in yaml_cfg:
             preferences = preferences + from_config(yaml_cfg.pop("preferences"))
@@ -294,11 +300,18 @@ class Runner:
             self.check_trained(cells)
         return cells
 
-    def _canonical_pool_name(self, name: str) -> str:
-        parsed = PoolName.parse(name)
-        base = self.registry.modelpool(parsed.base).name
-        return PoolName(base, parsed.method, parsed.params, parsed.tasks).unrestricted if parsed.tasks is None \
-            else PoolName(base, parsed.method, parsed.params).with_tasks(parsed.tasks)
+    def resolve_pool_names(self, names: Sequence[str] | None, pool_cfg: dict[str, Any] | None = None,
+                           overrides: Sequence[Any] = ()) -> list[str]:
+        """The canonical names of the pools a selection names (None: the pools marked default), with the config
+        file's `modelpool:` section and `pool.` overrides applied (a `pool.` sweep gives a pool per value); a setting
+        no selected pool declares is refused (`pool_params`)."""
+        if not names:
+            names = [n for n, r in sorted(self.registry.modelpools.items()) if r.default]
+            if not names:
+                raise MergebenchError("no model pool selected and no installed pool is marked as default; "
+                                      "pass --modelpool (see `mergebench list`)")
+        check_pool_settings([self.registry.modelpool(PoolName.parse(n).base) for n in names], pool_cfg, overrides)
+        return list(dict.fromkeys(c for n in names for c in canonical_names(self.registry, n, pool_cfg, overrides)))
 
     def check_resources(self, pairs: Iterable[tuple[str, str]]) -> None:
         """One error naming every missing model and dataset of every selected pool, before any work starts."""
@@ -424,7 +437,24 @@ class Runner:
                                "taskpool": self.taskpool(taskpool).version_info()}
         if registration is not None:
             out["plugin"] = _code_version(registration)
+            if has_running_stats(self.pool_roles(modelpool)):  # only there: other pools' keys stay as they were
+                out["bn_stats"] = self.bn_stats
         return out
+
+    def pool_roles(self, modelpool: str) -> dict[str, Role]:
+        """The tensor roles of a pool's models (`mergebench_core.roles`), from its pretrained model and what the pool
+        declares; computed once per pool. Pools without a pretrained model give only what they declare (loading a
+        model of theirs may mean training it)."""
+        if modelpool not in self._roles:
+            pool = self.modelpool(modelpool)
+            try:
+                model = pool.load_model(PRETRAINED) if pool.has_pretrained else None
+                self._roles[modelpool] = model_roles(model, declared_roles(pool))
+            except Exception as exc:  # a pool that cannot load here fails its cells with the real error later
+                log.warning("cannot read the tensor roles of pool %s (%s); assuming no running statistics",
+                            modelpool, exc)
+                self._roles[modelpool] = {}
+        return self._roles[modelpool]
 
     def _evaluate(self, taskpool: TaskPool, model: Any, tasks: Sequence[str] | None = None) -> Metrics:
         return evaluate(taskpool, model, tasks=tasks, limit=self.options.limit, device=self.device,
@@ -514,7 +544,8 @@ class Runner:
                     "taskpool": cell.taskpool, "seed": cell.seed, "limit": self.options.limit,
                     "device": str(self.device),
                     "preference_given": list(pref.given) if pref is not None else None,
-                    "eval_only": self.options.eval_only})
+                    "eval_only": self.options.eval_only,
+                    **({"bn_stats": self.bn_stats} if has_running_stats(self.pool_roles(cell.modelpool)) else {})})
 
     def run_cell(self, cell: Cell) -> CellResult:
         """Run one cell (in a worker) and return its row; its normalised score is the driver's to add."""
@@ -533,11 +564,16 @@ class Runner:
                              eval_only=self.options.eval_only, metrics_logger=metrics_logger, loggers=loggers,
                              method_version=_code_version(cell.registration),
                              cache_dir=Path(self.options.cache_dir), progress=self.progress,
-                             log=logging.getLogger(f"mergebench.method.{cell.method}"))
+                             log=logging.getLogger(f"mergebench.method.{cell.method}"), bn_stats=self.bn_stats)
             torch.manual_seed(cell.seed)
             method = cell.method_cls(cell.params)
             with measure(self.device) as merge_m:
                 output = method.run(pool, ctx)
+                if cell.method_cls.info.kind == "merge":  # running statistics follow the run's rule, not the method
+                    output.extras.update(settle_running_stats(
+                        output.model, pool, self.bn_stats, self.pool_roles(cell.modelpool), taskpool=taskpool,
+                        tasks=taskpool.tasks, seed=cell.seed, device=self.device,
+                        set_by_engine=isinstance(method, TensorMergeMethod)))
             result.merge_seconds, result.peak_memory_mb = merge_m.seconds, merge_m.peak_mb
             result.extras = _jsonable(output.extras)
             check_finite_weights(output.model)
@@ -601,12 +637,12 @@ def normalized_mean(metrics: Metrics, individual: Metrics, primary: dict[str, di
     return sum(ratios) / len(ratios) if ratios else None
 
 
-TOP_LEVEL_SECTIONS = ("method", "preferences")
+TOP_LEVEL_SECTIONS = ("method", "preferences", POOL_SECTION, "bn_stats")
 
 
 def check_sections(config: dict[str, Any], path: str | Path | None, methods: Iterable[str]) -> None:
-    """Every top-level key of the config file is `method`, `preferences` or an installed method: a typo
-    (`mehtod:`, `tiez:`) would otherwise be ignored and the run would use defaults."""
+    """Every top-level key of the config file is `method`, `preferences`, `modelpool` or an installed method: a typo
+    (`mehtod:`, `tiez:`, `modelpol:`) would otherwise be ignored and the run would use defaults."""
     import difflib
 
     known = [*TOP_LEVEL_SECTIONS, *methods]
@@ -615,7 +651,8 @@ def check_sections(config: dict[str, Any], path: str | Path | None, methods: Ite
             close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"config file {str(path)!r}: unknown section {key!r}.{hint} Sections are `method:` "
-                              f"(every selected method), `preferences:`, or a method's name (see `mergebench list`)")
+                              f"(every selected method), `preferences:`, `modelpool:` (pool parameters), or a "
+                              f"method's name (see `mergebench list`)")
 
 
 def check_device(device: torch.device) -> None:

@@ -15,6 +15,12 @@ Models, mirroring CLIP's recipe:
 3. each expert fine-tunes the whole encoder on its task, briefly, with that head frozen.
 Only the encoder is merged; heads live in the task pool. Everything is seeded, and the checkpoints are cached as
 safetensors under a hash of the recipe, so the pool is rebuilt only when the recipe changes.
+
+The pool takes parameters (`DigitsPoolParams`: the experts' fine-tuning learning rate, steps, batch size and seed):
+`digits-mlp_TA8(lr=3e-05)` is the same pretrained encoder, heads and data with experts fine-tuned otherwise, so the
+one task pool `digits_TA8` scores every variant. A variant is cached under its own recipe hash, and its build reuses
+the default build's pretrained encoder, heads and generator state (a few seconds instead of twenty), giving the
+experts a full build would give, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -65,9 +72,56 @@ class Recipe:
     batch_size: int = 64
     tasks: tuple[str, ...] = TASKS
     version: int = RECIPE_VERSION
+    finetune_seed: int = 0
+    """0: the experts' batches continue the build's generator after pretraining (the pool as it always was); another
+    value draws them from a generator of their own, seeded from `seed` and this."""
+
+    def as_dict(self) -> dict:
+        """The recipe as hashed (and as recipe.json held it before `finetune_seed` existed). Fields added since appear
+        only when they differ from their default, so the default recipe keeps its hash, its cached build and its
+        stored results."""
+        out = dataclasses.asdict(self)
+        if out["finetune_seed"] == 0:
+            del out["finetune_seed"]
+        return out
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def pretraining(self) -> Recipe:
+        """This recipe with the default fine-tuning settings: the build whose pretrained encoder, heads and generator
+        state a variant shares (none of them depends on the fine-tuning fields)."""
+        d = Recipe()
+        return dataclasses.replace(self, finetune_steps=d.finetune_steps, finetune_lr=d.finetune_lr,
+                                   batch_size=d.batch_size, finetune_seed=d.finetune_seed)
+
+
+@dataclass(frozen=True)
+class DigitsPoolParams:
+    """The parameters of `digits-mlp_TA8`: how its experts are fine-tuned. The pretrained encoder, the zero-shot heads
+    and the data do not change, so `digits_TA8` scores every variant; the defaults are the registered pool's."""
+
+    lr: float = Recipe.finetune_lr
+    """Adam's learning rate while fine-tuning each expert."""
+    steps: int = Recipe.finetune_steps
+    """Fine-tuning steps per expert."""
+    batch_size: int = Recipe.batch_size
+    """Examples per fine-tuning step."""
+    seed: int = 0
+    """The fine-tuning seed (the experts' batch order): 0 gives the registered experts; pool seeds are independent of
+    the cell's `--seed`."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be 0 or more, got {self.seed}")
+
+    def recipe(self) -> Recipe:
+        return dataclasses.replace(Recipe(), finetune_lr=self.lr, finetune_steps=self.steps,
+                                   batch_size=self.batch_size, finetune_seed=self.seed)
 
 
 class Encoder(nn.Module):
@@ -226,52 +280,106 @@ def _finetune(recipe: Recipe, encoder: Encoder, head: nn.Linear, x: torch.Tensor
     return expert.eval()
 
 
-def build(recipe: Recipe, folder: Path) -> None:
-    """Train the pretrained encoder, the heads and the experts, and write them to `folder` as safetensors."""
-    log.info("building the embedded pool %s (recipe %s) in %s", POOL_NAME, recipe.digest(), folder)
+GENERATOR_FILE = "generator.safetensors"
+"""The build generator's state after pretraining, kept so that a variant's experts continue it without pretraining."""
+
+
+def build(recipe: Recipe, folder: Path, pretrained_from: Path | None = None) -> None:
+    """Train the pretrained encoder, the heads and the experts, and write them to `folder` as safetensors. With
+    `pretrained_from` (a build of `recipe.pretraining()` that kept its generator state), take the pretrained encoder,
+    heads and generator from there and fine-tune only the experts: the same bytes as a full build, without the 15 s
+    of pretraining."""
+    log.info("building the embedded pool %s (recipe %s) in %s%s", POOL_NAME, recipe.digest(), folder,
+             f", pretrained model from {pretrained_from}" if pretrained_from else "")
     threads = torch.get_num_threads()
     # One thread: these matrices are too small to gain from more, a second thread makes the build 4x slower when
     # another process shares the cores, and a fixed thread count makes the float sums (so the weights) the same on
     # every machine.
     torch.set_num_threads(1)
     try:
-        _build(recipe, folder)
+        _build(recipe, folder, pretrained_from)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(recipe: Recipe, folder: Path) -> None:
+def _finetune_generator(recipe: Recipe, after_pretraining: torch.Generator) -> torch.Generator:
+    if recipe.finetune_seed == 0:
+        return after_pretraining
+    return torch.Generator().manual_seed(1_000_000 * recipe.seed + recipe.finetune_seed)
+
+
+def _build(recipe: Recipe, folder: Path, pretrained_from: Path | None = None) -> None:
     data = DigitsData(recipe)
     gen = torch.Generator().manual_seed(recipe.seed)
     with torch.random.fork_rng():  # module initialisation draws from the global generator: pin it, then restore
         torch.manual_seed(recipe.seed)
-        encoder = _pretrain(recipe, data, gen)
-        heads = _zero_shot_heads(recipe, encoder, data)
-        experts = {t: _finetune(recipe, encoder, heads[t], *data.split(t, "train"), gen) for t in recipe.tasks}
+        if pretrained_from is None:
+            encoder = _pretrain(recipe, data, gen)
+            state = gen.get_state()
+            heads = _zero_shot_heads(recipe, encoder, data)
+        else:
+            encoder = Encoder(recipe.hidden, recipe.features)
+            encoder.load_state_dict(load_state_dict(pretrained_from / f"{PRETRAINED}.safetensors"))
+            encoder.eval()
+            state = load_state_dict(pretrained_from / GENERATOR_FILE)["state"]
+            gen.set_state(state)
+            heads = _read_heads(pretrained_from / "heads.safetensors", recipe.tasks)
+        ft_gen = _finetune_generator(recipe, gen)
+        experts = {t: _finetune(recipe, encoder, heads[t], *data.split(t, "train"), ft_gen) for t in recipe.tasks}
     folder.mkdir(parents=True, exist_ok=True)
-    save_state_dict(encoder.state_dict(), folder / f"{PRETRAINED}.safetensors")
+    if pretrained_from is None:
+        save_state_dict(encoder.state_dict(), folder / f"{PRETRAINED}.safetensors")
+        head_tensors = {f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()}
+        save_state_dict(head_tensors, folder / "heads.safetensors")
+    else:
+        for name in (f"{PRETRAINED}.safetensors", "heads.safetensors"):
+            shutil.copyfile(pretrained_from / name, folder / name)
+    save_state_dict({"state": state}, folder / GENERATOR_FILE)
     for t, expert in experts.items():
         save_state_dict(expert.state_dict(), folder / f"{t}.safetensors")
-    head_tensors = {f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()}
-    save_state_dict(head_tensors, folder / "heads.safetensors")
     write_text_atomic(folder / "recipe.json", json.dumps(dataclasses.asdict(recipe), indent=2))  # last: done
+
+
+def _read_heads(path: Path, tasks: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """The frozen heads written by a build, as `nn.Linear`s."""
+    tensors = load_state_dict(path)
+    heads = {}
+    for t in tasks:
+        w = tensors[f"{t}.weight"]
+        head = nn.Linear(w.shape[1], w.shape[0])
+        head.load_state_dict({"weight": w, "bias": tensors[f"{t}.bias"]})
+        heads[t] = head.requires_grad_(False).eval()
+    return heads
 
 
 def is_built(recipe: Recipe, folder: Path) -> bool:
     """The folder holds this recipe's whole build: its recipe.json (written last) matches and every checkpoint is
     intact. A torn recipe.json or a truncated checkpoint means: build again."""
     files = [folder / f"{n}.safetensors" for n in (PRETRAINED, *recipe.tasks, "heads")]
-    return read_json(folder / "recipe.json") == json.loads(json.dumps(dataclasses.asdict(recipe))) and \
-        safetensors_intact(files)
+    written = read_json(folder / "recipe.json")  # every field, or (builds of older versions) `as_dict()`
+    return written in (json.loads(json.dumps(dataclasses.asdict(recipe))), json.loads(json.dumps(recipe.as_dict()))) \
+        and safetensors_intact(files)
 
 
 def ensure_built(recipe: Recipe, root: Path | None = None) -> Path:
-    folder = (root or cache_dir() / "pools" / "digits") / recipe.digest()
+    """The folder of `recipe`'s build, built first if needed (once, by one of several processes). A fine-tuning
+    variant whose `pretraining()` recipe is already built (the default pool, for `digits-mlp_TA8(lr=...)`) starts
+    from that build instead of pretraining again."""
+    root = root or cache_dir() / "pools" / "digits"
+    folder = root / recipe.digest()
     if not is_built(recipe, folder):
+        base = recipe.pretraining()
+        source = root / base.digest()
+        kept = source / GENERATOR_FILE  # absent from builds made before generator states were kept
+        if base == recipe or not (is_built(base, source) and kept.is_file() and safetensors_intact([kept])):
+            source = None
         with build_lock(folder, f"the {POOL_NAME} pool"):  # two processes build it once, one after the other
             if not is_built(recipe, folder):
                 (folder / "recipe.json").unlink(missing_ok=True)  # not done until the rebuild writes it again
-                build(recipe, folder)
+                if source is None:
+                    build(recipe, folder)
+                else:
+                    build(recipe, folder, pretrained_from=source)
     return folder
 
 
@@ -311,6 +419,8 @@ class DigitsModelPool(ModelPool):
         return SafetensorsSource(self._file(name), name=f"{self.name}/{name}")
 
     def identity(self, name: str) -> str:
+        if name == PRETRAINED:  # every fine-tuning variant shares the pretrained encoder, so its cached statistics
+            return f"{POOL_NAME}/{self.recipe.pretraining().digest()}/{name}"
         return f"{self.name}/{self.recipe.digest()}/{name}"
 
     def version_info(self) -> dict[str, str]:
@@ -337,14 +447,7 @@ class DigitsTaskPool(TaskPool):
         # built outside inference mode even when first asked for by an evaluation: data-dependent methods
         # (Fisher, AdaMerging) backpropagate through the heads later, which inference tensors forbid
         with torch.inference_mode(False):
-            tensors = load_state_dict(ensure_built(self.recipe, self.root) / "heads.safetensors")
-            heads = {}
-            for t in self.recipe.tasks:
-                w = tensors[f"{t}.weight"]
-                head = nn.Linear(w.shape[1], w.shape[0])
-                head.load_state_dict({"weight": w, "bias": tensors[f"{t}.bias"]})
-                heads[t] = head.requires_grad_(False).eval()
-        return heads
+            return _read_heads(ensure_built(self.recipe, self.root) / "heads.safetensors", self.recipe.tasks)
 
     @property
     def tasks(self) -> list[str]:
@@ -374,10 +477,16 @@ class DigitsTaskPool(TaskPool):
         return {"digits_recipe": self.recipe.digest()}
 
 
+def make_pool(params: DigitsPoolParams | None = None) -> DigitsModelPool:
+    """The registered factory: the pool whose experts are fine-tuned as `params` say (the defaults: the default
+    pool)."""
+    return DigitsModelPool((params or DigitsPoolParams()).recipe())
+
+
 @hookimpl
 def register_modelpools(register):
-    register(POOL_NAME, DigitsModelPool, "8 digit tasks, MLP encoder pretrained without labels (embedded, offline)",
-             default=True)
+    register(POOL_NAME, make_pool, "8 digit tasks, MLP encoder pretrained without labels (embedded, offline)",
+             default=True, params=DigitsPoolParams)
     import mergebench_digits_seeds  # imported here: it builds on this module's data helpers
 
     mergebench_digits_seeds.register_modelpools(register)

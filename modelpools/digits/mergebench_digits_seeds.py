@@ -353,6 +353,32 @@ class DigitsFullTaskPool(TaskPool):
         return {"digits_seeds_split": f"{self.recipe.data_seed}/{self.recipe.n_train}"}
 
 
+def _params_class(arch: str) -> type:
+    """The parameters of the `digits-<arch>_*` pools: how each model is trained, with the architecture's defaults
+    (`ARCH_DEFAULTS`), so the defaults give the registered pools. The pool seed is not one of them: it is the cell's
+    `--seed` (`for_seed`)."""
+    defaults = ARCH_DEFAULTS[arch]
+
+    def __post_init__(self: Any) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}")
+
+    cls = dataclasses.make_dataclass(
+        f"{arch.capitalize()}SeedsPoolParams",
+        [("lr", float, dataclasses.field(default=defaults["lr"])),
+         ("steps", int, dataclasses.field(default=defaults["steps"])),
+         ("batch_size", int, dataclasses.field(default=defaults["batch_size"]))],
+        frozen=True, namespace={"__post_init__": __post_init__})
+    cls.__module__ = __name__
+    cls.__doc__ = f"Training of each model of the digits-{arch}_* pools: Adam's (peak) learning rate, steps, batch size."
+    return cls
+
+
+POOL_PARAMS: dict[str, type] = {arch: _params_class(arch) for arch in ARCHS}
+"""{arch: the parameters dataclass of its pools}."""
+
 ARCH_LABELS = {"mlp": "MLP 64-128-128-10", "cnn": "VGG-style CNN 16-32-64", "vit": "ViT, 4x4 patches, 2 blocks"}
 SETTING_LABELS = {"seeds": "the full train split", "split2": "label-skewed (Dirichlet) halves",
                   "split4": "label-skewed (Dirichlet) quarters", "shard2": "disjoint random halves"}
@@ -361,8 +387,9 @@ SETTING_LABELS = {"seeds": "the full train split", "split2": "label-skewed (Diri
 def _factory(arch: str, setting_name: str):
     name = f"digits-{arch}_{setting_name}"
 
-    def make() -> DigitsSeedsModelPool:
-        pool = DigitsSeedsModelPool(SeedsRecipe.preset(arch, setting_name))
+    def make(params: Any = None) -> DigitsSeedsModelPool:
+        changes = dataclasses.asdict(params) if params is not None else {}
+        pool = DigitsSeedsModelPool(SeedsRecipe.preset(arch, setting_name, **changes))
         pool.name = name
         return pool
 
@@ -380,7 +407,8 @@ def register_modelpools(register) -> None:  # called by mergebench_digits' hook 
         arch, setting = name.removeprefix("digits-").split("_")
         models = SETTING_NAMES[setting][1]
         register(name, factory, f"{models} digit classifiers ({ARCH_LABELS[arch]}) from different random inits, "
-                                f"each trained on {SETTING_LABELS[setting]}, for fusion (embedded, offline)")
+                                f"each trained on {SETTING_LABELS[setting]}, for fusion (embedded, offline)",
+                 params=POOL_PARAMS[arch])
     from mergebench_core.fusion import folder_pool_from_env
 
     register("fusion-folder", folder_pool_from_env, "your own models for fusion: model.py and one .safetensors per "

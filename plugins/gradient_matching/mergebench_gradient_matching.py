@@ -7,7 +7,11 @@ With diagonal Hessian estimates H_0 of the pretrained model and H_t of each expe
 With H_t = 0 this is task arithmetic with λ = α; with H_0 = δ₀ = 0 it is a Fisher-weighted average of the experts.
 
 Defaults and where they come from (the authors' merging script and README):
-- `scaling_factor` α = 1.0 and `delta_0` δ₀ = 1e-12 ("a small value like 1e-12 works well").
+- `scaling_factor` α = 1.0 and `delta_0` δ₀ = 1e-12 ("a small value like 1e-12 works well"). δ₀ is in the units
+  of the Hessians (squared gradients times s_t), so its effect depends on the model and the data sizes: against
+  the embedded pools' Hessians 1e-12 is negligible, as the authors intend. The paper derives δ₀ as a prior precision
+  (weight decay over data size), an absolute quantity, so there is no scale-free variant here; to test the
+  sensitivity, sweep it (`gradient_matching.delta_0=1e-12,1e-6,1e-3`).
 - `scaling_factors_ft` s_t: the README calls them a convenience for turning an average of squared gradients into
   a sum over the training set, and the script passes each task's training-set size; here None means exactly that
   (`taskpool.num_examples(task, "train")`, else `n_examples`).

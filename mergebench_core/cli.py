@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -576,6 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; every cell finished so far is in the store", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mergebench list | head`: the reader left; nothing is wrong with the command
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit does not raise again
+        return 0
     except Exception as exc:  # a bug or an environment problem: one line, the traceback on request
         if args.debug:
             raise

@@ -234,3 +234,17 @@ def test_a_changed_pool_recipe_is_a_new_cell_not_a_stale_reuse(cli_env, with_thi
     assert sorted(r.identity["modelpool"]["tiny_recipe"] for r in rows if r.method == "task_arithmetic") == \
         ["r1", "r2"]
     assert {r.identity["modelpool"]["tiny_recipe"] for r in ResultStore(cli_env / "results.sqlite").all()} == {"r2"}
+
+
+def test_a_reader_that_leaves_early_is_not_an_error():
+    # `mergebench list | head -1`: the pipe closes while the CLI still writes
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mergebench_core.cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Error" not in err

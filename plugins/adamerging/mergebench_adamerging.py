@@ -42,6 +42,7 @@ from torch import nn
 
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
 from mergebench_core.pipeline import agreeing_task_vectors
+from mergebench_core.roles import declared_roles, model_roles
 from mergebench_core.stats import LogitsOf
 
 
@@ -105,13 +106,16 @@ class _AdaMerging(Method):
         p, taskpool, device = self.params, ctx.taskpool, ctx.device
         experts = pool.expert_names
         base = pool.state_dict(PRETRAINED)
-        keys = [k for k, v in base.items() if v.is_floating_point()]
+        model = pool.load_model(PRETRAINED).to(device).eval().requires_grad_(False)
+        # running statistics are not weights: they stay the base's while the coefficients are learned (batch norm in
+        # eval mode reads them as constants) and the run's bn_stats rule sets them afterwards
+        roles = model_roles(model, declared_roles(pool))
+        keys = [k for k, v in base.items() if v.is_floating_point() and not (k in roles and roles[k].is_running_stat)]
         taus = {k: v.to(device) for k, v in self._task_vectors(base, [pool.state_dict(e) for e in experts],
                                                                 keys).items()}
         base_dev = {k: v.float().to(device) for k, v in base.items() if k in taus}
         shape = (len(experts), len(keys)) if self.layer_wise else (len(experts), 1)
         coeffs = nn.Parameter(torch.full(shape, float(p.init), device=device))
-        model = pool.load_model(PRETRAINED).to(device).eval().requires_grad_(False)
         weights = self._objective_weights(ctx, list(taskpool.tasks))
         # a task of weight 0 is not even run (its stream, seeded by the task's position, is simply not drawn from)
         active = [t for t in taskpool.tasks if weights is None or weights[t] != 0.0]

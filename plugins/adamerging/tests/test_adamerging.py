@@ -234,3 +234,60 @@ def test_a_preference_over_other_tasks_is_refused(digits_pools):
     ctx = RunContext(taskpool=taskpool, tasks=("digits", "mirror"), preference=(0.5, 0.5))
     with pytest.raises(MergebenchError, match="select the same tasks"):
         PreferenceAdaMerging(PreferenceParams(steps=1)).run(pool, ctx)
+
+
+class _BnNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_batch_norm_statistics_are_held_out_of_the_learned_combination():
+    # batch norm's running statistics cannot carry gradients (torch refuses), and they are not weights: they stay the
+    # base's while the coefficients are learned, so with no steps every weight is θ_0 + init·Σ τ and every statistic θ_0's
+    from mergebench_core import ModelPool, TaskPool
+
+    torch.manual_seed(0)
+    states = {}
+    for name in (PRETRAINED, "a", "b"):
+        net = _BnNet()
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+        states[name] = net.state_dict()
+
+    class Pool(ModelPool):
+        name = "bn"
+        expert_names = ["a", "b"]
+
+        def load_model(self, name):
+            net = _BnNet()
+            net.load_state_dict(states[name])
+            return net.eval()
+
+    class Tasks(TaskPool):
+        name = "bn-tasks"
+        tasks = ["a", "b"]
+
+        def batches(self, task, split="test", *, batch_size=256, limit=None):
+            g = torch.Generator().manual_seed(len(task) + (split == "test"))
+            yield torch.randn(8, 2, 4, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+
+        def logits(self, model, task, inputs):
+            return model(inputs)
+
+    for steps in (0, 3):
+        out = LayerWiseAdaMerging(Params(steps=steps, lr=1e-2)).run(Pool(), RunContext(taskpool=Tasks()))
+        merged = out.model.state_dict()
+        for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+            assert torch.equal(merged[key], states[PRETRAINED][key])
+        if steps == 0:
+            want = states[PRETRAINED]["conv.weight"] + 0.3 * sum(states[e]["conv.weight"] - states[PRETRAINED]["conv.weight"]
+                                                                 for e in ("a", "b"))
+            torch.testing.assert_close(merged["conv.weight"], want)
+            assert set(out.extras["coefficients"]["a"]) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias",
+                                                            "fc.weight", "fc.bias"}

@@ -57,12 +57,14 @@ def settings(pools: list[str], factor: float) -> list[tuple[str, str, str]]:
     return out
 
 
-def averages(store: ResultStore, pool_name: str) -> dict[str, float]:
-    """Average primary metric (%) per method on a pool, default parameters, seed 0."""
+def averages(store: ResultStore, pool_name: str, methods: list[str] | None) -> dict[str, float]:
+    """Average primary metric (%) per method on a pool, default parameters, seed 0 (only `methods`, when given)."""
     registry = get_registry()
     found: dict[str, float] = {}
     for r in store.all(pool_name):
         if r.status != "ok" or r.mean is None or r.seed != 0 or r.kind != "method" or r.method not in registry.methods:
+            continue
+        if methods is not None and r.method not in methods:
             continue
         if r.params != registry.methods[r.method].obj.Params().__dict__:
             continue
@@ -102,7 +104,9 @@ def main() -> None:
     runner.run(cells)
 
     store = ResultStore(store_path)
-    table = {name: averages(store, name) for _, _, name in grid}
+    table = {name: averages(store, name, methods) for _, _, name in grid}
+    references = {name: {r.method: 100 * r.mean for r in store.all(name)
+                         if r.kind != "method" and r.status == "ok" and r.mean is not None} for _, _, name in grid}
     rank = {name: ranks(values) for name, values in table.items()}
     methods_seen = sorted({m for values in table.values() for m in values},
                           key=lambda m: min(rank[name].get(m, 99) for name in table))
@@ -110,6 +114,9 @@ def main() -> None:
     print("Average accuracy (%) and rank (1 = best) per setting\n")
     print("| method | " + " | ".join(header) + " |")
     print("|---|" + "---|" * len(header))
+    for ref in ("pretrained", "individual"):
+        print(f"| *{ref}* | " + " | ".join(f"{references[name][ref]:.1f}" if ref in references[name] else ""
+                                           for _, _, name in grid) + " |")
     for m in methods_seen:
         cells_text = [f"{table[name][m]:.1f} ({rank[name][m]})" if m in table[name] else "" for _, _, name in grid]
         print(f"| {m} | " + " | ".join(cells_text) + " |")

@@ -10,7 +10,9 @@ convolutions and batch norm, with weights nobody here trained.
 
 - Inputs: each 8×8 digit upsampled bilinearly to 32×32, repeated over 3 channels and normalised as the Lite models
   were trained ((255·x − 127) / 128). The model maps images to the 1,280 globally pooled features of its last
-  convolution (`EffnetLite0Features`); that module is what the pool holds and the methods merge.
+  convolution (`EffnetLite0Features`); that module is what the pool holds and the methods merge. Its batch-norm
+  running statistics are measured again on the tasks' training images (AdaBN, `adapt_batch_norm`): the pool's
+  pretrained model is the ImageNet weights with statistics of the digits, not of ImageNet.
 - Heads (the task pool's, built as CLIP builds zero-shot heads, with no training): for each task the rows are the
   unit-norm mean of the unit-norm pretrained features of each class's train examples, times one logit scale shared
   by every task that calibrates the pretrained model on the train splits (minimum cross-entropy); logits =
@@ -86,7 +88,7 @@ FEATURES = 1280
 DATA_SEED = 0  # the digits pool's split: the same 1,200 train and 597 test images, the same "val"
 N_TRAIN = 1200
 FINETUNE_BN_MOMENTUM = 0.1
-VERSION = 1  # bump when the build code changes in a way the recipes do not show
+VERSION = 2  # bump when the build code changes in a way the recipes do not show
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,8 @@ def _build_base(recipe: BaseRecipe, folder: Path) -> None:
     model.eval()
     data = digits_data()
     splits = {t: data.split(t, "train") for t in recipe.tasks}
+    images = {hashlib.sha256(x.numpy().tobytes()).digest(): x for x, _ in splits.values()}
+    adapt_batch_norm(model, list(images.values()))
     cache: dict[bytes, torch.Tensor] = {}  # digits, parity and magnitude see the same images: embed them once
     features = {}
     for t, (x, _) in splits.items():
@@ -252,6 +256,31 @@ def _build_base(recipe: BaseRecipe, folder: Path) -> None:
                     folder / "heads.safetensors")
     info = {"recipe": recipe.as_json(), "logit_scale": scale, "seconds": round(time.perf_counter() - started, 1)}
     write_text_atomic(folder / "base.json", json.dumps(info, indent=2))  # last: the build is done
+
+
+def adapt_batch_norm(model: nn.Module, image_sets: list[torch.Tensor], batch_size: int = 256) -> None:
+    """Measure every batch norm's running statistics again on the digit images (AdaBN), in place.
+
+    ImageNet's statistics do not describe upsampled grey digits: with them, the pretrained network's features are
+    far from what the same weights compute in train mode, so an expert fine-tuned in train mode (whose statistics
+    move to the digits) no longer matches the prototype heads, and a smaller learning rate gave experts *below* the
+    pretrained model. The pool's pretrained model is therefore the ImageNet weights with statistics measured on the
+    union of the tasks' training images (a plain average over batches, `momentum=None`), before any head is built.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for pixels in image_sets:
+            for i in range(0, len(pixels), batch_size):
+                model(preprocess(pixels[i:i + batch_size]))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        m.num_batches_tracked.zero_()  # as in the shipped checkpoint: every model's integer buffers agree
+    model.eval()
 
 
 def _base_built(recipe: BaseRecipe, folder: Path) -> bool:

@@ -224,6 +224,11 @@ class BaseRecipe:
 
 
 def _build_base(recipe: BaseRecipe, folder: Path) -> None:
+    with _one_thread():  # the same float sums on any machine, whoever calls this
+        _build_base_single_threaded(recipe, folder)
+
+
+def _build_base_single_threaded(recipe: BaseRecipe, folder: Path) -> None:
     started = time.perf_counter()
     log.info("building the base of %s (pretrained backbone and heads, recipe %s) in %s", POOL_NAME,
              recipe.digest(), folder)
@@ -358,7 +363,9 @@ def build_experts(params: EffnetParams, base: BaseRecipe, base_folder: Path, fol
     data = digits_data()
     folder.mkdir(parents=True, exist_ok=True)
     seconds = {}
-    with torch.random.fork_rng():  # module initialisation draws from the global generator: pin it, then restore
+    # one thread (the same float sums on any machine) and a pinned global generator (module initialisation draws
+    # from it), both restored afterwards: the same parameters give the same bits whoever calls this
+    with _one_thread(), torch.random.fork_rng():
         torch.manual_seed(params.seed)
         for t in base.tasks:
             t0 = time.perf_counter()

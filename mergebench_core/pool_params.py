@@ -41,6 +41,18 @@ _RESERVED = set(",()[]+=") | {" ", "\t", "\n"}
 _KIND = "model pool"
 
 
+def check_training_recipe(lr: float, steps: int, batch_size: int, seed: int | None = None) -> None:
+    """The checks every pool whose parameters are a training recipe needs, in one place: a finite positive learning
+    rate, at least one step of at least one example, a non-negative seed. Raises ValueError (reported as a bad pool
+    parameter)."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be 0 or more, got {seed}")
+
+
 def format_value(value: Any) -> str:
     """The one spelling of a parameter value in a pool name: Python's shortest round-trip form for floats (`3e-05`,
     `0.0003`, `1.0`), `true`/`false`, integers as digits, lists in brackets. A string may not hold the characters the

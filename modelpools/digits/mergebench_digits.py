@@ -44,6 +44,7 @@ from torch import nn
 from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
+from mergebench_core.pool_params import check_training_recipe
 from mergebench_core.splits import validation_indices
 from mergebench_core.tensors import SafetensorsSource, load_state_dict, save_state_dict
 
@@ -112,12 +113,7 @@ class DigitsPoolParams:
     the cell's `--seed`."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be 0 or more, got {self.seed}")
+        check_training_recipe(self.lr, self.steps, self.batch_size, self.seed)
 
     def recipe(self) -> Recipe:
         return dataclasses.replace(Recipe(), finetune_lr=self.lr, finetune_steps=self.steps,

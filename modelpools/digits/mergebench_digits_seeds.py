@@ -47,6 +47,7 @@ from mergebench_core import ModelPool, TaskPool
 from mergebench_core.alignment import PermutationSpec
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
+from mergebench_core.pool_params import check_training_recipe
 from mergebench_core.tensors import SafetensorsSource, load_state_dict, save_state_dict
 from mergebench_digits import DigitsData, Recipe
 from mergebench_digits_archs import ARCHS, MLPClassifier, build_model
@@ -360,10 +361,7 @@ def _params_class(arch: str) -> type:
     defaults = ARCH_DEFAULTS[arch]
 
     def __post_init__(self: Any) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}")
+        check_training_recipe(self.lr, self.steps, self.batch_size)
 
     cls = dataclasses.make_dataclass(
         f"{arch.capitalize()}SeedsPoolParams",

@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from torch import nn
 from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
+from mergebench_core.pool_params import check_training_recipe
 from mergebench_core.tensors import SafetensorsSource, load_state_dict, read_pickle_checkpoint, save_state_dict
 
 __all__ = [
@@ -105,12 +105,7 @@ class EffnetParams:
     """Seeds every expert's batch order."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be 0 or more, got {self.seed}")
+        check_training_recipe(self.lr, self.steps, self.batch_size, self.seed)
 
 
 def pool_name(params: EffnetParams) -> str:

@@ -16,8 +16,9 @@ runner applies the rule to the output of every other merge method, and ``recompu
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -103,42 +104,52 @@ def batch_norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
-def recompute_running_stats(model: nn.Module, taskpool: TaskPool, tasks: Sequence[str], *, seed: int = 0,
-                            n_examples: int = RECOMPUTE_EXAMPLES, batch_size: int = RECOMPUTE_BATCH_SIZE,
-                            device: torch.device | str = "cpu") -> int:
-    """Reset every BatchNorm's running statistics in `model` and measure them again on the first `n_examples`
-    training examples of each of `tasks` (in order), through `taskpool.logits`.
-
-    Only the BatchNorm layers run in training mode (dropout and the rest stay in evaluation mode), with
-    `momentum=None`, so each running statistic is the plain average over the batches of the batch statistics
-    (torch's cumulative moving average); momenta and modes are restored afterwards. Returns the number of batches.
-    """
+@contextlib.contextmanager
+def measuring_running_stats(model: nn.Module) -> Iterator[dict[str, nn.modules.batchnorm._BatchNorm]]:
+    """Within the block, forward passes measure `model`'s BatchNorm statistics afresh: every running statistic is
+    reset, and only the BatchNorm layers run in training mode (dropout and the rest in evaluation mode), with
+    `momentum=None`, so each statistic becomes the plain average over the batches of the batch statistics (torch's
+    cumulative moving average). Momenta and modes are restored afterwards. Yields the BatchNorm layers (empty: the
+    model has none, and nothing changes)."""
     norms = batch_norms(model)
-    if not norms:
-        return 0
-    device = torch.device(device)
     was_training = {n: m.training for n, m in model.named_modules()}
     momenta = {n: m.momentum for n, m in norms.items()}
-    first = next(iter(model.parameters()), None)
-    home = first.device if first is not None else torch.device("cpu")
-    model.to(device).eval()
-    batches = 0
+    model.eval()
     try:
         for m in norms.values():
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        yield norms
+    finally:
+        for n, m in norms.items():
+            m.momentum = momenta[n]
+        for n, m in model.named_modules():
+            m.train(was_training.get(n, False))
+
+
+def recompute_running_stats(model: nn.Module, taskpool: TaskPool, tasks: Sequence[str], *, seed: int = 0,
+                            n_examples: int = RECOMPUTE_EXAMPLES, batch_size: int = RECOMPUTE_BATCH_SIZE,
+                            device: torch.device | str = "cpu") -> int:
+    """Reset every BatchNorm's running statistics in `model` and measure them again (`measuring_running_stats`) on
+    the first `n_examples` training examples of each of `tasks` (in order), through `taskpool.logits`. Returns the
+    number of batches."""
+    norms = batch_norms(model)
+    if not norms:
+        return 0
+    device = torch.device(device)
+    first = next(iter(model.parameters()), None)
+    home = first.device if first is not None else torch.device("cpu")
+    batches = 0
+    try:
+        with measuring_running_stats(model.to(device)), torch.no_grad(), \
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for task in tasks:
                 for inputs, _ in taskpool.batches(task, "train", batch_size=batch_size, limit=n_examples):
                     taskpool.logits(model, task, inputs.to(device))
                     batches += 1
     finally:
-        for n, m in norms.items():
-            m.momentum = momenta[n]
-        for n, m in model.named_modules():
-            m.train(was_training.get(n, False))
         model.to(home)
     if batches == 0:
         raise MergebenchError(f"bn_stats=recompute found no training examples in tasks {list(tasks)} of task pool "

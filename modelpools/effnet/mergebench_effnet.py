@@ -58,6 +58,7 @@ from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
 from mergebench_core.pool_params import check_training_recipe
+from mergebench_core.running_stats import measuring_running_stats
 from mergebench_core.tensors import SafetensorsSource, load_state_dict, read_pickle_checkpoint, save_state_dict
 
 __all__ = [
@@ -232,15 +233,12 @@ def _build_base_single_threaded(recipe: BaseRecipe, folder: Path) -> None:
     model.eval()
     data = digits_data()
     splits = {t: data.split(t, "train") for t in recipe.tasks}
-    images = {hashlib.sha256(x.numpy().tobytes()).digest(): x for x, _ in splits.values()}
+    # digits, parity and magnitude see the same images: measure and embed each set of images once
+    image_key = {t: hashlib.sha256(x.numpy().tobytes()).digest() for t, (x, _) in splits.items()}
+    images = {image_key[t]: x for t, (x, _) in splits.items()}
     adapt_batch_norm(model, list(images.values()))
-    cache: dict[bytes, torch.Tensor] = {}  # digits, parity and magnitude see the same images: embed them once
-    features = {}
-    for t, (x, _) in splits.items():
-        key = hashlib.sha256(x.numpy().tobytes()).digest()
-        if key not in cache:
-            cache[key] = _features(model, x)
-        features[t] = cache[key]
+    embedded = {key: _features(model, x) for key, x in images.items()}
+    features = {t: embedded[image_key[t]] for t in splits}
     prototypes = {}
     for t, (_, y) in splits.items():
         unit = F.normalize(features[t], dim=-1)
@@ -267,20 +265,12 @@ def adapt_batch_norm(model: nn.Module, image_sets: list[torch.Tensor], batch_siz
     pretrained model. The pool's pretrained model is therefore the ImageNet weights with statistics measured on the
     union of the tasks' training images (a plain average over batches, `momentum=None`), before any head is built.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
+    with measuring_running_stats(model) as norms, torch.no_grad():
         for pixels in image_sets:
             for i in range(0, len(pixels), batch_size):
                 model(preprocess(pixels[i:i + batch_size]))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+    for m in norms.values():
         m.num_batches_tracked.zero_()  # as in the shipped checkpoint: every model's integer buffers agree
-    model.eval()
 
 
 def _base_built(recipe: BaseRecipe, folder: Path) -> bool:

@@ -40,9 +40,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
+from mergebench_core import (
+    PRETRAINED,
+    MergebenchError,
+    MergeOutput,
+    Method,
+    MethodInfo,
+    ModelPool,
+    RunContext,
+    hookimpl,
+)
 from mergebench_core.pipeline import agreeing_task_vectors
 from mergebench_core.roles import declared_roles, model_roles
+from mergebench_core.running_stats import running_stat_keys
 from mergebench_core.stats import LogitsOf
 
 
@@ -109,8 +119,8 @@ class _AdaMerging(Method):
         model = pool.load_model(PRETRAINED).to(device).eval().requires_grad_(False)
         # running statistics are not weights: they stay the base's while the coefficients are learned (batch norm in
         # eval mode reads them as constants) and the run's bn_stats rule sets them afterwards
-        roles = model_roles(model, declared_roles(pool))
-        keys = [k for k, v in base.items() if v.is_floating_point() and not (k in roles and roles[k].is_running_stat)]
+        held_out = set(running_stat_keys(model_roles(model, declared_roles(pool)), base))
+        keys = [k for k, v in base.items() if v.is_floating_point() and k not in held_out]
         taus = {k: v.to(device) for k, v in self._task_vectors(base, [pool.state_dict(e) for e in experts],
                                                                 keys).items()}
         base_dev = {k: v.float().to(device) for k, v in base.items() if k in taus}

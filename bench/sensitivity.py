@@ -109,7 +109,7 @@ def main() -> None:
                          if r.kind != "method" and r.status == "ok" and r.mean is not None} for _, _, name in grid}
     rank = {name: ranks(values) for name, values in table.items()}
     methods_seen = sorted({m for values in table.values() for m in values},
-                          key=lambda m: min(rank[name].get(m, 99) for name in table))
+                          key=lambda m: (min(rank[name].get(m, 99) for name in table), m))
     header = [f"{pool} {label}" for pool, label, _ in grid]
     print("Average accuracy (%) and rank (1 = best) per setting\n")
     print("| method | " + " | ".join(header) + " |")
@@ -123,10 +123,7 @@ def main() -> None:
     print("\nSpearman rank correlation (methods in both)\n")
     print("| between | and | ρ | methods |")
     print("|---|---|---|---|")
-    pairs = []
-    for i, (pool, _, name) in enumerate(grid):  # the same pool under both learning rates
-        if i % 2 == 0:
-            pairs.append((i, i + 1))
+    pairs = [(i, i + 1) for i in range(0, len(grid), 2)]  # the same pool under both learning rates
     for j in (0, 1):  # the pools at each rate
         column = [i for i in range(len(grid)) if i % 2 == j]
         pairs += [(a, b) for k, a in enumerate(column) for b in column[k + 1:]]

@@ -43,8 +43,8 @@ def main() -> int:
     from tabulate import tabulate
     from torch import nn
 
-    from mergebench_core.alignment import PermutationSpec, activation_matching, mlp_permutation_spec, weight_matching
-    from mergebench_core.fusion import fit_linear_level, hungarian_targets, kmeans_targets
+    from mergebench_core.fusion.alignment import PermutationSpec, activation_matching, mlp_permutation_spec, weight_matching
+    from mergebench_core.fusion.levels import fit_linear_level, hungarian_targets, kmeans_targets
 
     torch.set_num_threads(1)
     spec = mlp_permutation_spec(["fc1", "fc2", "fc3"])

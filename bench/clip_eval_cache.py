@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                       MERGEBENCH_CLIP_DATA_DIR=str(world.data_dir))
 
     from mergebench_core import PRETRAINED
-    from mergebench_core.evaluation import evaluate
+    from mergebench_core.data.evaluation import evaluate
     from mergebench_clip import CLIPVisionPool
     from mergebench_clip_tasks import CLIPZeroShotTaskPool
 

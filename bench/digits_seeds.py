@@ -33,8 +33,8 @@ def main() -> int:
     from tabulate import tabulate
 
     from mergebench_core import PRETRAINED, RunContext
-    from mergebench_core.evaluation import evaluate
-    from mergebench_core.registry import get_registry
+    from mergebench_core.data.evaluation import evaluate
+    from mergebench_core.contract.registry import get_registry
 
     registry = get_registry()
     methods = [registry.method(name) for name in args.methods.split(",")]

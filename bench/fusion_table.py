@@ -51,8 +51,8 @@ def main() -> int:
     from tabulate import tabulate
 
     from mergebench_core import Ensemble, RunContext
-    from mergebench_core.evaluation import evaluate
-    from mergebench_core.registry import get_registry
+    from mergebench_core.data.evaluation import evaluate
+    from mergebench_core.contract.registry import get_registry
 
     torch.set_num_threads(1)
     registry = get_registry()

@@ -25,7 +25,7 @@ from merge_vs_mergekit import run_child
 
 
 def differing(a: Path, b: Path) -> tuple[int, int]:
-    from mergebench_core.tensors import SafetensorsSource
+    from mergebench_core.engine.tensors import SafetensorsSource
 
     x, y = SafetensorsSource(a), SafetensorsSource(b)
     total = differ = 0

@@ -3,7 +3,7 @@
 For each pool, models `seed0` (A) and `seed1` (B) and the models (1 − t)·A + t·B' for t in [0, 1], where B' is B
 as trained ("none") or B permuted onto A by Git Re-Basin's weight matching ("weight"), activation matching
 ("activation"), or OTFusion's exact transport with weight costs ("ot"). Prints the barrier (the largest rise of the
-test loss above the straight line between the ends, `mergebench_core.fusion.loss_barrier`) and the accuracy at the
+test loss above the straight line between the ends, `mergebench_core.fusion.levels.loss_barrier`) and the accuracy at the
 midpoint, and draws the loss curves (`--plot`, PNG/SVG/PDF; needs matplotlib). Pools build on first use (cached under
 --root). Not part of the test suite.
 
@@ -25,8 +25,8 @@ ALIGNMENTS = ("none", "weight", "activation", "ot")
 
 def aligned_b(alignment: str, pool, tasks, cache_dir: Path) -> dict:
     """Model B's state dict, moved onto model A's units by `alignment`."""
-    from mergebench_core.alignment import activation_matching, apply_permutation, unit_activations, weight_matching
-    from mergebench_core.stats import StatsCache
+    from mergebench_core.fusion.alignment import activation_matching, apply_permutation, unit_activations, weight_matching
+    from mergebench_core.data.statistics import StatsCache
 
     spec = pool.permutation_spec()
     a, b = (pool.state_dict(n) for n in pool.expert_names[:2])
@@ -59,7 +59,7 @@ def main() -> int:
     from mergebench_digits_seeds import POOLS, DigitsFullTaskPool
     from tabulate import tabulate
 
-    from mergebench_core.fusion import interpolation_curve, loss_barrier
+    from mergebench_core.fusion.levels import interpolation_curve, loss_barrier
 
     torch.set_num_threads(1)
     tasks = DigitsFullTaskPool()

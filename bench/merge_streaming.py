@@ -95,7 +95,7 @@ def write_checkpoint(folder: Path, seed: int, base_seed: int | None, shards: int
 def read_floor(paths: list[str]) -> None:
     """The floor: read every tensor of every input once (as the engine does) and reduce it."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mergebench_core.tensors import SafetensorsSource
+    from mergebench_core.engine.tensors import SafetensorsSource
 
     total = 0.0
     for path in paths:
@@ -111,9 +111,9 @@ def check_exact(base: Path, experts: list[Path]) -> int:
     import torch
     from mergebench_ties import Ties
 
-    import mergebench_core.sparsify as sparsify
-    from mergebench_core.merging import merge_sources
-    from mergebench_core.tensors import SafetensorsSource
+    import mergebench_core.engine.sparsify as sparsify
+    from mergebench_core.engine.merging import merge_sources
+    from mergebench_core.engine.tensors import SafetensorsSource
 
     def run() -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -154,7 +154,7 @@ def measure(cmd: list[str]) -> tuple[float, float, int, float]:
 
 def installed_methods() -> set[str]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mergebench_core.registry import get_registry
+    from mergebench_core.contract.registry import get_registry
 
     return set(get_registry().methods)
 

@@ -61,15 +61,15 @@ def mergekit_config(method: str, base: Path, experts: list[Path], out: Path) -> 
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
-    from mergebench_core.tensors import load_state_dict
+    from mergebench_core.engine.tensors import load_state_dict
 
     return load_state_dict(folder)
 
 
 def compare(ours: Path, theirs: Path, base: Path, experts: list[Path], k: float | None) -> dict:
     """Entries that differ between two merged checkpoints, split by whether a top-k tie explains them."""
-    from mergebench_core.sparsify import keep_count
-    from mergebench_core.tensors import SafetensorsSource
+    from mergebench_core.engine.sparsify import keep_count
+    from mergebench_core.engine.tensors import SafetensorsSource
 
     a, b = SafetensorsSource(ours), SafetensorsSource(theirs)
     src_base, src_experts = SafetensorsSource(base), [SafetensorsSource(e) for e in experts]

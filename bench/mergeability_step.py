@@ -23,7 +23,7 @@ from mergebench_mergeability import Mergeability, Params
 from torch import nn
 
 from mergebench_core import PRETRAINED
-from mergebench_core.training import TrainConfig, train
+from mergebench_core.training.loop import TrainConfig, train
 
 RECIPES = {
     "plain": {},

@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--methods", default=DATA_FREE)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    from mergebench_core.store import ResultStore
+    from mergebench_core.results.store import ResultStore
     from mergebench_digits import DigitsModelPool
 
     _ = DigitsModelPool().folder  # build the pool once, outside the timings

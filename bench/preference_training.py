@@ -20,7 +20,7 @@ import time
 import torch
 
 from mergebench_core import PRETRAINED
-from mergebench_core.training import train
+from mergebench_core.training.loop import train
 
 METHODS = ("linear_scalarization", "chebyshev", "epo")
 
@@ -100,7 +100,7 @@ def cache_hit(pool, taskpool, m: int, steps: int, device: torch.device) -> None:
     import tempfile
     from pathlib import Path
 
-    from mergebench_core.trained import TrainedModelCache
+    from mergebench_core.training.methods import TrainedModelCache
 
     tasks = taskpool.tasks[:m]
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from mergebench_core.metrics import spearman
-from mergebench_core.registry import get_registry
-from mergebench_core.runner import Runner, RunOptions
-from mergebench_core.store import ResultStore
+from mergebench_core.data.metrics import spearman
+from mergebench_core.contract.registry import get_registry
+from mergebench_core.running.runner import Runner, RunOptions
+from mergebench_core.results.store import ResultStore
 
 POOL = "digits-mlp_TA8"
 PUBLISHED = {  # FusionBench docs, CLIP-ViT-B/32, average accuracy over the eight TA8 tasks

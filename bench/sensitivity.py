@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from mergebench_core.metrics import spearman
-from mergebench_core.pool_params import format_value
-from mergebench_core.registry import get_registry
-from mergebench_core.runner import Runner, RunOptions
-from mergebench_core.store import ResultStore
+from mergebench_core.data.metrics import spearman
+from mergebench_core.pools.params import format_value
+from mergebench_core.contract.registry import get_registry
+from mergebench_core.running.runner import Runner, RunOptions
+from mergebench_core.results.store import ResultStore
 
 from ranking_vs_fusionbench import PUBLISHED
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mergebench_core import RunContext
-from mergebench_core.stats import StatsCache
+from mergebench_core.data.statistics import StatsCache
 
 log = logging.getLogger("bench.stats_cache")
 

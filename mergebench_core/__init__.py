@@ -1,8 +1,14 @@
-"""mergebench core: the plugin contract, the runner, the results store and the shared tensor tools."""
+"""mergebench core: the plugin contract, the runner, the results store and the shared tensor tools.
+
+The core is a few rooms, each one idea (`contract`, `data`, `engine`, `pools`, `running`, `results`, `training`,
+`fusion`, `preferences`); what a plugin needs most is re-exported here. Modules of the flat layout that came before
+are still importable under their old names (`moved_modules`).
+"""
 
 from importlib import metadata as _metadata
 
-from .api import (
+from mergebench_core import moved_modules as _moved_modules
+from mergebench_core.contract.api import (
     ACCURACY,
     PRETRAINED,
     Ensemble,
@@ -15,9 +21,11 @@ from .api import (
     RunContext,
     TaskPool,
 )
-from .errors import CheckpointError, ConfigError, MergebenchError, UnknownNameError
-from .hookspecs import hookimpl
-from .merging import MergeStream, TaskVectorMethod, TensorMergeMethod
+from mergebench_core.contract.hookspecs import hookimpl
+from mergebench_core.engine.merging import MergeStream, TaskVectorMethod, TensorMergeMethod
+from mergebench_core.errors import CheckpointError, ConfigError, MergebenchError, UnknownNameError
+
+_moved_modules.install()
 
 try:
     __version__ = _metadata.version("mergebench")

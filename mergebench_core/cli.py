@@ -13,12 +13,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import __version__
-from .config import build_params, check_overrides_used, parse_overrides, split_top_level
-from .errors import MergebenchError
-from .leaderboard import FORMATS, render
-from .paths import default_store
-from .registry import get_registry
+from mergebench_core import __version__
+from mergebench_core.contract.config import build_params, check_overrides_used, parse_overrides, split_top_level
+from mergebench_core.errors import MergebenchError
+from mergebench_core.results.leaderboard import FORMATS, render
+from mergebench_core.paths import default_store
+from mergebench_core.contract.registry import get_registry
 
 T = TypeVar("T")
 log = logging.getLogger("mergebench")
@@ -38,7 +38,7 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
 
 
 def _preferences(args: argparse.Namespace) -> Any:
-    from .preferences import PreferenceRequest, parse_simplex, parse_vector
+    from mergebench_core.preferences.vectors import PreferenceRequest, parse_simplex, parse_vector
 
     vectors = tuple(parse_vector(v) for v in args.preference or [])
     grids = tuple(parse_simplex(g) for g in args.preferences or [])
@@ -56,8 +56,8 @@ def _seeds(values: Sequence[str] | None) -> list[int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import Runner, RunOptions
-    from .store import ResultStore
+    from mergebench_core.running.runner import Runner, RunOptions
+    from mergebench_core.results.store import ResultStore
 
     registry = get_registry()
     options = RunOptions(methods=_split(args.method), modelpools=_split(args.modelpool), taskpool=args.taskpool,
@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          jobs=args.jobs, cell_timeout=args.cell_timeout, isolation=args.isolation,
                          executor=args.executor, ray_address=args.ray_address, bn_stats=args.bn_stats)
     if options.isolation == "process" and options.executor == "local":
-        from .executors import reserve_threads_for_workers
+        from mergebench_core.running.executors import reserve_threads_for_workers
 
         reserve_threads_for_workers()  # before anything is computed: see its docstring
     runner = Runner(registry, None, options, progress=_progress)  # an unknown logger is refused here
@@ -94,8 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merging import checkpoint_task_names, file_merge_refusal, merge_sources
-    from .tensors import SafetensorsSource, StreamingSafetensorsWriter, copy_side_files
+    from mergebench_core.engine.merging import checkpoint_task_names, file_merge_refusal, merge_sources
+    from mergebench_core.engine.tensors import SafetensorsSource, StreamingSafetensorsWriter, copy_side_files
 
     registry = get_registry()
     method_cls = registry.method(args.method)
@@ -157,7 +157,7 @@ def _merge_device(name: str) -> str:
 def _trust_pickle(args: argparse.Namespace) -> bool:
     import os
 
-    from .tensors import TRUST_PICKLE_ENV
+    from mergebench_core.engine.tensors import TRUST_PICKLE_ENV
 
     return bool(getattr(args, "trust_pickle", False)) or \
         os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
@@ -165,8 +165,8 @@ def _trust_pickle(args: argparse.Namespace) -> bool:
 
 def cmd_download(args: argparse.Namespace) -> int:
     """Prefetch every model and dataset of the named model pools and of their task pools."""
-    from .runner import Runner, RunOptions
-    from .store import ResultStore
+    from mergebench_core.running.runner import Runner, RunOptions
+    from mergebench_core.results.store import ResultStore
 
     registry = get_registry()
     pools = _split(args.modelpool) or []
@@ -194,12 +194,12 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Turn pickle checkpoints into safetensors once, so later runs never unpickle."""
-    from .tensors import convert_pickle_checkpoint
+    from mergebench_core.engine.tensors import convert_pickle_checkpoint
 
     trust = _trust_pickle(args)
     if args.modelpool:
-        from .pool_params import make_pool
-        from .pool_views import PoolName
+        from mergebench_core.pools.params import make_pool
+        from mergebench_core.pools.views import PoolName
 
         parsed = PoolName.parse(args.modelpool)
         pool = make_pool(get_registry().modelpool(parsed.base), parsed)
@@ -219,7 +219,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .trained import TrainingMethod
+    from mergebench_core.training.methods import TrainingMethod
 
     registry = get_registry()
     for title, table in (("Methods", registry.methods), ("Model pools", registry.modelpools),
@@ -267,7 +267,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _list_pool_params(registry: Any) -> None:
     """Each pool's parameters with their types and defaults, and how to set them."""
-    from .pool_params import describe_params
+    from mergebench_core.pools.params import describe_params
 
     rows = [(name, describe_params(reg.params)) for name, reg in sorted(registry.modelpools.items()) if reg.params]
     if not rows:
@@ -283,13 +283,13 @@ def _pool_filter(name: str | None) -> str | None:
     `lr=3e-05`; plain names need no plugins loaded."""
     if not name or "(" not in name:
         return name
-    from .pool_params import canonical_filter
+    from mergebench_core.pools.params import canonical_filter
 
     return canonical_filter(get_registry(), name)
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from .store import ResultStore
+    from mergebench_core.results.store import ResultStore
 
     args.modelpool = _pool_filter(args.modelpool)
     if not Path(args.store).exists():
@@ -299,7 +299,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         print("no results stored yet")
         return 0
     if args.pareto:
-        from .pareto import render_pareto
+        from mergebench_core.preferences.pareto import render_pareto
 
         text = render_pareto(results, args.format)
     else:
@@ -314,16 +314,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .errors import normalize_name
-    from .loggers import log_path, read_log
-    from .store import ResultStore
+    from mergebench_core.errors import normalize_name
+    from mergebench_core.running.loggers import log_path, read_log
+    from mergebench_core.results.store import ResultStore
 
     args.modelpool = _pool_filter(args.modelpool)
     if not Path(args.store).exists():
         raise MergebenchError(f"no results store at {args.store}")
     import time
 
-    from .evaluation import primary_value
+    from mergebench_core.data.evaluation import primary_value
 
     rows = [r for r in ResultStore(args.store, readonly=True).all(args.modelpool, args.taskpool)
             if (not args.method or r.method == normalize_name(args.method))
@@ -359,9 +359,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from . import plots
-    from .errors import normalize_name
-    from .store import ResultStore
+    from mergebench_core.results import plots
+    from mergebench_core.errors import normalize_name
+    from mergebench_core.results.store import ResultStore
 
     args.modelpool = _pool_filter(args.modelpool)
     if not Path(args.store).exists():
@@ -388,7 +388,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_mergeability(args: argparse.Namespace) -> int:
     """Regularised fine-tuning recipes, their experts merged with held-out partners, and the stability analysis."""
-    from .mergeability import command
+    from mergebench_core.mergeability import command
 
     return command(args, progress=_progress)
 
@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--curves", action="store_true", help="print every logged training step")
     show.set_defaults(func=cmd_show)
 
-    from .mergeability import add_arguments as mergeability_arguments
+    from mergebench_core.mergeability import add_arguments as mergeability_arguments
 
     mergeability = sub.add_parser("mergeability", help="do experts fine-tuned with mergeability regularisers merge "
                                   "better? recipes, merges with held-out partners, and the stability analysis")
@@ -592,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> int:
     """The `mergebench` console script: `main`, in a process known to have computed nothing yet (so `run` may give
     torch's threads to its workers, see `executors.reserve_threads_for_workers`)."""
-    from .executors import mark_fresh_process
+    from mergebench_core.running.executors import mark_fresh_process
 
     mark_fresh_process()
     return main()

@@ -58,13 +58,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .api import PRETRAINED, ModelPool, TaskPool
-from .config import Override, build_params, parse_overrides
-from .errors import ConfigError, MergebenchError, normalize_name
-from .evaluation import primary_value
-from .paths import cache_dir, default_store
-from .pool_views import PoolName, check_tasks
-from .store import CellResult
+from mergebench_core.contract.api import PRETRAINED, ModelPool, TaskPool
+from mergebench_core.contract.config import Override, build_params, parse_overrides
+from mergebench_core.errors import ConfigError, MergebenchError, normalize_name
+from mergebench_core.data.evaluation import primary_value
+from mergebench_core.paths import cache_dir, default_store
+from mergebench_core.pools.views import PoolName, check_tasks
+from mergebench_core.results.store import CellResult
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def parse_recipes(names: Sequence[str] | None) -> list[str]:
 def draw_partners(experts: Sequence[str], focal: str, k: int, seed: int) -> list[str]:
     """K partners of `focal` drawn without replacement from the other experts; depends only on (experts, focal, k,
     seed), never on a recipe, so every recipe is compared on the same groups."""
-    from .training import derive_seed
+    from mergebench_core.training.loop import derive_seed
 
     others = [e for e in experts if e != focal]
     if not 1 <= k <= len(others):
@@ -298,7 +298,7 @@ class Experiment:
 
 
 def _trainer_class(registry: Any, trainer: str) -> type:
-    from .trained import TrainingMethod
+    from mergebench_core.training.methods import TrainingMethod
 
     reg = registry.method_registration(trainer)
     cls = reg.obj
@@ -387,7 +387,7 @@ class FeatureCache:
 
 
 def _source(pool: ModelPool, name: str) -> Any:
-    from .tensors import StateDictSource
+    from mergebench_core.engine.tensors import StateDictSource
 
     tensor_source = getattr(pool, "tensor_source", None)
     return tensor_source(name) if tensor_source is not None else StateDictSource(pool.state_dict(name), name)
@@ -771,7 +771,7 @@ def render(result: ExperimentResult, fmt: str = "github") -> str:
 
 def coefficient_figure(regressions: Mapping[str, Regression], out: str | Path, title: str = "") -> Path:
     """Each feature's standardised coefficient per method, with its bootstrap interval (PNG, SVG or PDF)."""
-    from .plots import PLOT_FORMATS, _pyplot
+    from mergebench_core.results.plots import PLOT_FORMATS, _pyplot
 
     out = Path(out)
     if out.suffix.lower() not in PLOT_FORMATS:
@@ -856,9 +856,9 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
 
 def command(args: argparse.Namespace, progress: Callable[..., Iterator[Any]] | None = None) -> int:
     """`mergebench mergeability`: exit 0, 1 if a cell failed; bad input raises (exit 2 in the CLI)."""
-    from .registry import get_registry
-    from .runner import Runner, RunOptions
-    from .store import ResultStore
+    from mergebench_core.contract.registry import get_registry
+    from mergebench_core.running.runner import Runner, RunOptions
+    from mergebench_core.results.store import ResultStore
 
     registry = get_registry()
     seeds = []
@@ -885,7 +885,7 @@ def command(args: argparse.Namespace, progress: Callable[..., Iterator[Any]] | N
         if parsed != PoolName(parsed.base, base_params=parsed.base_params):
             raise ConfigError(f"--modelpool {args.modelpool!r}: name a plain pool (parameters allowed); the recipes "
                               f"derive its pools and --tasks selects experts")
-        from .pool_params import canonical_names
+        from mergebench_core.pools.params import canonical_names
 
         (modelpool,) = canonical_names(registry, args.modelpool)
     else:

@@ -1,4 +1,4 @@
-"""Permutation specs, weight matching and activation collection (mergebench_core.alignment)."""
+"""Permutation specs, weight matching and activation collection (mergebench_core.fusion.alignment)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench_core import MergebenchError, TaskPool
-from mergebench_core.alignment import (
+from mergebench_core.fusion.alignment import (
     PermutationSpec,
     apply_permutation,
     collect_activations,
     mlp_permutation_spec,
     weight_matching,
 )
-from mergebench_core.stats import StatsCache
+from mergebench_core.data.statistics import StatsCache
 
 
 class NormMLP(nn.Module):

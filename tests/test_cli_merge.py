@@ -5,8 +5,8 @@ import json
 import torch
 
 from mergebench_core.cli import main
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource, load_state_dict, save_state_dict
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource, load_state_dict, save_state_dict
 from mergebench_ties import Params, Ties
 
 
@@ -162,8 +162,8 @@ def test_slerp_models_choose_two_of_the_files(tmp_path, capsys):
 
 
 def data_free_methods():
-    from mergebench_core.merging import TensorMergeMethod
-    from mergebench_core.registry import get_registry
+    from mergebench_core.engine.merging import TensorMergeMethod
+    from mergebench_core.contract.registry import get_registry
 
     return sorted(n for n, r in get_registry().methods.items() if issubclass(r.obj, TensorMergeMethod))
 

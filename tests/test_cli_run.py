@@ -12,7 +12,7 @@ from torch import nn
 from mergebench_core import ModelPool, TaskPool, TensorMergeMethod, hookimpl
 from mergebench_core import registry as registry_module
 from mergebench_core.cli import main
-from mergebench_core.store import ResultStore
+from mergebench_core.results.store import ResultStore
 
 POOL = "digits-mlp_TA8"
 

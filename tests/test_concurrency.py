@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from mergebench_core.errors import MergebenchError
 from mergebench_core.locks import build_lock, read_json, write_text_atomic
-from mergebench_core.stats import StatsCache, StatsKey
-from mergebench_core.tensors import load_state_dict, save_state_dict
+from mergebench_core.data.statistics import StatsCache, StatsKey
+from mergebench_core.engine.tensors import load_state_dict, save_state_dict
 
 TINY = {"hidden": 16, "features": 8, "pretrain_steps": 20, "finetune_steps": 5, "tasks": ["digits", "rot90"]}
 """A digits pool recipe that builds in about a second (its own cache folder: nothing shared with other tests)."""

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mergebench_core.config import build_params, check_overrides_used, load_yaml, parse_overrides, split_top_level
+from mergebench_core.contract.config import build_params, check_overrides_used, load_yaml, parse_overrides, split_top_level
 from mergebench_core.errors import ConfigError
 
 

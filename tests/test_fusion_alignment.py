@@ -9,7 +9,7 @@ from mergebench_digits_archs import CNNClassifier, MLPClassifier, ViTClassifier
 from mergebench_digits_seeds import DigitsFullTaskPool
 
 from mergebench_core import MergebenchError
-from mergebench_core.alignment import (
+from mergebench_core.fusion.alignment import (
     Level,
     PermutationSpec,
     activation_matching,
@@ -20,7 +20,7 @@ from mergebench_core.alignment import (
     unit_vectors,
     weight_matching,
 )
-from mergebench_core.stats import StatsCache
+from mergebench_core.data.statistics import StatsCache
 
 ARCHS = {"mlp": MLPClassifier, "cnn": CNNClassifier, "vit": ViTClassifier}
 

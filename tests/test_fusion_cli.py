@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from mergebench_digits_seeds import DigitsFullTaskPool
 
 from mergebench_core.cli import main
-from mergebench_core.fusion import FOLDER_ENV, CheckpointFolderPool
-from mergebench_core.store import ResultStore
-from mergebench_core.tensors import save_state_dict
+from mergebench_core.fusion.levels import FOLDER_ENV, CheckpointFolderPool
+from mergebench_core.results.store import ResultStore
+from mergebench_core.engine.tensors import save_state_dict
 
 MODEL_PY = '''
 import torch.nn.functional as F
 from torch import nn
 
-from mergebench_core.alignment import Level, PermutationSpec, mlp_permutation_spec
+from mergebench_core.fusion.alignment import Level, PermutationSpec, mlp_permutation_spec
 
 TASKPOOL = "digits_full"
 

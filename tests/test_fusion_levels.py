@@ -1,4 +1,4 @@
-"""Level-by-level fusion pieces (mergebench_core.fusion) against known answers: least squares recovers a planted
+"""Level-by-level fusion pieces (mergebench_core.fusion.levels) against known answers: least squares recovers a planted
 level, K-means and Hungarian targets of identical neuron sets are those neurons, mismatched models are refused, and
 the loss barrier of a curve."""
 
@@ -11,7 +11,7 @@ from mergebench_digits_seeds import DigitsFullTaskPool
 from torch import nn
 
 from mergebench_core import MergebenchError
-from mergebench_core.fusion import (
+from mergebench_core.fusion.levels import (
     StateDictPool,
     Targets,
     capture_level,

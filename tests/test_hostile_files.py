@@ -12,7 +12,7 @@ import torch
 
 from mergebench_core.cli import main
 from mergebench_core.errors import CheckpointError
-from mergebench_core.tensors import SafetensorsSource, load_state_dict, save_state_dict
+from mergebench_core.engine.tensors import SafetensorsSource, load_state_dict, save_state_dict
 
 MODEL = {"w": torch.arange(6, dtype=torch.float32).view(2, 3), "b": torch.ones(3)}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mergebench_core.leaderboard import render
-from mergebench_core.store import CellResult
+from mergebench_core.results.leaderboard import render
+from mergebench_core.results.store import CellResult
 
 TIES = {"scaling_factor": 0.3, "k": 0.2, "combine": "sum", "scope": "global"}
 
@@ -186,7 +186,7 @@ def test_in_a_browser_loads_clean_sorts_expands_and_screenshots(driver, tmp_path
 
 
 def test_extras_json_stays_json_and_short_values_stay_on_one_line():
-    from mergebench_core.html_report import _json_text
+    from mergebench_core.results.html_report import _json_text
 
     value = {"kept": [0.1, 0.2], "coefficients": [[0.123456789] * 12] * 2, "none": {}, "name": "x"}
     text = _json_text(value)

@@ -1,7 +1,7 @@
 """Pools of independently trained models: task-vector methods are refused before any work; fusion runs."""
 
 from mergebench_core.cli import main
-from mergebench_core.store import ResultStore
+from mergebench_core.results.store import ResultStore
 
 SEEDS = "digits-mlp_seeds"
 

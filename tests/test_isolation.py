@@ -13,8 +13,8 @@ import torch
 from mergebench_core import Method, MethodInfo, hookimpl
 from mergebench_core import registry as registry_module
 from mergebench_core.cli import main
-from mergebench_core.executors import can_fork
-from mergebench_core.store import ResultStore
+from mergebench_core.running.executors import can_fork
+from mergebench_core.results.store import ResultStore
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="worker processes need fork")
 POOL = "digits-mlp_TA8"

@@ -12,8 +12,8 @@ import pytest
 
 from mergebench_core.cli import main
 from mergebench_core.errors import MergebenchError
-from mergebench_core.leaderboard import build_tables, render
-from mergebench_core.store import CellResult, ResultStore
+from mergebench_core.results.leaderboard import build_tables, render
+from mergebench_core.results.store import CellResult, ResultStore
 
 TASKS = ("a", "b")
 TIES_DEFAULTS = {"scaling_factor": 0.3, "k": 0.2, "combine": "sum", "scope": "global"}

@@ -28,7 +28,7 @@ from mergebench_core.mergeability import (
     task_vector_gram,
     weight_features,
 )
-from mergebench_core.store import ResultStore
+from mergebench_core.results.store import ResultStore
 
 
 # -- statistics ----------------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ from sklearn.metrics import matthews_corrcoef as sk_mcc
 from torch import nn
 
 from mergebench_core import ACCURACY, MetricSpec, TaskPool
-from mergebench_core.evaluation import evaluate, primary_metrics, primary_value
-from mergebench_core.leaderboard import render
-from mergebench_core.metrics import MATTHEWS, SPEARMAN, matthews_corrcoef, spearman
-from mergebench_core.runner import normalized_mean, primary_mean
-from mergebench_core.store import CellResult
+from mergebench_core.data.evaluation import evaluate, primary_metrics, primary_value
+from mergebench_core.results.leaderboard import render
+from mergebench_core.data.metrics import MATTHEWS, SPEARMAN, matthews_corrcoef, spearman
+from mergebench_core.running.runner import normalized_mean, primary_mean
+from mergebench_core.results.store import CellResult
 
 # --- matthews_corrcoef ---------------------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from mergebench_core.pareto import front_summaries, hypervolume, non_dominated, render_pareto, simplex_grid
-from mergebench_core.store import CellResult
+from mergebench_core.preferences.pareto import front_summaries, hypervolume, non_dominated, render_pareto, simplex_grid
+from mergebench_core.results.store import CellResult
 
 # ---------------------------------------------------------------------------------------------------- non_dominated
 

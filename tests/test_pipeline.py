@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergebench_core import MethodInfo
-from mergebench_core.merging import (
+from mergebench_core.engine.merging import (
     Block,
     MergeStream,
     TaskVectorMethod,
@@ -17,14 +17,14 @@ from mergebench_core.merging import (
     merge_sources,
     pool_source,
 )
-from mergebench_core.pipeline import (
+from mergebench_core.engine.pipeline import (
     Pipeline,
     TaskVectorPipelineMethod,
     elect_sign,
     reference_merge,
     reference_outputs,
 )
-from mergebench_core.tensors import StateDictSource, SupportsReadInto, SupportsReadSlices
+from mergebench_core.engine.tensors import StateDictSource, SupportsReadInto, SupportsReadSlices
 
 
 def models(seed, quantised, experts=3, dtype=torch.float32):
@@ -141,7 +141,7 @@ ELEMENTWISE = ["task_arithmetic", "magmax", "simple_average", "weighted_average"
 
 @pytest.mark.parametrize("name", ELEMENTWISE)
 def test_element_wise_methods_give_the_same_bits_in_blocks(name):
-    from mergebench_core.registry import get_registry
+    from mergebench_core.contract.registry import get_registry
 
     cls = get_registry().method(name)
     assert cls.blockwise, name
@@ -158,7 +158,7 @@ def test_element_wise_methods_give_the_same_bits_in_blocks(name):
 
 @pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts", "wudi", "model_stock", "slerp"])
 def test_whole_tensor_methods_declare_it(name):
-    from mergebench_core.registry import get_registry
+    from mergebench_core.contract.registry import get_registry
 
     cls = get_registry().method(name)
     assert not cls.blockwise
@@ -251,7 +251,7 @@ def test_streams_read_blocks_and_count_them_as_checked_once():
 def test_tiny_kernel_chunks_give_the_same_bits(monkeypatch, name):
     """Chunks far smaller than the tensors: kept entries equal to a threshold end inside some chunk, before others,
     after the rest (the positions `Thresholds.locate` finds), and the counting pass runs over many chunks."""
-    from mergebench_core import sparsify
+    from mergebench_core.engine import sparsify
 
     monkeypatch.setattr(TaskVectorPipelineMethod, "chunk_entries", 3 * 97)
     monkeypatch.setattr(sparsify, "_CHUNK", 3 * 89)

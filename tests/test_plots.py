@@ -5,8 +5,8 @@ import pytest
 
 from mergebench_core.cli import main
 from mergebench_core.errors import MergebenchError
-from mergebench_core.plots import pareto_figure, sweep_figure, tasks_figure, time_figure
-from mergebench_core.store import CellResult, ResultStore
+from mergebench_core.results.plots import pareto_figure, sweep_figure, tasks_figure, time_figure
+from mergebench_core.results.store import CellResult, ResultStore
 
 pytest.importorskip("matplotlib")
 

@@ -11,12 +11,12 @@ from torch import nn
 from mergebench_core import ModelPool, TaskPool, hookimpl
 from mergebench_core import registry as registry_module
 from mergebench_core.cli import main
-from mergebench_core.config import parse_overrides
+from mergebench_core.contract.config import parse_overrides
 from mergebench_core.errors import ConfigError, PluginError
-from mergebench_core.pool_params import canonical_filter, canonical_names, canonical_params, format_value
-from mergebench_core.pool_views import PoolName
-from mergebench_core.runner import Runner, RunOptions
-from mergebench_core.store import ResultStore
+from mergebench_core.pools.params import canonical_filter, canonical_names, canonical_params, format_value
+from mergebench_core.pools.views import PoolName
+from mergebench_core.running.runner import Runner, RunOptions
+from mergebench_core.results.store import ResultStore
 
 
 @dataclass(frozen=True)

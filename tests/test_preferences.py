@@ -6,8 +6,8 @@ import pytest
 
 from mergebench_core.cli import main
 from mergebench_core.errors import ConfigError
-from mergebench_core.preferences import PreferenceRequest, from_config, parse_simplex, parse_vector, validate
-from mergebench_core.store import ResultStore, cell_key
+from mergebench_core.preferences.vectors import PreferenceRequest, from_config, parse_simplex, parse_vector, validate
+from mergebench_core.results.store import ResultStore, cell_key
 
 POOL = "digits-mlp_TA8"
 TWO = ["--tasks", "digits,rot90"]

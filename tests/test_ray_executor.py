@@ -4,7 +4,7 @@ import pytest
 
 from mergebench_core import registry as registry_module
 from mergebench_core.cli import main
-from mergebench_core.store import ResultStore
+from mergebench_core.results.store import ResultStore
 
 ray = pytest.importorskip("ray")
 POOL = "digits-mlp_TA8"

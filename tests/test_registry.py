@@ -5,7 +5,7 @@ from importlib.metadata import EntryPoint
 import pytest
 
 from mergebench_core.errors import PluginError, UnknownNameError
-from mergebench_core.registry import build_registry
+from mergebench_core.contract.registry import build_registry
 
 METHOD_MODULE = '''
 from dataclasses import dataclass

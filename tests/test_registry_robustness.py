@@ -12,8 +12,8 @@ import pytest
 from mergebench_core import registry as registry_module
 from mergebench_core.cli import main
 from mergebench_core.errors import PluginError, UnknownNameError
-from mergebench_core.registry import build_registry
-from mergebench_core.store import ResultStore
+from mergebench_core.contract.registry import build_registry
+from mergebench_core.results.store import ResultStore
 
 TINY_POOLS = '''
 import torch

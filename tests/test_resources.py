@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergebench_core.resources import heap_in_use_bytes, measure
+from mergebench_core.running.resources import heap_in_use_bytes, measure
 
 pytestmark = pytest.mark.skipif(heap_in_use_bytes() is None, reason="needs glibc's allocator statistics")
 

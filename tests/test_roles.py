@@ -16,10 +16,10 @@ from torch import nn
 
 from mergebench_core import PRETRAINED, MergeOutput, Method, MethodInfo, ModelPool, RunContext, TaskPool, hookimpl
 from mergebench_core.errors import ConfigError, MergebenchError
-from mergebench_core.merging import MatrixTaskVectorMethod, TensorMergeMethod, merge_sources
-from mergebench_core.roles import LINEAR, MatrixView, Role, role_from_name, roles_of
-from mergebench_core.running_stats import recompute_running_stats, settle_running_stats
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.merging import MatrixTaskVectorMethod, TensorMergeMethod, merge_sources
+from mergebench_core.engine.roles import LINEAR, MatrixView, Role, role_from_name, roles_of
+from mergebench_core.engine.running_stats import recompute_running_stats, settle_running_stats
+from mergebench_core.engine.tensors import StateDictSource
 
 C_IN, SIDE, N_TRAIN = 3, 6, 24
 
@@ -206,7 +206,7 @@ def test_tensors_without_a_usable_view_fall_back_loudly(caplog):
     experts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
     method = RankOne()
     out: dict[str, torch.Tensor] = {}
-    with caplog.at_level(logging.WARNING, logger="mergebench_core.roles"):
+    with caplog.at_level(logging.WARNING, logger="mergebench_core.engine.roles"):
         merge_sources(method, StateDictSource(base), [StateDictSource(e) for e in experts], sink=out,
                       roles=roles_of(model))
     for key in base:  # every one of them is the mean, as before, but now counted and warned about
@@ -357,7 +357,7 @@ class MeanMerge(Recorder):
 
 
 def _registry():
-    from mergebench_core.registry import build_registry
+    from mergebench_core.contract.registry import build_registry
 
     plugin = types.ModuleType("conv_plugin")
 
@@ -381,8 +381,8 @@ def _registry():
 
 
 def _runner(tmp_path, **options):
-    from mergebench_core.runner import Runner, RunOptions
-    from mergebench_core.store import ResultStore
+    from mergebench_core.running.runner import Runner, RunOptions
+    from mergebench_core.results.store import ResultStore
 
     opts = RunOptions(isolation="none", cache_dir=tmp_path, taskpool="images", **options)
     return Runner(_registry(), ResultStore(":memory:"), opts)
@@ -447,7 +447,7 @@ def test_bn_stats_from_the_config_file_and_bad_values(tmp_path):
 @pytest.mark.parametrize("rule", ["base", "mean"])
 def test_mergebench_merge_on_files_finds_running_stats_and_conv_kernels_by_name(tmp_path, capsys, rule):
     from mergebench_core.cli import main
-    from mergebench_core.tensors import load_state_dict, save_state_dict
+    from mergebench_core.engine.tensors import load_state_dict, save_state_dict
 
     pool = ConvPool()
     base, experts = _states(pool)

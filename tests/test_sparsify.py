@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mergebench_core.sparsify import (
+from mergebench_core.engine.sparsify import (
     StreamingTopK,
     bottomk_mask,
     build_sample,
@@ -85,7 +85,7 @@ def test_thresholds_equal_whole_model_topk_for_any_blocks_with_many_ties():
 
 
 def test_a_missed_bracket_falls_back_to_the_exact_radix_select(monkeypatch):
-    from mergebench_core import sparsify
+    from mergebench_core.engine import sparsify
 
     blocks = _rows(1, [400, 250])
     whole = torch.cat(blocks, 1)
@@ -111,7 +111,7 @@ def test_a_whole_tensor_sample_gives_the_exact_bracket():
 
 
 def test_heavy_levels_inside_the_bracket_are_counted_not_stored():
-    from mergebench_core.sparsify import Bracket
+    from mergebench_core.engine.sparsify import Bracket
 
     blocks = _rows(6, [500, 321])  # magnitudes on a grid of 1/8: every value is a heavy level
     whole = torch.cat(blocks, 1)
@@ -137,7 +137,7 @@ def test_streaming_topk_thresholds_equal_its_mask():
 
 
 def test_thresholds_over_blocks_wider_than_a_chunk(monkeypatch):
-    from mergebench_core import sparsify
+    from mergebench_core.engine import sparsify
 
     monkeypatch.setattr(sparsify, "_CHUNK", 3 * 1000)  # chunks of 1,000 columns (500 for the band's 6 rows)
     blocks = _rows(4, [70_001, 1_234])  # many chunks per block, and partial ones
@@ -154,7 +154,7 @@ def test_thresholds_over_blocks_wider_than_a_chunk(monkeypatch):
 
 
 def test_sparse_nonzero_finds_every_entry():
-    from mergebench_core.sparsify import _nonzero_sparse
+    from mergebench_core.engine.sparsify import _nonzero_sparse
 
     g = torch.Generator().manual_seed(0)
     for n in (0, 5, 16, 1000, 4099):
@@ -171,7 +171,7 @@ def test_rows_with_and_without_an_interior_in_one_chunk():
     exact = [torch.topk(whole[r], max(c, 1)).values.min().item() for r, c in enumerate(counts)]
     lo = torch.tensor([exact[0], 0.125, 10.0])
     hi = torch.tensor([exact[0], 0.875, 10.0])
-    from mergebench_core.sparsify import Bracket
+    from mergebench_core.engine.sparsify import Bracket
 
     selection, held = find_thresholds(counts, Bracket(lo, hi, torch.zeros(3, 0)), lambda: blocks)
     assert held
@@ -180,7 +180,7 @@ def test_rows_with_and_without_an_interior_in_one_chunk():
 
 
 def test_the_vectorised_bracket_equals_the_row_by_row_one():
-    from mergebench_core.sparsify import _bracket, _bracket_uniform
+    from mergebench_core.engine.sparsify import _bracket, _bracket_uniform
 
     for width, chunks in ((3000, 50), (700, 1)):
         for seed in range(5):
@@ -198,7 +198,7 @@ def test_the_vectorised_bracket_equals_the_row_by_row_one():
 @pytest.mark.parametrize("quantised", [False, True])
 def test_many_kept_magnitudes_turn_into_a_histogram(monkeypatch, quantised):
     """A bracket wide enough that its magnitudes pass the flush size: counted as bit patterns, still exact."""
-    from mergebench_core import sparsify
+    from mergebench_core.engine import sparsify
 
     monkeypatch.setattr(sparsify, "_FLUSH", 50)
     monkeypatch.setattr(sparsify, "_MAX_BINS", 1 << 24)

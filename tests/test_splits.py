@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergebench_core.splits import VAL_FRACTION, VAL_SEED, validation_indices
+from mergebench_core.data.splits import VAL_FRACTION, VAL_SEED, validation_indices
 
 
 @pytest.mark.parametrize("n, count", [(1, 1), (2, 1), (4, 1), (9, 1), (14, 1), (16, 2), (100, 10), (123, 12),

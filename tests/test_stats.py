@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench_core import ModelPool, TaskPool
-from mergebench_core.stats import (
+from mergebench_core.data.statistics import (
     StatsCache,
     StatsKey,
     cached_fisher,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mergebench_core import PRETRAINED, ModelPool, RunContext, TaskPool
-from mergebench_core.stats import fisher_diagonal, in_features, linear_input_grams, linear_layers, weight_is_transposed
+from mergebench_core.data.statistics import fisher_diagonal, in_features, linear_input_grams, linear_layers, weight_is_transposed
 
 pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D

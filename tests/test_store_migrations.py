@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from mergebench_core.errors import MergebenchError
-from mergebench_core.store import MIGRATIONS, SCHEMA_VERSION, CellResult, ResultStore, cell_key
+from mergebench_core.results.store import MIGRATIONS, SCHEMA_VERSION, CellResult, ResultStore, cell_key
 
 # The schema of version 1, as mergebench wrote it (written out here, not derived from the current code).
 V1_COLUMNS = """

@@ -23,7 +23,7 @@ from mergebench_core import ModelPool, TaskPool, hookimpl
 from mergebench_core import registry as registry_module
 from mergebench_core.cli import main
 from mergebench_core.errors import MergebenchError
-from mergebench_core.store import CellResult, ResultStore, StoreBusyError, pending_dir
+from mergebench_core.results.store import CellResult, ResultStore, StoreBusyError, pending_dir
 
 
 def _row(method: str, acc: float = 0.5, **kw) -> CellResult:
@@ -274,7 +274,7 @@ def test_damaged_rows_are_reported_once_and_skipped(tmp_path, capsys, caplog):
         db.execute("UPDATE results SET params = '[1, 2]' WHERE method = 'bad_params'")
     db.close()
 
-    caplog.set_level(logging.WARNING, logger="mergebench_core.store")
+    caplog.set_level(logging.WARNING, logger="mergebench_core.results.store")
     ro = ResultStore(path, readonly=True)
     ro.all()
     ro.all()
@@ -285,7 +285,7 @@ def test_damaged_rows_are_reported_once_and_skipped(tmp_path, capsys, caplog):
     assert main(["leaderboard", "--store", str(path)]) == 0
     captured = capsys.readouterr()
     assert "| ties" in captured.out and "bad_" not in captured.out
-    reported = [line for line in captured.err.splitlines() if line.startswith("WARNING mergebench_core.store: skip")]
+    reported = [line for line in captured.err.splitlines() if line.startswith("WARNING mergebench_core.results.store: skip")]
     assert len(reported) == 4
     assert "column 'metrics' is not valid JSON" in captured.err
     assert "column 'seed' holds str 'abc', expected int" in captured.err

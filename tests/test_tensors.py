@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mergebench_core.errors import CheckpointError
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import (
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import (
     SafetensorsSource,
     StateDictSource,
     StreamingSafetensorsWriter,

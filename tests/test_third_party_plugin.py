@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebench_core.tensors import load_state_dict, save_state_dict
+from mergebench_core.engine.tensors import load_state_dict, save_state_dict
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -10,7 +10,7 @@ from mergebench_core import hookimpl
 from mergebench_core import registry as registry_module
 from mergebench_core import trained as trained_module
 from mergebench_core.cli import main
-from mergebench_core.store import ResultStore
+from mergebench_core.results.store import ResultStore
 
 POOL = "digits-mlp_TA8"
 DERIVED = "digits-mlp_TA8+finetune(steps=20)"
@@ -115,7 +115,7 @@ def test_a_derived_pool_runs_merge_methods_unchanged(fresh_cache, count_training
     assert sorted(count_trainings) == [["digits"], ["mirror"], ["rot90"]]
 
     # the derived experts are not the pool's own experts
-    from mergebench_core.runner import Runner, RunOptions
+    from mergebench_core.running.runner import Runner, RunOptions
 
     runner = Runner(registry_module.get_registry(), None, RunOptions(cache_dir=fresh_cache))
     derived, base = runner.modelpool(DERIVED), runner.modelpool(POOL)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from mergebench_core import MergebenchError, TaskPool
-from mergebench_core.data import shuffled_batches
-from mergebench_core.training import TrainConfig, TrainState, task_losses, train
+from mergebench_core.data.batches import shuffled_batches
+from mergebench_core.training.loop import TrainConfig, TrainState, task_losses, train
 
 DIM, HIDDEN, CLASSES = 8, 16, 3
 SIZES = {"train": 96, "val": 24, "test": 24}

@@ -41,7 +41,7 @@ def _exact(value: Any) -> Any:
 
 def fingerprint(store_path: Path) -> dict[str, Any]:
     """Every cell of a store by its key: what identifies it and every number it stored."""
-    from mergebench_core.store import ResultStore
+    from mergebench_core.results.store import ResultStore
 
     store = ResultStore(store_path, readonly=True)
     try:

@@ -44,9 +44,9 @@ from torch import nn
 from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
-from mergebench_core.pool_params import check_training_recipe
-from mergebench_core.splits import validation_indices
-from mergebench_core.tensors import SafetensorsSource, load_state_dict, save_state_dict
+from mergebench_core.pools.params import check_training_recipe
+from mergebench_core.data.splits import validation_indices
+from mergebench_core.engine.tensors import SafetensorsSource, load_state_dict, save_state_dict
 
 log = logging.getLogger(__name__)
 

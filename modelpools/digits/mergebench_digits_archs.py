@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergebench_core.alignment import Level, PermutationSpec, mlp_permutation_spec
+from mergebench_core.fusion.alignment import Level, PermutationSpec, mlp_permutation_spec
 
 ARCHS = ("mlp", "cnn", "vit")
 

@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench_core import ModelPool, TaskPool
-from mergebench_core.alignment import PermutationSpec
+from mergebench_core.fusion.alignment import PermutationSpec
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
-from mergebench_core.pool_params import check_training_recipe
-from mergebench_core.tensors import SafetensorsSource, load_state_dict, save_state_dict
+from mergebench_core.pools.params import check_training_recipe
+from mergebench_core.engine.tensors import SafetensorsSource, load_state_dict, save_state_dict
 from mergebench_digits import DigitsData, Recipe
 from mergebench_digits_archs import ARCHS, MLPClassifier, build_model
 
@@ -315,7 +315,7 @@ class DigitsSeedsModelPool(ModelPool):
 class DigitsFullTaskPool(TaskPool):
     """The ten-class digits task of the TA8 pool, scored by the model's own head (logits = model(x)).
 
-    Its splits are `DigitsData`'s: "val" is the shared 10 % of train (`mergebench_core.splits`), "train" stays whole.
+    Its splits are `DigitsData`'s: "val" is the shared 10 % of train (`mergebench_core.data.splits`), "train" stays whole.
     """
 
     name = TASKPOOL_NAME
@@ -407,7 +407,7 @@ def register_modelpools(register) -> None:  # called by mergebench_digits' hook 
         register(name, factory, f"{models} digit classifiers ({ARCH_LABELS[arch]}) from different random inits, "
                                 f"each trained on {SETTING_LABELS[setting]}, for fusion (embedded, offline)",
                  params=POOL_PARAMS[arch])
-    from mergebench_core.fusion import folder_pool_from_env
+    from mergebench_core.fusion.levels import folder_pool_from_env
 
     register("fusion-folder", folder_pool_from_env, "your own models for fusion: model.py and one .safetensors per "
                                                     "model in the folder $MERGEBENCH_FUSION_DIR")

@@ -57,9 +57,9 @@ from torch import nn
 from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
-from mergebench_core.pool_params import check_training_recipe
-from mergebench_core.running_stats import measuring_running_stats
-from mergebench_core.tensors import SafetensorsSource, load_state_dict, read_pickle_checkpoint, save_state_dict
+from mergebench_core.pools.params import check_training_recipe
+from mergebench_core.engine.running_stats import measuring_running_stats
+from mergebench_core.engine.tensors import SafetensorsSource, load_state_dict, read_pickle_checkpoint, save_state_dict
 
 __all__ = [
     "POOL_NAME",

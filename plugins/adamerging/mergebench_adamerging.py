@@ -7,7 +7,7 @@ of each task's test inputs is minimised with Adam, and after every step the λ a
 authors clamp them inside the forward pass instead; projection keeps the stored values themselves in range).
 AdaMerging++ does the same with TIES-processed task vectors: each τ_t keeps its top-k entries by magnitude over the
 whole model, and only entries whose sign agrees with the elected sign (the sign of the trimmed vectors' sum, + where
-that sum is exactly 0: the core task-vector pipeline's trim and sign rule, `mergebench_core.pipeline`).
+that sum is exactly 0: the core task-vector pipeline's trim and sign rule, `mergebench_core.engine.pipeline`).
 
 Defaults and where they come from: λ initialised to 0.3 (the paper's prior, FusionBench's `init_values`),
 Adam with lr 1e-3 (paper and FusionBench), batch 16 per task (paper), 500 steps (the paper's task-wise runs;
@@ -50,10 +50,10 @@ from mergebench_core import (
     RunContext,
     hookimpl,
 )
-from mergebench_core.pipeline import agreeing_task_vectors
-from mergebench_core.roles import declared_roles, model_roles
-from mergebench_core.running_stats import running_stat_keys
-from mergebench_core.stats import LogitsOf
+from mergebench_core.engine.pipeline import agreeing_task_vectors
+from mergebench_core.engine.roles import declared_roles, model_roles
+from mergebench_core.engine.running_stats import running_stat_keys
+from mergebench_core.data.statistics import LogitsOf
 
 
 @dataclass

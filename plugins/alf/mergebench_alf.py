@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.alignment import collect_activations
-from mergebench_core.fusion import (
+from mergebench_core.fusion.alignment import collect_activations
+from mergebench_core.fusion.levels import (
     IMPORTANCES,
     Targets,
     cannot_fuse,
@@ -49,7 +49,7 @@ from mergebench_core.fusion import (
     match_to_inputs,
     neuron_importance,
 )
-from mergebench_core.stats import StatsCache
+from mergebench_core.data.statistics import StatsCache
 
 OPTIMIZERS = ("adam", "sgd")
 TARGETS = ("kmeans", "hungarian")

@@ -9,9 +9,9 @@ vectors are merged by task arithmetic: θ = θ_0 + λ Σ_t m_t ⊙ τ_t.
 Defaults: γ = `gamma` = 0.01 and `density` = 0.9 (MergeKit's `breadcrumbs` gamma default and its documented example;
 MergeKit's bare `density` default is 1.0, which keeps everything and so turns the method off). λ = 0.3, the task
 arithmetic default of this benchmark (FusionBench's TA setting); the paper tunes λ on validation data. Counts are
-exact: entries are ranked by magnitude, the earlier entry first among equals (`mergebench_core.sparsify`), and the
+exact: entries are ranked by magnitude, the earlier entry first among equals (`mergebench_core.engine.sparsify`), and the
 ranks ⌊γ'·n⌋ + 1 … ⌊γ'·n⌋ + ⌊density·n⌋ are kept (γ' the reduced γ). This is the core pipeline's trim with
-`skip_top` (`mergebench_core.pipeline`), streamed in blocks like every pipeline method.
+`skip_top` (`mergebench_core.engine.pipeline`), streamed in blocks like every pipeline method.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.pipeline import Pipeline, TaskVectorPipelineMethod
-from mergebench_core.sparsify import keep_count, topk_mask
+from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod
+from mergebench_core.engine.sparsify import keep_count, topk_mask
 
 
 @dataclass

@@ -11,9 +11,9 @@ every entry keeps its expected value. The sparse vectors are then merged by
   over the whole model. MergeKit's `dare_ties` skips the magnitude trim; set `k=1.0` for that behaviour.
 
 Randomness: whether entry i of tensor `key` is dropped for expert t is a hash of (seed, key, t, i)
-(`mergebench_core.pipeline.drop_keep`). It depends on nothing else, so a run is reproducible, blocks of any size and
+(`mergebench_core.engine.pipeline.drop_keep`). It depends on nothing else, so a run is reproducible, blocks of any size and
 any device draw the same masks, and the exact trim threshold of `dare_ties` is found with the same sample-and-count
-pass as TIES's, on the dropped vectors. Both methods are `mergebench_core.pipeline` pipelines (drop, then for
+pass as TIES's, on the dropped vectors. Both methods are `mergebench_core.engine.pipeline` pipelines (drop, then for
 `dare_ties` trim, elect with its one sign rule, combine).
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.pipeline import Pipeline, TaskVectorPipelineMethod
+from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod
 
 
 def _check_drop(p: float) -> None:

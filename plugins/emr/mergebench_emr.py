@@ -12,7 +12,7 @@ its own lightly modulated model; the artefact is task-specific, so results are m
 
 Conventions:
 - Every floating-point tensor takes part (the authors' code merges the whole state dict).
-- Where Σ_t τ_t is exactly zero the elected sign is +, the core pipeline's one rule (`mergebench_core.pipeline`;
+- Where Σ_t τ_t is exactly zero the elected sign is +, the core pipeline's one rule (`mergebench_core.engine.pipeline`;
   the authors' code elects −1 there, (x > 0)·2 − 1; the two differ only where task vectors cancel exactly).
 - Elect and the unified vector are the core pipeline's election and "max" combination, so EMR streams in blocks
   like every pipeline method: one pass for the rescalers, one to write the per-task models.
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MergeOutput, MergeStream, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.merging import merge_sources
-from mergebench_core.pipeline import Pipeline, TaskVectorPipelineMethod, combine
-from mergebench_core.tensors import TensorSource
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod, combine
+from mergebench_core.engine.tensors import TensorSource
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Output ensembles as reference rows: every expert is kept and their logits are averaged at evaluation time
-(`mergebench_core.evaluation`), which is the usual upper-ish baseline for merging at N times the inference cost.
+(`mergebench_core.data.evaluation`), which is the usual upper-ish baseline for merging at N times the inference cost.
 
 - `ensemble`: equal weights (FusionBench's `simple_ensemble`).
 - `weighted_ensemble`: one weight per expert, in pool order (FusionBench's `weighted_ensemble`; its default of no

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.trained import TrainingMethod
-from mergebench_core.training import Batch, TrainState, task_losses
+from mergebench_core.training.methods import TrainingMethod
+from mergebench_core.training.loop import Batch, TrainState, task_losses
 
 
 @dataclass

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.alignment import activation_matching, apply_permutation, unit_activations, weight_matching
-from mergebench_core.fusion import cannot_fuse, load_states, missing_points
-from mergebench_core.stats import StatsCache
+from mergebench_core.fusion.alignment import activation_matching, apply_permutation, unit_activations, weight_matching
+from mergebench_core.fusion.levels import cannot_fuse, load_states, missing_points
+from mergebench_core.data.statistics import StatsCache
 
 MATCHINGS = ("weight", "activation")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.stats import StatsCache, cached_fisher
+from mergebench_core.data.statistics import StatsCache, cached_fisher
 
 
 @dataclass

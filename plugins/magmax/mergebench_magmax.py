@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, TaskVectorMethod, hookimpl
-from mergebench_core.pipeline import max_magnitude
+from mergebench_core.engine.pipeline import max_magnitude
 
 
 @dataclass

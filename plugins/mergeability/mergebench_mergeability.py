@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.trained import TrainingMethod
-from mergebench_core.training import Batch, TrainConfig, TrainState
+from mergebench_core.training.methods import TrainingMethod
+from mergebench_core.training.loop import Batch, TrainConfig, TrainState
 
 THETA0 = "mergeability/theta0"
 """Key in `TrainState.extras` of the snapshot of θ₀ taken at the first step."""

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.alignment import collect_activations
-from mergebench_core.fusion import (
+from mergebench_core.fusion.alignment import collect_activations
+from mergebench_core.fusion.levels import (
     IMPORTANCES,
     LINEAR_LEVELS,
     Targets,
@@ -51,7 +51,7 @@ from mergebench_core.fusion import (
     load_states,
     neuron_importance,
 )
-from mergebench_core.stats import StatsCache
+from mergebench_core.data.statistics import StatsCache
 
 
 @dataclass

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.alignment import PermutationSpec, apply_transport, unit_activations, unit_vectors
-from mergebench_core.fusion import IMPORTANCES, cannot_fuse, load_states, missing_points, neuron_importance
-from mergebench_core.stats import StatsCache
+from mergebench_core.fusion.alignment import PermutationSpec, apply_transport, unit_activations, unit_vectors
+from mergebench_core.fusion.levels import IMPORTANCES, cannot_fuse, load_states, missing_points, neuron_importance
+from mergebench_core.data.statistics import StatsCache
 
 COSTS = ("weight", "activation")
 SOLVERS = ("emd", "sinkhorn")

@@ -6,7 +6,7 @@ r is the cell's preference over its T tasks (normalised to sum 1), so the unifor
 through `mergebench merge`, which has none) the method is `ties`. Every other parameter and convention — `k`,
 `scope`, `combine`, λ = `scaling_factor`, exact ⌊k·n⌋ trimming with ties to the earlier entry, + elected where a
 column's sum is exactly 0 — is the `ties` plugin's: both are the core's task-vector pipeline
-(`mergebench_core.pipeline`), this one with a weight stage.
+(`mergebench_core.engine.pipeline`), this one with a weight stage.
 
 The steps, for each task t:
 
@@ -41,7 +41,7 @@ from mergebench_ties import Params as TiesParams
 from mergebench_ties import Ties, ties_pipeline
 
 from mergebench_core import MergebenchError, MergeOutput, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.pipeline import Pipeline, combine
+from mergebench_core.engine.pipeline import Pipeline, combine
 
 
 @dataclass

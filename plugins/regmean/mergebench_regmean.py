@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.roles import Fallbacks
-from mergebench_core.stats import StatsCache, cached_linear_grams, gram_convolutions, linear_layers, weight_is_transposed
+from mergebench_core.engine.roles import Fallbacks
+from mergebench_core.data.statistics import StatsCache, cached_linear_grams, gram_convolutions, linear_layers, weight_is_transposed
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def regmean_merge(states: Sequence[Mapping[str, torch.Tensor]], grams: Sequence[
                   transposed: Collection[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Merge `states`: Linear weights (modules named in `grams`) by RegMean, other floats by the mean, excluded
     tensors from `keep` (default: the first state). Modules in `transposed` store their weight (in, out) (`Conv1D`,
-    see `mergebench_core.stats.weight_is_transposed`). Returns the merged dict and the names merged by regression."""
+    see `mergebench_core.data.statistics.weight_is_transposed`). Returns the merged dict and the names merged by regression."""
     keep = keep if keep is not None else states[0]
     merged: dict[str, torch.Tensor] = {}
     regressed = []

@@ -24,8 +24,8 @@ Defaults (FusionBench's CLIP configuration, as for RegMean): `n_examples` = 256,
 from __future__ import annotations
 
 from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.roles import Fallbacks
-from mergebench_core.stats import forward_order, gram_convolutions, linear_input_grams, weight_is_transposed
+from mergebench_core.engine.roles import Fallbacks
+from mergebench_core.data.statistics import forward_order, gram_convolutions, linear_input_grams, weight_is_transposed
 from mergebench_regmean import Params, excluded, regmean_merge, regmean_weight
 
 

@@ -16,7 +16,7 @@ that marks the entries where task t's own update dominates what the other tasks 
 `multitask`: "sum" (task arithmetic, the authors' default `use_ties: false`) or "ties" (TIES with `ties_k` = 0.2,
 magnitudes ranked over the whole model, combine `ties_combine` = "sum", as the authors' `ties_agg: sum`; TIES's sign
 rule is the core pipeline's, a zero sum elects +). τ_MTL comes from the core's task-vector pipeline
-(`mergebench_core.pipeline`) and the masks depend only on each entry's values, so both methods stream in blocks.
+(`mergebench_core.engine.pipeline`) and the masks depend only on each entry's values, so both methods stream in blocks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MergeOutput, MergeStream, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.pipeline import Pipeline, TaskVectorPipelineMethod
+from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod
 
 log = logging.getLogger(__name__)
 

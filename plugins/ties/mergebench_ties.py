@@ -1,5 +1,5 @@
 """TIES-Merging: trim, elect sign, disjoint merge (Yadav et al., "TIES-Merging: Resolving interference when merging
-models", NeurIPS 2023), on the core's task-vector pipeline (`mergebench_core.pipeline`).
+models", NeurIPS 2023), on the core's task-vector pipeline (`mergebench_core.engine.pipeline`).
 
 Conventions (each a parameter):
 - `k`: the fraction of each task vector's entries kept by magnitude. Exactly ⌊k·n⌋ entries are kept; among equal
@@ -10,7 +10,7 @@ Conventions (each a parameter):
   within each tensor, as MergeKit does. Both are exact and stream: a sample brackets each threshold and one counting
   pass settles it (for "tensor", only tensors larger than a block need that pass; the others are settled in memory).
 - Sign election: the sign of the sum of the trimmed task vectors, and a sum of exactly 0 elects + (the pipeline's
-  one rule, `mergebench_core.pipeline.SIGN_RULE`, MergeKit's). The paper's code fills such entries with the
+  one rule, `mergebench_core.engine.pipeline.SIGN_RULE`, MergeKit's). The paper's code fills such entries with the
   majority sign of the whole model; the two differ only where trimmed vectors cancel exactly.
 - `combine`: "sum" of the entries that agree with the elected sign (FusionBench's default), or their "mean"
   (the paper's disjoint mean). θ = θ_0 + λ · combined, λ = `scaling_factor` = 0.3.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.pipeline import Pipeline, TaskVectorPipelineMethod, combine
+from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod, combine
 
 
 @dataclass

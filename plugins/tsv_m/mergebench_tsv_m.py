@@ -7,7 +7,7 @@ left factors [U_1 … U_T] and right factors [V_1 … V_T] are then replaced by 
 between tasks' subspaces, and the layer update is Û diag(Σ_1 … Σ_T) V̂ᵀ.
 
 Convolution kernels (out, in, *k) are merged the same way on their matrix view out × (in · prod(k)) and reshaped
-back (the reference code averages them; mergebench reads every tensor through its role, `mergebench_core.roles`).
+back (the reference code averages them; mergebench reads every tensor through its role, `mergebench_core.engine.roles`).
 Vectors (biases, norms, the class embedding) are averaged over tasks, as the reference code does; a tensor with no
 usable matrix view (a grouped convolution) is averaged too, with a warning and a count in the extras. θ = θ_0 + α · merged, with α = `alpha` = 1.0 (the paper's code and FusionBench's
 `TaskSingularVectorMerging` config both use 1.0; there is no tuned coefficient in the method).
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.merging import MatrixTaskVectorMethod
-from mergebench_core.tensors import polar_factor
+from mergebench_core.engine.merging import MatrixTaskVectorMethod
+from mergebench_core.engine.tensors import polar_factor
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mergebench_core import PRETRAINED, CheckpointError, ModelPool
-from mergebench_core.tensors import SafetensorsSource, StateDictSource, TensorSource
+from mergebench_core.engine.tensors import SafetensorsSource, StateDictSource, TensorSource
 from mergebench_clip_tasks import BASE_MODELS, hub, suite, taskpool_name
 
 log = logging.getLogger(__name__)

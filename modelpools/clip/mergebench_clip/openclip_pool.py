@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench_core import PRETRAINED, CheckpointError, MergebenchError, ModelPool
-from mergebench_core.tensors import (TRUST_PICKLE_ENV, SafetensorsSource, StateDictSource, TensorSource,
+from mergebench_core.engine.tensors import (TRUST_PICKLE_ENV, SafetensorsSource, StateDictSource, TensorSource,
                                      convert_pickle_checkpoint, read_pickle_checkpoint)
 from mergebench_clip_tasks import CLIPZeroShotTaskPool, suite
 

@@ -14,9 +14,9 @@ from torch import nn
 
 from mergebench_core import PRETRAINED, CheckpointError
 from mergebench_core.cli import main
-from mergebench_core.merging import merge_sources
-from mergebench_core.store import ResultStore
-from mergebench_core.tensors import StateDictSource, read_pickle_checkpoint
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.results.store import ResultStore
+from mergebench_core.engine.tensors import StateDictSource, read_pickle_checkpoint
 from mergebench_clip_tasks import task
 from mergebench_clip_tasks.testing import FAKE_REVISION, build_offline_world, expert_id
 
@@ -37,7 +37,7 @@ def offline_env(world, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGEBENCH_CLIP_DATA_DIR", str(world.data_dir))
     monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MERGEBENCH_PLUGINS", "clip,clip_tasks,ties")
-    import mergebench_core.registry as registry
+    import mergebench_core.contract.registry as registry
 
     monkeypatch.setattr(registry, "_REGISTRY", None)
     return tmp_path
@@ -217,7 +217,7 @@ def test_pickle_checkpoint_refused_without_opt_in_and_loaded_with_it(tmp_path, m
     # `mergebench convert` unpickles once (opted in); afterwards no opt-in is needed, and nothing is unpickled.
     monkeypatch.setenv("MERGEBENCH_OPENCLIP_DIR", str(tmp_path / "release"))
     monkeypatch.setenv("MERGEBENCH_PLUGINS", "clip,clip_tasks")
-    import mergebench_core.registry as registry
+    import mergebench_core.contract.registry as registry
 
     monkeypatch.setattr(registry, "_REGISTRY", None)
     assert main(["convert", "--modelpool", "openclip-vit-b32_TA8"]) == 2  # refused without the flag

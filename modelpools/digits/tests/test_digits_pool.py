@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mergebench_core import PRETRAINED
-from mergebench_core.evaluation import evaluate
+from mergebench_core.data.evaluation import evaluate
 from mergebench_digits import TASKS, DigitsData, Recipe, build
 
 

@@ -11,10 +11,10 @@ from mergebench_digits_seeds import SeedsRecipe
 
 from mergebench_core import PRETRAINED
 from mergebench_core.cli import main
-from mergebench_core.pool_params import make_pool
-from mergebench_core.pool_views import PoolName
-from mergebench_core.registry import get_registry
-from mergebench_core.store import ResultStore
+from mergebench_core.pools.params import make_pool
+from mergebench_core.pools.views import PoolName
+from mergebench_core.contract.registry import get_registry
+from mergebench_core.results.store import ResultStore
 
 POOL = "digits-mlp_TA8"
 VARIANT = "digits-mlp_TA8(lr=3e-05,steps=20)"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mergebench_core import PRETRAINED
-from mergebench_core.evaluation import evaluate
-from mergebench_core.registry import get_registry
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.contract.registry import get_registry
 from mergebench_digits import DigitsData, Recipe
 from mergebench_digits_seeds import DigitsFullTaskPool, DigitsSeedsModelPool, SeedsRecipe, build
 

@@ -17,8 +17,8 @@ me = pytest.importorskip("mergebench_effnet")
 
 from mergebench_core import PRETRAINED
 from mergebench_core.errors import CheckpointError
-from mergebench_core.evaluation import evaluate
-from mergebench_core.tensors import load_state_dict
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.engine.tensors import load_state_dict
 
 TASKS = ("digits", "parity")  # one view of the images: the base embeds 1,200 train images once
 TINY = me.EffnetParams(steps=2, batch_size=4)
@@ -168,7 +168,7 @@ def test_a_damaged_or_hostile_cache_file_is_rebuilt_not_unpickled(root, tmp_path
 
 
 def test_the_pool_registers_with_its_parameters():
-    from mergebench_core.registry import build_registry
+    from mergebench_core.contract.registry import build_registry
 
     registry = build_registry(entry_points=[], extra_modules=[me])
     reg = registry.modelpool(me.POOL_NAME)

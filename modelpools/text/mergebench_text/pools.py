@@ -31,7 +31,7 @@ from mergebench_text_tasks.checkpoint import RenamedSource, folder_source
 from torch import nn
 
 from mergebench_core import PRETRAINED, ModelPool
-from mergebench_core.tensors import StateDictSource, TensorSource
+from mergebench_core.engine.tensors import StateDictSource, TensorSource
 
 log = logging.getLogger(__name__)
 

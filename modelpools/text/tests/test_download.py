@@ -19,7 +19,7 @@ def recorded(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("MERGEBENCH_PLUGINS", "text,text_tasks")
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
-    from mergebench_core import registry
+    from mergebench_core.contract import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", None)
     calls: dict[str, list] = {"models": [], "datasets": []}

@@ -14,9 +14,9 @@ from mergebench_text_tasks.testing import build_gpt2_world
 
 from mergebench_core import PRETRAINED
 from mergebench_core.cli import main
-from mergebench_core.merging import merge_sources
-from mergebench_core.store import ResultStore
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.results.store import ResultStore
+from mergebench_core.engine.tensors import StateDictSource
 
 BASE = "gpt2"
 
@@ -37,7 +37,7 @@ def offline_env(world, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGEBENCH_TEXT_DATA_DIR", str(world.data_dir))
     monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MERGEBENCH_PLUGINS", "text,text_tasks,ties")
-    from mergebench_core import registry
+    from mergebench_core.contract import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", None)
     return tmp_path

@@ -12,9 +12,9 @@ from mergebench_text_tasks.testing import build_roberta_world
 
 from mergebench_core import PRETRAINED
 from mergebench_core.cli import main
-from mergebench_core.merging import merge_sources
-from mergebench_core.store import ResultStore
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.results.store import ResultStore
+from mergebench_core.engine.tensors import StateDictSource
 
 BASE = "FacebookAI/roberta-base"
 # ag_news names its labels in its config, in another order than the dataset's; imdb's card pairs outputs and labels;
@@ -41,7 +41,7 @@ def offline_env(world, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGEBENCH_TEXT_DATA_DIR", str(world.data_dir))
     monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MERGEBENCH_PLUGINS", "text,text_tasks,ties")
-    from mergebench_core import registry
+    from mergebench_core.contract import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", None)
     return tmp_path

@@ -19,9 +19,9 @@ from mergebench_adamerging import (
     ties_task_vectors,
 )
 from mergebench_core import PRETRAINED, RunContext
-from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.contract.config import build_params, parse_overrides
 from mergebench_core.errors import ConfigError, MergebenchError
-from mergebench_core.pool_views import TaskSubsetModelPool, TaskSubsetTaskPool
+from mergebench_core.pools.views import TaskSubsetModelPool, TaskSubsetTaskPool
 
 
 def test_ties_task_vectors_by_hand():

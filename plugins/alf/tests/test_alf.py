@@ -10,10 +10,10 @@ from mergebench_digits_seeds import DigitsFullTaskPool, DigitsSeedsModelPool, Se
 from torch import nn
 
 from mergebench_core import MergebenchError, RunContext
-from mergebench_core.alignment import apply_permutation
-from mergebench_core.evaluation import evaluate
-from mergebench_core.fusion import StateDictPool
-from mergebench_core.registry import get_registry
+from mergebench_core.fusion.alignment import apply_permutation
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.fusion.levels import StateDictPool
+from mergebench_core.contract.registry import get_registry
 
 
 @pytest.fixture(scope="module")

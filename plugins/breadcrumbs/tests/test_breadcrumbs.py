@@ -5,11 +5,11 @@ import torch
 
 from mergebench_breadcrumbs import Breadcrumbs, Params, breadcrumbs_mask
 from mergebench_core import RunContext
-from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.contract.config import build_params, parse_overrides
 from mergebench_core.errors import ConfigError
-from mergebench_core.evaluation import evaluate
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 
 
 def merge(params, base, experts):
@@ -51,7 +51,7 @@ def test_edge_densities(density, gamma, expected):
 
 
 def test_streaming_equals_the_reference_with_many_ties():
-    from mergebench_core.pipeline import reference_outputs
+    from mergebench_core.engine.pipeline import reference_outputs
 
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(80, 70, generator=g), "b": torch.randn(5000, generator=g),

@@ -9,8 +9,8 @@ import torch
 
 from mergebench_core import PRETRAINED
 from mergebench_core.cli import main
-from mergebench_core.store import ResultStore
-from mergebench_core.training import TrainConfig, TrainState
+from mergebench_core.results.store import ResultStore
+from mergebench_core.training.loop import TrainConfig, TrainState
 from mergebench_chebyshev import Chebyshev, Params, chebyshev_scalarization
 
 # The two-objective toy problem of the EPO paper (Mahapatra & Rajan 2020): x ∈ R^20, l1 = 1 − exp(−‖x − 1/√n‖²),

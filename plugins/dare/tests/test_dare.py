@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from mergebench_core import RunContext
-from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.contract.config import build_params, parse_overrides
 from mergebench_core.errors import ConfigError
-from mergebench_core.evaluation import evaluate
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 from mergebench_dare import DareTaskArithmetic, DareTies, TaParams, TiesParams
 
 
@@ -89,7 +89,7 @@ def test_dare_ties_global_keeps_k_of_the_dropped_entries():
 
 
 def test_the_drop_hash_is_the_documented_function():
-    from mergebench_core.pipeline import _mix32, _salt, drop_keep
+    from mergebench_core.engine.pipeline import _mix32, _salt, drop_keep
 
     # the tensor hash (int32 arithmetic wrapping modulo 2^32) equals the pure-Python one, for indices on both
     # sides of 2^31 and 2^32, through the fast range path and the general index path
@@ -105,7 +105,7 @@ def test_the_drop_hash_is_the_documented_function():
 
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_streaming_equals_the_reference_in_blocks(scope):
-    from mergebench_core.pipeline import reference_outputs
+    from mergebench_core.engine.pipeline import reference_outputs
 
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(60, 50, generator=g), "b": torch.randn(3000, generator=g), "s": torch.randn(())}

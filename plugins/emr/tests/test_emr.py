@@ -6,7 +6,7 @@ import pytest
 import torch
 from mergebench_emr import Emr, Params, elect_and_mask, emr_merge_sources
 
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.tensors import StateDictSource
 
 # τ_1 = w [2, −1, 3, 0], b [1, 1];  τ_2 = w [−1, −2, 1, 4], b [1, −3]
 # Σ τ: w [1, −3, 4, 4] → γ = [+, −, +, +];  b [2, −2] → γ = [+, −]
@@ -52,7 +52,7 @@ def test_a_zero_sum_elects_the_positive_sign():
 
 @pytest.mark.parametrize("rescale", ["sum", "tensor_mean"])
 def test_blocks_give_the_same_bits_as_whole_tensors(rescale):
-    from mergebench_core.merging import merge_sources
+    from mergebench_core.engine.merging import merge_sources
 
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(70, 40, generator=g), "b": torch.randn(7, generator=g), "s": torch.randn((), generator=g)}
@@ -72,7 +72,7 @@ def test_params_are_validated():
 
 def test_per_task_models_on_the_digits_pool(digits_pools):
     from mergebench_core import PerTaskModels, RunContext
-    from mergebench_core.evaluation import evaluate
+    from mergebench_core.data.evaluation import evaluate
 
     pool, taskpool = digits_pools
     out = Emr().run(pool, RunContext(taskpool=taskpool))

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from mergebench_core import Ensemble, MergebenchError, ModelPool, RunContext, TaskPool
-from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.contract.config import build_params, parse_overrides
 from mergebench_core.errors import ConfigError
-from mergebench_core.evaluation import evaluate, task_logits
+from mergebench_core.data.evaluation import evaluate, task_logits
 from mergebench_ensemble import SimpleEnsemble, WeightedEnsemble, WeightedParams
 
 

@@ -10,8 +10,8 @@ import torch
 
 from mergebench_core import PRETRAINED
 from mergebench_core.cli import main
-from mergebench_core.store import ResultStore
-from mergebench_core.training import TrainConfig, TrainState
+from mergebench_core.results.store import ResultStore
+from mergebench_core.training.loop import TrainConfig, TrainState
 from mergebench_epo import EPO, Params, adjustments, epo_direction
 
 # --- the toy problem of the EPO paper (Mahapatra & Rajan 2020; `toy_biobjective.py` of the authors) ---

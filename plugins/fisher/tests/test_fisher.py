@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergebench_core import PRETRAINED, RunContext
-from mergebench_core.evaluation import evaluate
+from mergebench_core.data.evaluation import evaluate
 from mergebench_fisher import FisherMerging, Params, fisher_merge
 
 

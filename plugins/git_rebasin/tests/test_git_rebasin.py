@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from mergebench_core import MergebenchError, ModelPool, RunContext
-from mergebench_core.alignment import apply_permutation
-from mergebench_core.evaluation import evaluate
-from mergebench_core.registry import get_registry
+from mergebench_core.fusion.alignment import apply_permutation
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.contract.registry import get_registry
 from mergebench_digits_seeds import DigitsFullTaskPool, DigitsSeedsModelPool, MLPClassifier, SeedsRecipe
 from mergebench_git_rebasin import GitRebasin, Params
 
@@ -111,7 +111,7 @@ def random_model(arch: str):
 @pytest.mark.parametrize("matching", ["weight", "activation"])
 @pytest.mark.parametrize("arch", ["cnn", "vit"])
 def test_channels_and_heads_of_a_permuted_copy_are_realigned(arch, matching, seeds_pools, tmp_path):
-    from mergebench_core.fusion import StateDictPool
+    from mergebench_core.fusion.levels import StateDictPool
 
     _, tasks = seeds_pools
     model = random_model(arch)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from mergebench_iso import IsoC, IsoCParams, IsoCTS, IsoCTSParams, iso_c_matrix, iso_cts_matrix, split_dimensions
 
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 
 
 def merge(method, base: dict, experts: list[dict]) -> dict:
@@ -92,7 +92,7 @@ def test_params_are_validated():
 @pytest.mark.parametrize("method", [IsoC, IsoCTS])
 def test_runs_on_the_digits_pool(digits_pools, method):
     from mergebench_core import RunContext
-    from mergebench_core.evaluation import evaluate
+    from mergebench_core.data.evaluation import evaluate
 
     pool, taskpool = digits_pools
     out = method().run(pool, RunContext(taskpool=taskpool))
@@ -108,7 +108,7 @@ def test_runs_on_the_digits_pool(digits_pools, method):
 def test_a_conv_kernel_is_merged_on_its_matrix_view(method, matrix):
     # Iso of a 3×3 kernel (out, in, 3, 3) is Iso of its matrix out × (in·9), reshaped back (it used to be the
     # mean); the 1-D bias stays the mean of the task vectors.
-    from mergebench_core.roles import roles_of
+    from mergebench_core.engine.roles import roles_of
 
     g = torch.Generator().manual_seed(4)
     conv = torch.nn.Conv2d(3, 5, 3)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mergebench_core import PRETRAINED
-from mergebench_core.training import TrainConfig, TrainState
+from mergebench_core.training.loop import TrainConfig, TrainState
 from mergebench_linear_scalarization import LinearScalarization, Params
 
 

@@ -3,9 +3,9 @@
 import torch
 
 from mergebench_core import RunContext
-from mergebench_core.evaluation import evaluate
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 from mergebench_magmax import MagMax, Params
 
 

@@ -14,8 +14,8 @@ from mergebench_mergeability import THETA0, Mergeability, Params, grad_magnitude
 from torch import nn
 
 from mergebench_core import PRETRAINED
-from mergebench_core.loggers import log_path, read_log
-from mergebench_core.training import TrainConfig, TrainState, train
+from mergebench_core.running.loggers import log_path, read_log
+from mergebench_core.training.loop import TrainConfig, TrainState, train
 
 
 class TinyTaskPool:
@@ -202,9 +202,9 @@ def test_lambda_zero_reproduces_plain_fine_tuning_bit_for_bit(digits_pools):
 def test_derived_pool_experts_with_lambda_zero_equal_finetunes(cli_env, session_cache, monkeypatch):
     """Through the runner, the cache and the derived pools: the same experts as `finetune`, and the curves with
     the guide's names beside the store."""
-    from mergebench_core.registry import get_registry
-    from mergebench_core.runner import Runner, RunOptions
-    from mergebench_core.store import ResultStore
+    from mergebench_core.contract.registry import get_registry
+    from mergebench_core.running.runner import Runner, RunOptions
+    from mergebench_core.results.store import ResultStore
 
     cache = cli_env / "cache"
     (cache / "pools").mkdir(parents=True)
@@ -230,8 +230,8 @@ def test_the_clip_preset_trains_a_tiny_clip_vision_tower_with_both_regularisers(
     from mergebench_clip_tasks.testing import build_offline_world, write_tiny_dataset
 
     from mergebench_core import registry as registry_module
-    from mergebench_core.runner import Runner, RunOptions
-    from mergebench_core.store import ResultStore
+    from mergebench_core.running.runner import Runner, RunOptions
+    from mergebench_core.results.store import ResultStore
 
     world = build_offline_world(tmp_path / "world", "b32", "TA8", n_images=4)
     task = world.tasks[0]

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from mergebench_core.cli import main
-from mergebench_core.loggers import read_log
+from mergebench_core.running.loggers import read_log
 
 plugin = pytest.importorskip("mergebench_mlflow_logger")  # skipped where the plugin is not installed
 MlflowLogger, flat_params, tracking_uri = plugin.MlflowLogger, plugin.flat_params, plugin.tracking_uri

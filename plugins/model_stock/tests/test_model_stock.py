@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mergebench_core import MergebenchError, RunContext
-from mergebench_core.evaluation import evaluate
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 from mergebench_model_stock import ModelStock
 
 

@@ -9,10 +9,10 @@ from mergebench_digits_seeds import POOLS, DigitsFullTaskPool, DigitsSeedsModelP
 from mergebench_neuron_fusion import HFFusion, KFFusion, KFParams, Params
 
 from mergebench_core import MergebenchError, RunContext
-from mergebench_core.alignment import PermutationSpec, apply_permutation
-from mergebench_core.evaluation import evaluate
-from mergebench_core.fusion import StateDictPool
-from mergebench_core.registry import get_registry
+from mergebench_core.fusion.alignment import PermutationSpec, apply_permutation
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.fusion.levels import StateDictPool
+from mergebench_core.contract.registry import get_registry
 
 
 @pytest.fixture(scope="module")

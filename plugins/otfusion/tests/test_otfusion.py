@@ -9,10 +9,10 @@ from mergebench_digits_seeds import DigitsFullTaskPool, DigitsSeedsModelPool, Se
 from mergebench_otfusion import OTFusion, Params, barycentric_map, transport_plan
 
 from mergebench_core import MergebenchError, RunContext
-from mergebench_core.alignment import PermutationSpec, apply_permutation
-from mergebench_core.evaluation import evaluate
-from mergebench_core.fusion import StateDictPool
-from mergebench_core.registry import get_registry
+from mergebench_core.fusion.alignment import PermutationSpec, apply_permutation
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.fusion.levels import StateDictPool
+from mergebench_core.contract.registry import get_registry
 
 ARCHS = {"mlp": MLPClassifier, "cnn": CNNClassifier, "vit": ViTClassifier}
 

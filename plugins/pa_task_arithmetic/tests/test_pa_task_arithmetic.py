@@ -3,7 +3,7 @@
 import torch
 
 from mergebench_core import PRETRAINED, RunContext
-from mergebench_core.pool_views import TaskSubsetModelPool, TaskSubsetTaskPool
+from mergebench_core.pools.views import TaskSubsetModelPool, TaskSubsetTaskPool
 from mergebench_pa_task_arithmetic import Params, PreferenceTaskArithmetic
 from mergebench_task_arithmetic import Params as TaParams
 from mergebench_task_arithmetic import TaskArithmetic

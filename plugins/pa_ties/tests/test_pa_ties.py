@@ -11,10 +11,10 @@ from mergebench_ties import Ties, elect_and_combine
 from torch import nn
 
 from mergebench_core import PRETRAINED, ModelPool, RunContext
-from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.contract.config import build_params, parse_overrides
 from mergebench_core.errors import ConfigError, MergebenchError
-from mergebench_core.pool_views import TaskSubsetModelPool, TaskSubsetTaskPool
-from mergebench_core.sparsify import keep_count, topk_mask
+from mergebench_core.pools.views import TaskSubsetModelPool, TaskSubsetTaskPool
+from mergebench_core.engine.sparsify import keep_count, topk_mask
 
 SCOPES_AND_COMBINES = [(s, c) for s in ("global", "tensor") for c in ("sum", "mean")]
 
@@ -226,7 +226,7 @@ def test_parameters_and_flags():
 
 
 def test_is_registered_under_its_name():
-    from mergebench_core.registry import get_registry
+    from mergebench_core.contract.registry import get_registry
 
     reg = get_registry().method_registration("pa_ties")
     assert reg.obj is PreferenceTies and reg.distribution == "mergebench-pa-ties"

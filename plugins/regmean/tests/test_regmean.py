@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mergebench_core import PRETRAINED, ModelPool, RunContext, TaskPool
-from mergebench_core.evaluation import evaluate
+from mergebench_core.data.evaluation import evaluate
 from mergebench_regmean import Params, RegMean, regmean_merge
 
 D_IN, D_OUT, N = 6, 3, 50

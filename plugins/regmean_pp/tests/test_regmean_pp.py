@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mergebench_core import PRETRAINED, ModelPool, RunContext, TaskPool
-from mergebench_core.evaluation import evaluate
+from mergebench_core.data.evaluation import evaluate
 from mergebench_regmean import Params as RegMeanParams
 from mergebench_regmean import RegMean
 from mergebench_regmean_pp import Params, RegMeanPlusPlus

@@ -1,7 +1,7 @@
 import torch
 
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 from mergebench_simple_average import SimpleAverage
 
 

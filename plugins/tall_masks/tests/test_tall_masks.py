@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from mergebench_core import ModelPool, PerTaskModels, RunContext
-from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.contract.config import build_params, parse_overrides
 from mergebench_core.errors import ConfigError
-from mergebench_core.evaluation import evaluate
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 from mergebench_tall_masks import Consensus, ConsensusParams, TallMasks, TallParams
 from mergebench_ties import Params as TiesParams, Ties
 

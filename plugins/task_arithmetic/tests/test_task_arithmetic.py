@@ -1,8 +1,8 @@
 import torch
 from mergebench_task_arithmetic import Params, TaskArithmetic
 
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 
 
 def test_task_arithmetic_hand_computed():

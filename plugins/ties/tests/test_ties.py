@@ -5,10 +5,10 @@ import pytest
 import torch
 from mergebench_ties import Params, Ties
 
-from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.contract.config import build_params, parse_overrides
 from mergebench_core.errors import ConfigError
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 
 
 def merge(params, base, experts, block_entries=1 << 22, method=None):
@@ -100,7 +100,7 @@ def quantized_pool(seed, shapes, experts=4):
 @pytest.mark.parametrize("combine", ["sum", "mean"])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_streaming_equals_the_whole_model_reference_bit_for_bit(combine, scope):
-    from mergebench_core.pipeline import reference_outputs
+    from mergebench_core.engine.pipeline import reference_outputs
     from mergebench_ties import ties_pipeline
 
     # tensors large enough to be sampled (not read whole), and blocks smaller than tensors
@@ -117,8 +117,8 @@ def test_streaming_equals_the_whole_model_reference_bit_for_bit(combine, scope):
 
 
 def test_a_missed_bracket_falls_back_to_the_exact_passes(monkeypatch):
-    import mergebench_core.sparsify as sparsify
-    from mergebench_core.pipeline import reference_outputs
+    import mergebench_core.engine.sparsify as sparsify
+    from mergebench_core.engine.pipeline import reference_outputs
     from mergebench_ties import ties_pipeline
 
     base, experts = quantized_pool(0, [(100, 60), (5000,)])

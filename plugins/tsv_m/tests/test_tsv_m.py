@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mergebench_core.tensors import polar_factor
+from mergebench_core.engine.tensors import polar_factor
 from mergebench_tsv_m import Params, TsvMerge
 
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 
 
 def merge(base: dict, experts: list[dict], **params) -> dict:
@@ -82,7 +82,7 @@ def test_params_are_validated():
 
 def test_runs_on_the_digits_pool(digits_pools):
     from mergebench_core import RunContext
-    from mergebench_core.evaluation import evaluate
+    from mergebench_core.data.evaluation import evaluate
 
     pool, taskpool = digits_pools
     out = TsvMerge().run(pool, RunContext(taskpool=taskpool))
@@ -97,7 +97,7 @@ def test_a_conv_kernel_is_merged_on_its_matrix_view(kernel):
     # is TSV-M of that matrix, reshaped back (it used to be the mean); the 1-D bias keeps the mean rule.
     from mergebench_tsv_m import tsv_merge_matrix
 
-    from mergebench_core.roles import roles_of
+    from mergebench_core.engine.roles import roles_of
 
     g = torch.Generator().manual_seed(3)
     conv = torch.nn.Conv2d(4, 6, kernel)

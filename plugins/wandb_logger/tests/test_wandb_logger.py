@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mergebench_core.cli import main
-from mergebench_core.loggers import read_log
+from mergebench_core.running.loggers import read_log
 
 WandbLogger = pytest.importorskip("mergebench_wandb_logger").WandbLogger  # skipped where the plugin is not installed
 

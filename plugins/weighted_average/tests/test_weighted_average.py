@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from mergebench_core import MergebenchError, RunContext
-from mergebench_core.config import build_params, parse_overrides
+from mergebench_core.contract.config import build_params, parse_overrides
 from mergebench_core.errors import ConfigError
-from mergebench_core.evaluation import evaluate
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.data.evaluation import evaluate
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 from mergebench_weighted_average import Params, WeightedAverage
 
 EXPERTS = [{"w": torch.tensor([4.0, 0.0])}, {"w": torch.tensor([0.0, 8.0])}]

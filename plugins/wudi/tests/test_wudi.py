@@ -6,8 +6,8 @@ import pytest
 import torch
 from mergebench_wudi import Params, Wudi, interference_loss, interference_terms, wudi_matrix
 
-from mergebench_core.merging import merge_sources
-from mergebench_core.tensors import StateDictSource
+from mergebench_core.engine.merging import merge_sources
+from mergebench_core.engine.tensors import StateDictSource
 
 
 def merge(base: dict, experts: list[dict], seed: int = 0, **params) -> dict:
@@ -92,7 +92,7 @@ def test_runs_on_the_digits_pool(digits_pools):
     # moves it little on this small pool), so accuracy is only checked against chance; what must hold on real task
     # vectors is that every 2-D weight's interference went down.
     from mergebench_core import PRETRAINED, RunContext
-    from mergebench_core.evaluation import evaluate
+    from mergebench_core.data.evaluation import evaluate
 
     pool, taskpool = digits_pools
     out = Wudi(Params(steps=50)).run(pool, RunContext(taskpool=taskpool))
@@ -110,7 +110,7 @@ def test_runs_on_the_digits_pool(digits_pools):
 def test_a_conv_kernel_is_merged_on_its_matrix_view():
     # WUDI's interference is measured on rows of the layer's matrix: for a kernel (out, in, kh, kw) those are the
     # rows of out × (in·kh·kw), the vectors that multiply unfolded patches. The 1-D bias stays the mean.
-    from mergebench_core.roles import roles_of
+    from mergebench_core.engine.roles import roles_of
 
     g = torch.Generator().manual_seed(5)
     conv = torch.nn.Conv2d(3, 4, 3)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mergebench_core.tensors import load_state_dict, save_state_dict
+from mergebench_core.engine.tensors import load_state_dict, save_state_dict
 
 from .catalog import TaskSpec
 

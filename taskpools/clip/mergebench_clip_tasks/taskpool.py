@@ -22,7 +22,7 @@ from torch import nn
 
 from mergebench_core import TaskPool
 from mergebench_core.paths import cache_dir
-from mergebench_core.splits import validation_indices
+from mergebench_core.data.splits import validation_indices
 
 from . import hub
 from .catalog import BASE_MODELS, TaskSpec, suite, task

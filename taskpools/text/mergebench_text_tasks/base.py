@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from mergebench_core import TaskPool
-from mergebench_core.api import ACCURACY, MetricSpec
+from mergebench_core.contract.api import ACCURACY, MetricSpec
 from mergebench_core.paths import cache_dir
-from mergebench_core.splits import validation_indices
+from mergebench_core.data.splits import validation_indices
 
 from . import hub
 from .catalog import Suite, TextTask, suite
@@ -54,7 +54,7 @@ class TextTaskPool(TaskPool):
         return self._cache_root or cache_dir() / "text"
 
     def metrics(self, task: str) -> Sequence[MetricSpec]:
-        from mergebench_core.metrics import MATTHEWS, SPEARMAN
+        from mergebench_core.data.metrics import MATTHEWS, SPEARMAN
 
         spec = self.specs[task]
         if spec.regression:

@@ -1,6 +1,6 @@
 """Reading tensors out of Hugging Face model folders without building the model.
 
-Folders with safetensors are read lazily, one tensor at a time (`mergebench_core.tensors.SafetensorsSource`); older
+Folders with safetensors are read lazily, one tensor at a time (`mergebench_core.engine.tensors.SafetensorsSource`); older
 repositories (the textattack experts) only have `pytorch_model.bin`, which is read with torch's weights-only loader
 (tensors and plain containers, never arbitrary objects), the same policy as the rest of mergebench.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mergebench_core import CheckpointError
-from mergebench_core.tensors import SafetensorsSource, StateDictSource, TensorSource, read_pickle_checkpoint
+from mergebench_core.engine.tensors import SafetensorsSource, StateDictSource, TensorSource, read_pickle_checkpoint
 
 
 def folder_source(folder: str | Path, name: str) -> TensorSource:

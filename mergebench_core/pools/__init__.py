@@ -1,0 +1,1 @@
+"""Pools addressed by name: extended names and task subsets (`views`), pool parameters (`params`)."""

@@ -1,0 +1,246 @@
+"""Pareto analysis of preference-aware results: non-dominated filtering, hypervolume, preference grids, front tables.
+
+A *front* is every stored ok row of one method configuration — same (model pool, task pool, method, params, seed) —
+across the preference vectors it was run at. Each row is a point whose objectives are the group's tasks (in the order
+they first appear in the rows' metrics), scored by each task's primary metric; a metric where lower is better is
+negated so that every objective is maximised.
+
+Reference point for the hypervolume: the pretrained model's scores on the same (model pool, task pool) when a
+pretrained reference row exists — so the hypervolume measures what merging gains over doing nothing — else 0 in
+every objective. Points that do not beat the reference in every objective add nothing. With the zero reference, a
+negated lower-is-better metric is never above 0, so such fronts get a hypervolume of 0: store the pretrained row.
+Hypervolumes are in the metrics' own units (fractions, not percent), multiplied across tasks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from tabulate import tabulate
+
+from mergebench_core.results.store import CellResult
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("github", "latex", "html", "csv", "json")
+_TABULATE = {"github": "github", "latex": "latex_booktabs", "html": "html"}
+_REFERENCE_TEXT = {"pretrained": "pretrained model", "zero": "zero in every objective"}
+
+
+def non_dominated(points: Any, maximize: bool = True) -> np.ndarray:
+    """Mask of the points no other point dominates (at least as good everywhere, strictly better somewhere).
+
+    Exact duplicates dominate neither each other, so all copies are kept. One vectorised pass per point keeps memory
+    at O(n·m), so a few thousand points are fine.
+    """
+    pts = np.asarray(points, dtype=float)
+    if pts.ndim != 2:
+        raise ValueError(f"points must be a 2-D array (n points × m objectives), got shape {pts.shape}")
+    if not maximize:
+        pts = -pts
+    keep = np.ones(len(pts), dtype=bool)
+    for i, p in enumerate(pts):
+        keep[i] = not np.any(np.all(pts >= p, axis=1) & np.any(pts > p, axis=1))
+    return keep
+
+
+def hypervolume(points: Any, ref: Any, maximize: bool = True) -> float:
+    """Exact hypervolume of `points` against `ref`, computed by moocore (a maintained C implementation).
+
+    moocore minimises, so maximised objectives are negated. Points that do not strictly beat `ref` in every objective
+    bound no volume and are dropped first; an empty set has hypervolume 0.0.
+    """
+    import moocore  # here, not at module level: preference parsing imports this module and needs no C library
+
+    ref_arr = np.asarray(ref, dtype=float)
+    if ref_arr.ndim != 1 or ref_arr.size == 0:
+        raise ValueError(f"ref must be a non-empty 1-D vector, got shape {ref_arr.shape}")
+    pts = np.asarray(points, dtype=float)
+    if pts.size == 0:
+        return 0.0
+    if pts.ndim != 2 or pts.shape[1] != ref_arr.size:
+        raise ValueError(f"points must have shape (n, {ref_arr.size}) to match ref, got shape {pts.shape}")
+    if not (np.isfinite(pts).all() and np.isfinite(ref_arr).all()):
+        raise ValueError("points and ref must be finite (found NaN or infinity)")
+    if maximize:
+        pts, ref_arr = -pts, -ref_arr
+    pts = pts[np.all(pts < ref_arr, axis=1)]
+    if len(pts) == 0:
+        return 0.0
+    return float(moocore.hypervolume(pts, ref=ref_arr))
+
+
+def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Non-negative integer vectors of length `parts` summing to `total`, largest first entry first."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total, -1, -1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def simplex_grid(num_tasks: int, points_per_edge: int) -> list[tuple[float, ...]]:
+    """Every preference vector with entries i/(K-1) summing to 1, K = `points_per_edge`, from (1, 0, ..., 0) on.
+
+    Each entry is the correctly rounded i/(K-1), so 0.25 is exactly 0.25 and a vector's entries sum to exactly 1
+    whenever K-1 is a power of two (otherwise to within rounding). There are C(K-1+m-1, m-1) vectors.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+    if points_per_edge < 2:
+        raise ValueError(f"points_per_edge must be at least 2 (the two vertices of an edge), got {points_per_edge}")
+    steps = points_per_edge - 1
+    return [tuple(i / steps for i in c) for c in _compositions(steps, num_tasks)]
+
+
+@dataclass
+class FrontSummary:
+    """One method configuration's front over the preference vectors it was run at."""
+
+    modelpool: str
+    taskpool: str
+    method: str
+    params: dict[str, Any]
+    seed: int
+    tasks: list[str]
+    points: int
+    non_dominated: int
+    hypervolume: float
+    reference: str  # "pretrained" or "zero"
+    preferences: list[list[float] | None] = field(default_factory=list)
+    """The non-dominated points' preference vectors, in store order."""
+    front: list[list[float]] = field(default_factory=list)
+    """The non-dominated points' objective values (lower-is-better metrics negated), aligned with `preferences`."""
+    scores: list[list[float]] = field(default_factory=list)
+    """Every point's objective values, dominated ones included (for plots)."""
+    ref: list[float] = field(default_factory=list)
+    """The reference point's objective values."""
+
+
+def _objectives(row: CellResult, tasks: Sequence[str], primary: dict[str, dict[str, Any]]) -> list[float] | None:
+    """The row's maximised score per task, or None when a task or its metric is missing or not finite."""
+    values = []
+    for task in tasks:
+        spec = primary.get(task, {})
+        value = row.metrics.get(task, {}).get(spec.get("metric", "accuracy"))
+        if value is None or not math.isfinite(value):
+            return None
+        values.append(float(value) if spec.get("higher_is_better", True) else -float(value))
+    return values
+
+
+def front_summaries(results: Sequence[CellResult]) -> list[FrontSummary]:
+    """One FrontSummary per method configuration among the ok method rows, in store order."""
+    groups: dict[tuple[str, str, str, str, int], list[CellResult]] = {}
+    pretrained: dict[tuple[str, str], CellResult] = {}
+    for r in results:
+        if r.status != "ok":
+            continue
+        if r.kind == "reference":
+            if r.method == "pretrained":
+                pretrained.setdefault((r.modelpool, r.taskpool), r)
+            continue
+        key = (r.modelpool, r.taskpool, r.method, json.dumps(r.params, sort_keys=True, default=str), r.seed)
+        groups.setdefault(key, []).append(r)
+    summaries = []
+    for (modelpool, taskpool, method, _, seed), rows in groups.items():
+        tasks = list(dict.fromkeys(t for r in rows for t in r.metrics))
+        if not tasks:
+            log.warning("front %s %s on %s: no task metrics stored; skipped", method, rows[0].params, modelpool)
+            continue
+        primary: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            primary = {**r.primary_metrics, **primary}  # the first row that names a task's metric wins
+        scored = [(r, _objectives(r, tasks, primary)) for r in rows]
+        for r, obj in scored:
+            if obj is None:
+                log.warning("front %s %s on %s: dropping the point at preference %s (a task's metric is missing)",
+                            method, r.params, modelpool, r.preference)
+        scored = [(r, obj) for r, obj in scored if obj is not None]
+        pre = pretrained.get((modelpool, taskpool))
+        ref = _objectives(pre, tasks, primary) if pre is not None else None
+        reference = "pretrained" if ref is not None else "zero"
+        if pre is not None and ref is None:
+            log.warning("pretrained row of %s on %s lacks some of %s; using a zero reference", modelpool, taskpool,
+                        tasks)
+        pts = np.array([obj for _, obj in scored], dtype=float).reshape(len(scored), len(tasks))
+        mask = non_dominated(pts)
+        summaries.append(FrontSummary(
+            modelpool=modelpool, taskpool=taskpool, method=method, params=dict(rows[0].params), seed=seed,
+            tasks=tasks, points=len(scored), non_dominated=int(mask.sum()),
+            hypervolume=hypervolume(pts[mask], ref if ref is not None else [0.0] * len(tasks)), reference=reference,
+            preferences=[r.preference for (r, _), m in zip(scored, mask, strict=True) if m], front=pts[mask].tolist(),
+            scores=pts.tolist(), ref=list(ref) if ref is not None else [0.0] * len(tasks)))
+        log.debug("front %s: %d points, %d non-dominated", method, len(scored), int(mask.sum()))
+    return summaries
+
+
+def _labels(fronts: Sequence[FrontSummary]) -> list[str]:
+    """Method name, plus every parameter that differs from the installed method's default (for a method that is not
+    installed, the parameters that differ between its fronts), and the seed when it is not 0 or a configuration was
+    run at several seeds: the leaderboard's labels (`leaderboard.Row.label`)."""
+    from mergebench_core.results.leaderboard import installed_defaults, short_value
+
+    def canon(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    labels = []
+    for f in fronts:
+        same = [g for g in fronts if g.method == f.method]
+        known = installed_defaults(f.method)
+        if known is not None:
+            shown = [k for k, v in f.params.items() if k not in known or canon(v) != canon(known[k])]
+        else:
+            keys = dict.fromkeys(k for g in same for k in g.params)
+            shown = [k for k in keys if k in f.params and len({canon(g.params.get(k)) for g in same}) > 1]
+        seeds = {g.seed for g in same if canon(g.params) == canon(f.params)}
+        parts = [f"{k}={short_value(f.params[k])}" for k in shown]
+        if f.seed != 0 or len(seeds) > 1:
+            parts.append(f"seed={f.seed}")
+        labels.append(f"{f.method} ({', '.join(parts)})" if parts else f.method)
+    return labels
+
+
+def render_pareto(results: Sequence[CellResult], fmt: str = "github") -> str:
+    """Front tables, one per (model pool, task pool), best hypervolume first."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    summaries = front_summaries(results)
+    if fmt == "json":
+        return json.dumps([asdict(s) for s in summaries], indent=2, default=str)
+    tables: dict[tuple[str, str], list[FrontSummary]] = {}
+    for s in summaries:
+        tables.setdefault((s.modelpool, s.taskpool), []).append(s)
+    headers = ["Method", "Points", "Non-dominated", "Hypervolume"]
+    out = []
+    for (modelpool, taskpool), fronts in tables.items():
+        fronts = sorted(fronts, key=lambda f: -f.hypervolume)
+        body = [[label, str(f.points), str(f.non_dominated), f"{f.hypervolume:.4g}"]
+                for label, f in zip(_labels(fronts), fronts, strict=True)]
+        if fmt == "csv":
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            writer.writerow(["modelpool", "taskpool", *headers])
+            writer.writerows([modelpool, taskpool, *row] for row in body)
+            out.append(buf.getvalue().rstrip("\n"))
+            continue
+        reference = " or ".join(_REFERENCE_TEXT[r] for r in sorted({f.reference for f in fronts}))
+        title = f"{modelpool} on {taskpool}: Pareto fronts (reference: {reference})"
+        note = "Hypervolume in the metrics' units (fractions, not %), multiplied across tasks."
+        table = tabulate(body, headers=headers, tablefmt=_TABULATE[fmt], disable_numparse=True)
+        if fmt == "github":
+            out.append("\n".join([f"### {title}", "", table, "", note]))
+        elif fmt == "latex":
+            out.append("\n".join([f"% {title}", table, f"% {note}"]))
+        else:
+            out.append("\n".join([f"<h3>{title}</h3>", table, f"<p>{note}</p>"]))
+    return "\n\n".join(out)

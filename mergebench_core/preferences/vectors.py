@@ -1,0 +1,112 @@
+"""Preference vectors: a cell axis for preference-aware methods, like seeds.
+
+A preference r says how much the user cares about each task of a cell (`--preference 0.7,0.3`, `--preferences
+simplex:5`, or `preferences:` in the YAML config). It is checked against the cell's tasks before any work, stored as
+given and as normalised to sum 1, and is part of the cell's key, so two preferences are two results. Methods that do
+not declare `MethodInfo.preference_aware` run once per pool whatever the grid names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mergebench_core.errors import ConfigError
+from mergebench_core.preferences.pareto import simplex_grid
+
+
+@dataclass(frozen=True)
+class Preference:
+    given: tuple[float, ...]
+    """As the user wrote it (stored with the result's config)."""
+    normalized: tuple[float, ...]
+    """Scaled to sum 1: what methods receive and what keys the cell."""
+
+    def label(self) -> str:
+        return "(" + ", ".join(f"{v:.3g}" for v in self.normalized) + ")"
+
+
+@dataclass(frozen=True)
+class PreferenceRequest:
+    """Preferences as the command line or config names them, before the cell's tasks are known."""
+
+    vectors: tuple[tuple[float, ...], ...] = ()
+    simplex: tuple[int, ...] = ()
+    """Points per edge of each requested simplex grid."""
+
+    def __bool__(self) -> bool:
+        return bool(self.vectors or self.simplex)
+
+    def __add__(self, other: PreferenceRequest) -> PreferenceRequest:
+        return PreferenceRequest(self.vectors + other.vectors, self.simplex + other.simplex)
+
+    def expand(self, tasks: Sequence[str]) -> list[Preference]:
+        """Every preference of the request over `tasks`, validated, in order, without duplicates."""
+        out: dict[tuple[float, ...], Preference] = {}
+        for vector in self.vectors:
+            pref = validate(vector, tasks)
+            out.setdefault(pref.normalized, pref)
+        for points in self.simplex:
+            for vector in simplex_grid(len(tasks), points):
+                out.setdefault(tuple(vector), Preference(tuple(vector), tuple(vector)))
+        return list(out.values())
+
+
+def parse_vector(text: str, source: str = "--preference") -> tuple[float, ...]:
+    """'0.7,0.3' -> (0.7, 0.3); anything that is not a list of numbers is a ConfigError naming the fix."""
+    parts = [p.strip() for p in text.split(",")]
+    values = []
+    for part in parts:
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ConfigError(f"{source} {text!r}: {part!r} is not a number; write one weight per task, separated "
+                              f"by commas, e.g. {source} 0.7,0.3") from None
+    return tuple(values)
+
+
+def parse_simplex(text: str) -> int:
+    """'simplex:5' -> 5 points per edge (vertices included)."""
+    kind, _, count = text.partition(":")
+    if kind.strip() != "simplex" or not count.strip().isdigit() or int(count) < 2:
+        raise ConfigError(f"--preferences {text!r}: write simplex:K with K ≥ 2 points per edge of the simplex over "
+                          f"the tasks, vertices included (simplex:5 gives 5 points for two tasks, 15 for three)")
+    return int(count)
+
+
+def from_config(items: object) -> PreferenceRequest:
+    """The YAML config's `preferences:` list: vectors ([0.7, 0.3]) and grids ("simplex:5")."""
+    if not isinstance(items, list):
+        raise ConfigError("config `preferences:` must be a list of vectors ([0.7, 0.3]) or grids (\"simplex:5\")")
+    vectors, grids = [], []
+    for item in items:
+        if isinstance(item, str) and item.strip().startswith("simplex"):
+            grids.append(parse_simplex(item))
+        elif isinstance(item, str):
+            vectors.append(parse_vector(item, "config preference"))
+        elif isinstance(item, list):
+            vectors.append(parse_vector(",".join(str(v) for v in item), "config preference"))
+        else:
+            raise ConfigError(f"config preference {item!r} is neither a vector ([0.7, 0.3]) nor a grid (simplex:5)")
+    return PreferenceRequest(tuple(vectors), tuple(grids))
+
+
+def validate(vector: Iterable[float], tasks: Sequence[str]) -> Preference:
+    """Check one preference against the cell's tasks; the message says the tasks in order and how to fix it."""
+    values = tuple(float(v) for v in vector)
+    shown = ",".join(f"{v:g}" for v in values)
+    order = ", ".join(tasks)
+    if len(values) != len(tasks):
+        raise ConfigError(f"preference {shown} has {len(values)} weight(s), but the pool has {len(tasks)} task(s), "
+                          f"in this order: {order}. Give one weight per task, or restrict the tasks with --tasks")
+    if any(not math.isfinite(v) for v in values):
+        raise ConfigError(f"preference {shown} has a weight that is not a finite number; tasks in order: {order}")
+    if any(v < 0 for v in values):
+        raise ConfigError(f"preference {shown} has a negative weight; weights are non-negative (they are "
+                          f"normalised to sum 1); tasks in order: {order}")
+    total = sum(values)
+    if total <= 0:
+        raise ConfigError(f"preference {shown} is all zeros; at least one task needs a positive weight "
+                          f"(tasks in order: {order})")
+    return Preference(values, tuple(v / total for v in values))

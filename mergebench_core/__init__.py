@@ -5,7 +5,14 @@ The core is a few rooms, each one idea (`contract`, `data`, `engine`, `pools`, `
 are still importable under their old names (`moved_modules`).
 """
 
+import os as _os
 from importlib import metadata as _metadata
+
+# Before torch is first imported (its OpenMP runtime reads this once, at load): threads that wait for work sleep
+# instead of spinning. On a shared or oversubscribed machine (other jobs, several cells at once) spinning threads
+# took the cores from the thread with work: 200 training steps of the digits MLP took 16-63 s instead of 0.7-1.8 s
+# (bench/training_under_load.py). A user's own setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mergebench_core import moved_modules as _moved_modules
 from mergebench_core.contract.api import (

@@ -47,7 +47,6 @@ def test_an_unexpected_error_is_one_line_unless_debug(cli_env, capsys, monkeypat
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(registry_module, "get_registry", broken)
-    monkeypatch.setattr("mergebench_core.cli.get_registry", broken)
     assert main(["list"]) == 1
     err = capsys.readouterr().err
     assert "error: RuntimeError: disk on fire" in err and "--debug" in err and "Traceback" not in err

@@ -305,7 +305,7 @@ class Registration:
 
     name: str
     obj: Any
-    kind: Literal["method", "modelpool", "taskpool", "logger"]
+    kind: Literal["method", "modelpool", "taskpool", "logger", "command"]
     description: str = ""
     plugin: str = ""
     distribution: str = ""

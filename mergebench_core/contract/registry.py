@@ -21,6 +21,7 @@ import pluggy
 
 from mergebench_core.contract import hookspecs
 from mergebench_core.contract.api import Method, Registration
+from mergebench_core.contract.commands import make_command
 from mergebench_core.errors import PluginError, UnknownNameError, normalize_name
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Registry:
     modelpools: dict[str, Registration] = field(default_factory=dict)
     taskpools: dict[str, Registration] = field(default_factory=dict)
     loggers: dict[str, Registration] = field(default_factory=dict)
+    commands: dict[str, Registration] = field(default_factory=dict)
+    """Subcommands of `mergebench` (hook `register_commands`); `obj` is a `contract.commands.Command`."""
     broken: list[BrokenPlugin] = field(default_factory=list)
     plugins: list[tuple[str, str, str]] = field(default_factory=list)
     """(entry point name, distribution, version) of every plugin that loaded."""
@@ -63,6 +66,9 @@ class Registry:
 
     def logger(self, name: str) -> Registration:
         return self._lookup("logger", self.loggers, name)
+
+    def command(self, name: str) -> Registration:
+        return self._lookup("command", self.commands, name)
 
     def method_registration(self, name: str) -> Registration:
         return self._lookup("method", self.methods, normalize_name(name))
@@ -98,7 +104,7 @@ class Registry:
         if reg.kind == "method" and self.method_filter is not None and reg.name not in self.method_filter:
             return
         table = {"method": self.methods, "modelpool": self.modelpools, "taskpool": self.taskpools,
-                 "logger": self.loggers}[reg.kind]
+                 "logger": self.loggers, "command": self.commands}[reg.kind]
         key = (reg.kind, reg.name)
         if key in self.conflicts:
             self.conflicts[key].append(reg.distribution or reg.plugin)
@@ -217,6 +223,12 @@ def _collect(registry: Registry, module: Any, plugin: str, dist: str, version: s
         pending.append(Registration(name, factory, "logger", description, plugin, dist, version))
 
     pm.hook.register_loggers(register=register_logger)
+
+    def register_command(name: str, run: Any, arguments: Any = None, help: str = "") -> None:  # noqa: A002
+        command = make_command(plugin, name, run, arguments, help)
+        pending.append(Registration(name, command, "command", command.help, plugin, dist, version))
+
+    pm.hook.register_commands(register=register_command)
     for reg in pending:  # all or nothing per plugin
         registry.add(reg)
 

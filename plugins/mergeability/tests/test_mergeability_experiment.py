@@ -1,5 +1,6 @@
 """The mergeability experiment: its statistics against known answers, its plan, its features, and the command end to
-end on a few experts of the embedded pool (resuming from the store), with its bad inputs."""
+end on a few experts of the embedded pool (resuming from the store), with its bad inputs. The command comes from this
+plugin's `register_commands` hook and runs through the core's `main`."""
 
 from __future__ import annotations
 
@@ -14,21 +15,17 @@ import torch.nn.functional as F
 from mergebench_core import PRETRAINED
 from mergebench_core.cli import main
 from mergebench_core.errors import ConfigError
-from mergebench_core.mergeability import (
+from mergebench_core.results.store import ResultStore
+from mergebench_mergeability.experiment import RECIPES, draw_partners, parse_recipes
+from mergebench_mergeability.features import (
     FEATURES,
-    RECIPES,
     average_state,
-    draw_partners,
     gradient_distance,
-    paired_interval,
-    parse_recipes,
-    standardized_regression,
-    student_t_quantile,
     task_gradients,
     task_vector_gram,
     weight_features,
 )
-from mergebench_core.results.store import ResultStore
+from mergebench_mergeability.statistics import paired_interval, standardized_regression, student_t_quantile
 
 
 # -- statistics ----------------------------------------------------------------------------------------------------

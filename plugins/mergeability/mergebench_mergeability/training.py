@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergebench_core import MethodInfo, hookimpl
+from mergebench_core import MethodInfo
 from mergebench_core.training.methods import TrainingMethod
 from mergebench_core.training.loop import Batch, TrainConfig, TrainState
 
@@ -205,8 +205,3 @@ class Mergeability(TrainingMethod):
                 reg_total += weight * float(r3.detach())
             metrics[f"reg/total/{label}"] = reg_total
         return total, metrics
-
-
-@hookimpl
-def register_methods(register):
-    register(Mergeability)

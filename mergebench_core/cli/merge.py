@@ -1,0 +1,103 @@
+"""`mergebench merge`: checkpoint files in, one merged safetensors file (or one per task) out, streamed tensor by
+tensor so that memory stays bounded whatever the models' size."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import mergebench_core.contract.registry as registry_module
+from mergebench_core.cli.arguments import split_names
+from mergebench_core.cli.progress import progress_bar
+from mergebench_core.contract.config import build_params, check_overrides_used, parse_overrides
+from mergebench_core.errors import MergebenchError
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mergebench_core.engine.merging import checkpoint_task_names, file_merge_refusal, merge_sources
+    from mergebench_core.engine.tensors import SafetensorsSource, StreamingSafetensorsWriter, copy_side_files
+
+    registry = registry_module.get_registry()
+    method_cls = registry.method(args.method)
+    refusal = file_merge_refusal(method_cls)
+    if refusal:
+        raise MergebenchError(refusal)
+    overrides = parse_overrides(args.overrides)
+    check_overrides_used(overrides, {method_cls.name: method_cls.Params})
+    configs = build_params(method_cls.name, method_cls.Params, None, overrides)
+    if len(configs) != 1:
+        raise MergebenchError("`mergebench merge` takes one value per parameter; sweeps belong to `mergebench run`")
+    method = method_cls(configs[0])
+    names = checkpoint_task_names(args.models, split_names(args.task_names))
+    chosen = method.select_experts(names)  # e.g. slerp.models=[a,b] picks two of the files by name
+    per_task = method_cls.info.task_specific
+    out = Path(args.out)
+    if per_task and out.suffix == ".safetensors":
+        raise MergebenchError(f"{method_cls.name} builds one model per task: give --out a folder, which will hold "
+                              f"{', '.join(f'{n}.safetensors' for n in chosen)}")
+    base = SafetensorsSource(args.base) if args.base else None
+    experts = [SafetensorsSource(args.models[names.index(n)]) for n in chosen]
+    out_files = [out / f"{n}.safetensors" for n in chosen] if per_task else \
+        [out if out.suffix == ".safetensors" else out / "model.safetensors"]
+    ref = base or experts[0]
+    layout = [(k, ref.shape(k), ref.dtype(k)) for k in ref.keys()]
+    metadata = {"format": "pt", "mergebench_method": method_cls.name,
+                "mergebench_params": json.dumps(configs[0].__dict__, default=str)}
+    writers = [StreamingSafetensorsWriter(f, layout, dict(metadata, **({"mergebench_task": n} if per_task else {})))
+               for f, n in zip(out_files, chosen)]
+    try:
+        merge_sources(method, base, experts, sink=writers if per_task else writers[0], seed=args.seed,
+                      progress=progress_bar, device=_merge_device(args.device), prefetch=args.prefetch,
+                      block_entries=max(1, int(args.block_mb * (1 << 20)) // 4), bn_stats=args.bn_stats)
+        for w in writers:
+            w.commit()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    if out.suffix != ".safetensors" and base is not None and base.path.is_dir():
+        for line in copy_side_files(base.path, out):  # configs and tokenizers travel with the weights
+            print(f"not copied: {line}", file=sys.stderr)
+    what = ", ".join(str(f) for f in out_files) if per_task else str(out_files[0])
+    print(f"wrote {what} ({method_cls.name}, {len(experts)} models)")
+    return 0
+
+
+def _merge_device(name: str) -> str:
+    """`merge --device`: cpu, cuda, cuda:N; a GPU that is not there is a clear error, not a traceback."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MergebenchError(f"--device {name}: no CUDA device is available (torch {torch.__version__})")
+    return name
+
+
+def add_parser(sub: Any) -> None:
+    """The `merge` command and its options."""
+    merge = sub.add_parser("merge", help="merge checkpoint files with a data-free method")
+    merge.add_argument("--method", "-m", required=True)
+    merge.add_argument("--base", help="the pretrained checkpoint (.safetensors file, index or model folder)")
+    merge.add_argument("--models", nargs="+", required=True, help="the expert checkpoints")
+    merge.add_argument("--out", required=True, help="output .safetensors file, or a folder (methods with one model "
+                       "per task, emr and tall_masks, write <task>.safetensors into it)")
+    merge.add_argument("--task-names", action="append", metavar="A,B,...",
+                       help="a name per model, in order (default: each model's file or folder name); they name "
+                            "per-task outputs and are what slerp.models=[a,b] refers to")
+    merge.add_argument("--seed", type=int, default=0)
+    merge.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto: where blocks are "
+                       "merged; the inputs are read on the host either way")
+    merge.add_argument("--block-mb", type=float, default=16.0, metavar="MIB",
+                       help="MiB of float32 per model in one block (default 16): element-wise methods stream tensors "
+                            "larger than this in blocks, so peak memory is about this times the number of models")
+    merge.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                       help="read the next block while this one is merged (default: on with a GPU, off on a CPU)")
+    merge.add_argument("--bn-stats", choices=["base", "mean"], default="mean",
+                       help="batch-norm running statistics (found by name): the base's, or the experts' mean "
+                            "(default)")
+    merge.add_argument("overrides", nargs="*", help="parameter overrides: method.x=1")
+    merge.set_defaults(func=cmd_merge)

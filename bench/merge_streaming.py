@@ -111,7 +111,7 @@ def check_exact(base: Path, experts: list[Path]) -> int:
     import torch
     from mergebench_ties import Ties
 
-    import mergebench_core.engine.sparsify as sparsify
+    import mergebench_core.engine.threshold_search as threshold_search
     from mergebench_core.engine.merging import merge_sources
     from mergebench_core.engine.tensors import SafetensorsSource
 
@@ -121,14 +121,14 @@ def check_exact(base: Path, experts: list[Path]) -> int:
         return out
 
     sampled = run()
-    bracket, uniform = sparsify._bracket, sparsify._bracket_uniform
+    bracket, uniform = threshold_search._bracket, threshold_search._bracket_uniform
     # a bracket that always misses: the radix-select fallback runs
-    sparsify._bracket = lambda *a, **k: (0.0, 0.0)
-    sparsify._bracket_uniform = lambda sample, counts, z: (torch.zeros(len(counts)), torch.zeros(len(counts)))
+    threshold_search._bracket = lambda *a, **k: (0.0, 0.0)
+    threshold_search._bracket_uniform = lambda sample, counts, z: (torch.zeros(len(counts)), torch.zeros(len(counts)))
     try:
         exact = run()
     finally:
-        sparsify._bracket, sparsify._bracket_uniform = bracket, uniform
+        threshold_search._bracket, threshold_search._bracket_uniform = bracket, uniform
     differing = [k for k in sampled if not torch.equal(sampled[k], exact[k])]
     print(f"ties sampled bracket vs exact fallback: {len(sampled) - len(differing)} of {len(sampled)} tensors "
           f"identical" + (f"; differing: {', '.join(differing[:5])}" if differing else ""))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from mergebench_core.preferences.pareto import front_summaries, hypervolume, non_dominated, render_pareto, simplex_grid
+from mergebench_core.preferences.pareto import front_summaries, hypervolume, non_dominated, render_pareto
 from mergebench_core.results.store import CellResult
 
 # ---------------------------------------------------------------------------------------------------- non_dominated
@@ -89,48 +87,6 @@ def test_hypervolume_validates_shapes():
         hypervolume([(1, 2)], ref=[[0, 0]])
     with pytest.raises(ValueError, match="finite"):
         hypervolume([(1, float("nan"))], ref=(0, 0))
-
-
-# ----------------------------------------------------------------------------------------------------- simplex_grid
-
-
-def test_simplex_grid_two_tasks_order_and_values():
-    assert simplex_grid(2, 5) == [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)]
-
-
-def test_simplex_grid_three_tasks_order():
-    assert simplex_grid(3, 3) == [(1.0, 0.0, 0.0), (0.5, 0.5, 0.0), (0.5, 0.0, 0.5), (0.0, 1.0, 0.0),
-                                  (0.0, 0.5, 0.5), (0.0, 0.0, 1.0)]
-
-
-@pytest.mark.parametrize(("m", "k", "count"), [(2, 5, 5), (3, 5, 15), (3, 2, 3), (4, 4, 20), (1, 3, 1)])
-def test_simplex_grid_counts_and_vertices(m, k, count):
-    grid = simplex_grid(m, k)
-    assert len(grid) == count == math.comb(k - 1 + m - 1, m - 1)
-    assert len(set(grid)) == count
-    for i in range(m):
-        assert tuple(1.0 if j == i else 0.0 for j in range(m)) in grid
-    assert grid[0] == tuple(1.0 if j == 0 else 0.0 for j in range(m))
-
-
-@pytest.mark.parametrize(("m", "k"), [(2, 5), (3, 5), (4, 9), (3, 17)])
-def test_simplex_grid_sums_to_one_exactly(m, k):
-    for vec in simplex_grid(m, k):
-        assert all(v >= 0 for v in vec)
-        assert sum(Fraction(v) for v in vec) == 1  # exact: K-1 is a power of two here
-
-
-def test_simplex_grid_entries_are_exact_fractions():
-    values = {v for vec in simplex_grid(3, 11) for v in vec}
-    assert values == {i / 10 for i in range(11)}
-    assert all(sum(vec) == pytest.approx(1.0, abs=1e-12) for vec in simplex_grid(3, 11))
-
-
-def test_simplex_grid_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="points_per_edge"):
-        simplex_grid(3, 1)
-    with pytest.raises(ValueError, match="num_tasks"):
-        simplex_grid(0, 5)
 
 
 # ------------------------------------------------------------------------------------------- front_summaries/render

@@ -21,10 +21,9 @@ from mergebench_core.engine.pipeline import (
     Pipeline,
     TaskVectorPipelineMethod,
     elect_sign,
-    reference_merge,
-    reference_outputs,
 )
 from mergebench_core.engine.tensors import StateDictSource, SupportsReadInto, SupportsReadSlices
+from mergebench_core.testing import reference_merge, reference_outputs
 
 
 def models(seed, quantised, experts=3, dtype=torch.float32):
@@ -251,10 +250,10 @@ def test_streams_read_blocks_and_count_them_as_checked_once():
 def test_tiny_kernel_chunks_give_the_same_bits(monkeypatch, name):
     """Chunks far smaller than the tensors: kept entries equal to a threshold end inside some chunk, before others,
     after the rest (the positions `Thresholds.locate` finds), and the counting pass runs over many chunks."""
-    from mergebench_core.engine import sparsify
+    from mergebench_core.engine import threshold_search
 
     monkeypatch.setattr(TaskVectorPipelineMethod, "chunk_entries", 3 * 97)
-    monkeypatch.setattr(sparsify, "_CHUNK", 3 * 89)
+    monkeypatch.setattr(threshold_search, "_CHUNK", 3 * 89)
     pipe = PIPELINES[name]
     base, experts = models(9, True)
     want = reference_outputs(pipe, base, experts, seed=1)

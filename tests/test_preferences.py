@@ -1,12 +1,21 @@
 """Preferences as a cell axis: parsing, validation before any work, the cell key, and fronts on the embedded pool."""
 
 import json
+import math
+from fractions import Fraction
 
 import pytest
 
 from mergebench_core.cli import main
 from mergebench_core.errors import ConfigError
-from mergebench_core.preferences.vectors import PreferenceRequest, from_config, parse_simplex, parse_vector, validate
+from mergebench_core.preferences.vectors import (
+    PreferenceRequest,
+    from_config,
+    parse_simplex,
+    parse_vector,
+    simplex_grid,
+    validate,
+)
 from mergebench_core.results.store import ResultStore, cell_key
 
 POOL = "digits-mlp_TA8"
@@ -105,3 +114,54 @@ def test_a_two_task_front_on_the_embedded_pool(cli_env, capsys):
     fronts = {f["method"]: f for f in json.loads(capsys.readouterr().out)}
     assert fronts["pa_task_arithmetic"]["points"] == 5
     assert fronts["pa_task_arithmetic"]["hypervolume"] > fronts["task_arithmetic"]["hypervolume"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------- simplex_grid
+
+
+def test_simplex_grid_two_tasks_order_and_values():
+    assert simplex_grid(2, 5) == [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)]
+
+
+def test_simplex_grid_three_tasks_order():
+    assert simplex_grid(3, 3) == [(1.0, 0.0, 0.0), (0.5, 0.5, 0.0), (0.5, 0.0, 0.5), (0.0, 1.0, 0.0),
+                                  (0.0, 0.5, 0.5), (0.0, 0.0, 1.0)]
+
+
+@pytest.mark.parametrize(("m", "k", "count"), [(2, 5, 5), (3, 5, 15), (3, 2, 3), (4, 4, 20), (1, 3, 1)])
+def test_simplex_grid_counts_and_vertices(m, k, count):
+    grid = simplex_grid(m, k)
+    assert len(grid) == count == math.comb(k - 1 + m - 1, m - 1)
+    assert len(set(grid)) == count
+    for i in range(m):
+        assert tuple(1.0 if j == i else 0.0 for j in range(m)) in grid
+    assert grid[0] == tuple(1.0 if j == 0 else 0.0 for j in range(m))
+
+
+@pytest.mark.parametrize(("m", "k"), [(2, 5), (3, 5), (4, 9), (3, 17)])
+def test_simplex_grid_sums_to_one_exactly(m, k):
+    for vec in simplex_grid(m, k):
+        assert all(v >= 0 for v in vec)
+        assert sum(Fraction(v) for v in vec) == 1  # exact: K-1 is a power of two here
+
+
+def test_simplex_grid_entries_are_exact_fractions():
+    values = {v for vec in simplex_grid(3, 11) for v in vec}
+    assert values == {i / 10 for i in range(11)}
+    assert all(sum(vec) == pytest.approx(1.0, abs=1e-12) for vec in simplex_grid(3, 11))
+
+
+def test_simplex_grid_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="points_per_edge"):
+        simplex_grid(3, 1)
+    with pytest.raises(ValueError, match="num_tasks"):
+        simplex_grid(0, 5)
+
+
+def test_simplex_grid_is_still_found_where_it_was():
+    """The grid moved from `pareto` to `vectors`; code that imported it from `pareto` or from the old flat
+    `mergebench_core.preferences` module gets the same function."""
+    import mergebench_core.preferences as package
+    from mergebench_core.preferences import pareto
+
+    assert pareto.simplex_grid is simplex_grid and package.simplex_grid is simplex_grid

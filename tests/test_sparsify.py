@@ -85,13 +85,13 @@ def test_thresholds_equal_whole_model_topk_for_any_blocks_with_many_ties():
 
 
 def test_a_missed_bracket_falls_back_to_the_exact_radix_select(monkeypatch):
-    from mergebench_core.engine import sparsify
+    from mergebench_core.engine import threshold_search
 
     blocks = _rows(1, [400, 250])
     whole = torch.cat(blocks, 1)
     counts = [100, 5, 640]
-    monkeypatch.setattr(sparsify, "_bracket", lambda *a, **k: (0.0, 0.01))  # far too low: too many above it
-    monkeypatch.setattr(sparsify, "_bracket_uniform",
+    monkeypatch.setattr(threshold_search, "_bracket", lambda *a, **k: (0.0, 0.01))  # far too low: too many above
+    monkeypatch.setattr(threshold_search, "_bracket_uniform",
                         lambda sample, counts, z: (torch.zeros(len(counts)), torch.full((len(counts),), 0.01)))
     selection, held = find_thresholds(counts, _sample(blocks), lambda: blocks)
     assert not held
@@ -110,18 +110,17 @@ def test_a_whole_tensor_sample_gives_the_exact_bracket():
                                 torch.stack([topk_mask(whole[r], counts[r]) for r in range(3)]))
 
 
-def test_heavy_levels_inside_the_bracket_are_counted_not_stored():
-    from mergebench_core.engine.sparsify import Bracket
+def test_many_equal_magnitudes_inside_a_given_bracket_are_kept_in_stream_order():
+    from mergebench_core.engine.threshold_search import Bracket
 
-    blocks = _rows(6, [500, 321])  # magnitudes on a grid of 1/8: every value is a heavy level
+    blocks = _rows(6, [500, 321])  # magnitudes on a grid of 1/8: long runs of equal values inside each bracket
     whole = torch.cat(blocks, 1)
     counts = [300, 10, 500]
-    for levels in (torch.tensor([[0.5, 0.375], [0.75, float("nan")], [0.25, 0.625]]), torch.zeros(3, 0)):
-        bracket = Bracket(torch.tensor([0.25, 0.5, 0.125]), torch.tensor([0.75, 1.0, 0.75]), levels)
-        selection, held = find_thresholds(counts, bracket, lambda: blocks)
-        assert held
-        got = torch.cat([selection.mask(whole[:, j:j + 50], start=j) for j in range(0, whole.shape[1], 50)], 1)
-        assert torch.equal(got > 0, torch.stack([topk_mask(whole[r], counts[r]) for r in range(3)]))
+    bracket = Bracket(torch.tensor([0.25, 0.5, 0.125]), torch.tensor([0.75, 1.0, 0.75]))
+    selection, held = find_thresholds(counts, bracket, lambda: blocks)
+    assert held
+    got = torch.cat([selection.mask(whole[:, j:j + 50], start=j) for j in range(0, whole.shape[1], 50)], 1)
+    assert torch.equal(got > 0, torch.stack([topk_mask(whole[r], counts[r]) for r in range(3)]))
 
 
 def test_streaming_topk_thresholds_equal_its_mask():
@@ -137,9 +136,9 @@ def test_streaming_topk_thresholds_equal_its_mask():
 
 
 def test_thresholds_over_blocks_wider_than_a_chunk(monkeypatch):
-    from mergebench_core.engine import sparsify
+    from mergebench_core.engine import threshold_search
 
-    monkeypatch.setattr(sparsify, "_CHUNK", 3 * 1000)  # chunks of 1,000 columns (500 for the band's 6 rows)
+    monkeypatch.setattr(threshold_search, "_CHUNK", 3 * 1000)  # chunks of 1,000 columns (500 for the band's 6 rows)
     blocks = _rows(4, [70_001, 1_234])  # many chunks per block, and partial ones
     whole = torch.cat(blocks, 1)
     counts = [20_000, 5, 71_000]
@@ -154,7 +153,7 @@ def test_thresholds_over_blocks_wider_than_a_chunk(monkeypatch):
 
 
 def test_sparse_nonzero_finds_every_entry():
-    from mergebench_core.engine.sparsify import _nonzero_sparse
+    from mergebench_core.engine.threshold_search import _nonzero_sparse
 
     g = torch.Generator().manual_seed(0)
     for n in (0, 5, 16, 1000, 4099):
@@ -171,16 +170,16 @@ def test_rows_with_and_without_an_interior_in_one_chunk():
     exact = [torch.topk(whole[r], max(c, 1)).values.min().item() for r, c in enumerate(counts)]
     lo = torch.tensor([exact[0], 0.125, 10.0])
     hi = torch.tensor([exact[0], 0.875, 10.0])
-    from mergebench_core.engine.sparsify import Bracket
+    from mergebench_core.engine.threshold_search import Bracket
 
-    selection, held = find_thresholds(counts, Bracket(lo, hi, torch.zeros(3, 0)), lambda: blocks)
+    selection, held = find_thresholds(counts, Bracket(lo, hi), lambda: blocks)
     assert held
     assert torch.equal(selection.mask(whole, start=0) > 0,
                        torch.stack([topk_mask(whole[r], counts[r]) for r in range(3)]))
 
 
 def test_the_vectorised_bracket_equals_the_row_by_row_one():
-    from mergebench_core.engine.sparsify import _bracket, _bracket_uniform
+    from mergebench_core.engine.threshold_search import _bracket, _bracket_uniform
 
     for width, chunks in ((3000, 50), (700, 1)):
         for seed in range(5):
@@ -198,11 +197,11 @@ def test_the_vectorised_bracket_equals_the_row_by_row_one():
 @pytest.mark.parametrize("quantised", [False, True])
 def test_many_kept_magnitudes_turn_into_a_histogram(monkeypatch, quantised):
     """A bracket wide enough that its magnitudes pass the flush size: counted as bit patterns, still exact."""
-    from mergebench_core.engine import sparsify
+    from mergebench_core.engine import threshold_search
 
-    monkeypatch.setattr(sparsify, "_FLUSH", 50)
-    monkeypatch.setattr(sparsify, "_MAX_BINS", 1 << 24)
-    monkeypatch.setattr(sparsify, "_CHUNK", 3 * 64)
+    monkeypatch.setattr(threshold_search, "_FLUSH", 50)
+    monkeypatch.setattr(threshold_search, "_MAX_BINS", 1 << 24)
+    monkeypatch.setattr(threshold_search, "_CHUNK", 3 * 64)
     g = torch.Generator().manual_seed(7)
     blocks = [(torch.randint(1, 200, (3, w), generator=g) * 2.0**-8).float() if quantised
               else torch.rand(3, w, generator=g) for w in (900, 1100, 40)]
@@ -213,7 +212,7 @@ def test_many_kept_magnitudes_turn_into_a_histogram(monkeypatch, quantised):
     flushed = []
     bincount = torch.bincount
     monkeypatch.setattr(torch, "bincount", lambda *a, **k: flushed.append(1) or bincount(*a, **k))
-    selection, held = find_thresholds(counts, sparsify.Bracket(lo, hi, torch.zeros(3, 0)), lambda: blocks)
+    selection, held = find_thresholds(counts, threshold_search.Bracket(lo, hi), lambda: blocks)
     monkeypatch.setattr(torch, "bincount", bincount)
     assert held and len(flushed) >= 3
     if quantised:  # some row's threshold is shared by several entries and its end is counted as they pass

@@ -228,7 +228,8 @@ class RunContext:
     cache_dir: Path = field(default_factory=lambda: Path(".mergebench-cache"))
     bn_stats: str = "mean"
     """How a merge settles batch-norm running statistics: "base", "mean" or "recompute" (`--bn-stats`; see
-    `mergebench_core.engine.running_stats`). The engine applies it; methods never merge running statistics themselves."""
+    `mergebench_core.engine.running_stats`). The engine applies it; methods never merge running statistics
+    themselves."""
     progress: Callable[..., Iterator[Any]] | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("mergebench"))
 
@@ -258,8 +259,8 @@ class Method(ABC):
     """A way to turn a model pool into a model.
 
     Subclasses set `name`, a `Params` dataclass whose fields all have defaults, and `info`, then implement `run`.
-    Data-free methods that work tensor by tensor should subclass `mergebench_core.engine.merging.TensorMergeMethod`
-    instead: they then also run on checkpoint files (`mergebench merge`) and stream over tensors.
+    Data-free methods that work tensor by tensor should subclass `mergebench_core.TensorMergeMethod` instead: they
+    then also run on checkpoint files (`mergebench merge`) and stream over tensors.
     """
 
     name: ClassVar[str]

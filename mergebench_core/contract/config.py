@@ -8,6 +8,7 @@ error if none has); `ties.x=v` sets it on one method. A comma outside brackets m
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -102,7 +103,7 @@ def build_params(method_name: str, params_cls: type, yaml_cfg: Mapping[str, Any]
             if k in names:
                 base[k] = v
             elif section == method_name:
-                raise _unknown(method_name, k, types)
+                raise unknown_parameter_error(method_name, k, types)
 
     swept: list[tuple[str, tuple[str, ...]]] = []
     for ov in overrides:
@@ -110,7 +111,7 @@ def build_params(method_name: str, params_cls: type, yaml_cfg: Mapping[str, Any]
             continue
         if ov.key not in names:
             if ov.target == method_name:
-                raise _unknown(method_name, ov.key, types)
+                raise unknown_parameter_error(method_name, ov.key, types)
             continue
         swept.append((ov.key, ov.values))
 
@@ -118,7 +119,7 @@ def build_params(method_name: str, params_cls: type, yaml_cfg: Mapping[str, Any]
     keys = [k for k, _ in swept]
     for combo in itertools.product(*[vals for _, vals in swept]):
         dotlist = [f"{k}={v}" for k, v in zip(keys, combo)]
-        configs.append(_instantiate(method_name, params_cls, base, dotlist, types))
+        configs.append(instantiate_params(method_name, params_cls, base, dotlist, types))
     return configs
 
 
@@ -135,23 +136,25 @@ def check_overrides_used(overrides: Sequence[Override], methods: Mapping[str, ty
                               f"selected; selected: {', '.join(methods)}")
 
 
-def _unknown(method: str, key: str, types: Mapping[str, str], kind: str = "method") -> ConfigError:
-    import difflib
+def unknown_parameter_error(owner: str, key: str, types: Mapping[str, str], kind: str = "method") -> ConfigError:
+    """The error for a parameter `key` that `owner` (a method, or a model pool: `kind`) does not have: a typo is the
+    usual cause, so it suggests the closest name and lists every parameter with its type."""
     close = difflib.get_close_matches(key, list(types), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     listing = ", ".join(f"{k}: {t}" for k, t in types.items()) or "none"
-    return ConfigError(f"{kind} {method!r} has no parameter {key!r}.{hint} Its parameters: {listing}")
+    return ConfigError(f"{kind} {owner!r} has no parameter {key!r}.{hint} Its parameters: {listing}")
 
 
-def _instantiate(method: str, params_cls: type, base: Mapping[str, Any], dotlist: list[str],
-                 types: Mapping[str, str], kind: str = "method") -> Any:
+def instantiate_params(owner: str, params_cls: type, base: Mapping[str, Any], dotlist: list[str],
+                       types: Mapping[str, str], kind: str = "method") -> Any:
     """`params_cls` with `base` (YAML values) and then `dotlist` (`k=v` strings) merged over its defaults, typed and
-    checked by omegaconf; `kind` ("method", "model pool") names the owner in errors."""
+    checked by omegaconf. Every way a value can be refused (omegaconf's type check, the dataclass's own
+    `__post_init__`) becomes one `ConfigError` naming `owner`; `kind` ("method", "model pool") says what it is."""
     if not base and not dotlist:  # the defaults: no need to import omegaconf (a fifth of a second at start-up)
         try:
             return params_cls()
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{kind} {method!r}: {exc}") from None
+            raise ConfigError(f"{kind} {owner!r}: {exc}") from None
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -163,10 +166,10 @@ def _instantiate(method: str, params_cls: type, base: Mapping[str, Any], dotlist
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
         value = getattr(exc, "value", None)
         expected = types.get(str(key).split(".")[0], "?")
-        raise ConfigError(f"{kind} {method!r}: parameter {key!r} expects {expected}, got {value!r} "
+        raise ConfigError(f"{kind} {owner!r}: parameter {key!r} expects {expected}, got {value!r} "
                           f"({type(exc).__name__})") from None
     except (ValueError, TypeError) as exc:  # a Params.__post_init__ refused the value
-        raise ConfigError(f"{kind} {method!r}: {exc}") from None
+        raise ConfigError(f"{kind} {owner!r}: {exc}") from None
 
 
 def params_dict(params: Any) -> dict[str, Any]:

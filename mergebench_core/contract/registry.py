@@ -19,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from mergebench_core.contract import hookspecs
+import mergebench_core.contract.hookspecs as hookspecs
 from mergebench_core.contract.api import Method, Registration
 from mergebench_core.contract.commands import make_command
 from mergebench_core.errors import PluginError, UnknownNameError, normalize_name

@@ -7,51 +7,87 @@ optional, for task vectors τ_t = θ_t − θ_0 (t = 1..T), computed in float32:
 
 1. **drop** (DARE): each entry is kept with probability 1 − p and the survivors are multiplied by 1/(1 − p)
    (`rescale`). The draw for entry i of tensor `key` and task t is a hash of (seed, key, t, i) (`drop_keep`): it
-   depends on nothing else, so blocks, samples, devices and the reference below all see the same mask.
+   depends on nothing else, so blocks, samples, devices and the whole-model reference all see the same mask.
 2. **trim**: per task, keep the ⌊keep·n⌋ entries of largest magnitude, n counted over one tensor (`scope="tensor"`,
    as MergeKit) or over the whole model (`scope="global"`, as the TIES paper's code and FusionBench); with
    `skip_top` (Breadcrumbs) the ⌊skip_top·n⌋ largest are removed first, reduced so that ⌊keep·n⌋ remain. Counts are
-   exact: among equal magnitudes the earlier entry (key order, then flat index) wins (`sparsify.topk_mask`).
+   exact: among equal magnitudes the earlier entry (key order, then flat index) wins (`exact_topk.topk_mask`).
 3. **weight**: multiply each trimmed task vector by a per-task weight (preference-aware TIES).
 4. **elect** (TIES's sign election): the elected sign of an entry is the sign of the sum of the (weighted, unless
    `elect_on="unweighted"`) trimmed vectors there, and **a sum of exactly zero elects +** (`elect_sign`). The sum
    is taken as (Σ positive entries) + (Σ negative entries), each added in task order, which the combination needs
-   anyway. This is
-   MergeKit's rule (`sign_weight >= 0`). The TIES paper's code instead fills such entries with the majority sign of
-   the whole model, which needs a whole-model statistic and a second look at those entries; one local rule gives the
-   same bits for any block, tensor order or device. The rules differ only where trimmed vectors cancel exactly.
+   anyway. This is MergeKit's rule (`sign_weight >= 0`). The TIES paper's code instead fills such entries with the
+   majority sign of the whole model, which needs a whole-model statistic and a second look at those entries; one
+   local rule gives the same bits for any block, tensor order or device. The rules differ only where trimmed vectors
+   cancel exactly.
 5. **combine** the entries that agree with the elected sign (a zero entry agrees with nothing): their `sum`, their
    `mean` (over the agreeing non-zero entries), or the one of largest magnitude, `max` (EMR's unified vector).
    Without election: the plain `sum`, or for `max` the entry of largest magnitude, the later task on ties (MagMax).
 6. **scale**: θ = θ_0 + scale · merged (`apply`), unless the method's `output` says otherwise.
 
-`reference_merge` computes the same thing the plain way, over whole tensors and a whole model held in memory, for
-tests to compare the streaming engine against.
+The stage functions live in `task_vector_stages` (re-exported here); `mergebench_core.testing.reference_merge`
+computes the same thing the plain way, over whole tensors and a whole model held in memory, for tests to compare the
+streaming engine against.
+
+**Words.** Internal code and docstrings use one word per idea: `keep` is the fraction of a task vector's entries
+that the trim keeps (`Pipeline.keep`, `exact_topk.keep_count`), a *count* is a number of entries (⌊keep·n⌋), and
+a *mask* is a 0/1 array of the entries kept. Users set these under the names each method's paper gives them; those
+names are part of every stored result's key and do not change:
+
+- `keep` <- `ties.k`, `pa_ties.k`, `dare_ties.k`, `adamerging_pp.k`, `consensus.ties_k`, `tall_masks.ties_k`,
+  `breadcrumbs.density`;
+- `skip_top` <- `breadcrumbs.gamma`;
+- `drop` <- `dare_ta.p`, `dare_ties.p`;
+- `scale` <- `scaling_factor` of every method.
+
+(`consensus.k`, how many task masks must agree, is a count, not a fraction.)
 """
 
 from __future__ import annotations
 
+import warnings
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from mergebench_core.errors import MergebenchError
-from mergebench_core.engine.merging import Block, MergeStream, TaskVectorMethod
-from mergebench_core.engine.sparsify import (
-    Thresholds,
-    bracket_thresholds,
-    build_sample,
-    find_thresholds,
-    keep_count,
-    sample_plan,
-    topk_mask,
+from mergebench_core.engine.data_free import TaskVectorMethod
+from mergebench_core.engine.exact_topk import Thresholds, keep_count, topk_mask
+from mergebench_core.engine.stream import Block, MergeStream
+from mergebench_core.engine.task_vector_stages import (
+    SIGN_RULE,
+    apply,
+    combine,
+    drop_,
+    drop_keep,
+    elect_sign,
+    max_magnitude,
+    signed_total,
+    sum_rows,
 )
+from mergebench_core.engine.threshold_search import bracket_thresholds, build_sample, find_thresholds, sample_plan
+from mergebench_core.errors import MergebenchError
 
-SIGN_RULE = "sign of the sum, zero elects +"
-"""The one sign-election rule of every method here (see the module docstring, step 4)."""
+__all__ = [
+    "SIGN_RULE", "Pipeline", "TaskVectorPipelineMethod", "agreeing_task_vectors", "apply", "combine", "drop_",
+    "drop_keep", "elect_sign", "max_magnitude", "sum_rows",
+]
+
+_MOVED_TO_TESTING = ("ReferenceTensor", "reference_merge", "reference_outputs")
+
+
+def __getattr__(name: str) -> Any:
+    """The whole-model reference moved to `mergebench_core.testing` (it is test code); tests written against the
+    previous README still find it here, with a warning that says where it went."""
+    if name in _MOVED_TO_TESTING:
+        import mergebench_core.testing as testing
+
+        warnings.warn(f"mergebench_core.engine.pipeline.{name} moved to mergebench_core.testing.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(testing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -105,145 +141,6 @@ class Pipeline:
             return [kept] * tasks
         skip = min(keep_count(self.skip_top, n), n - kept)
         return [skip + kept] * tasks + [skip] * tasks
-
-
-# -- the stages, on a chunk of columns (float32 tensors on any device) -----------------------------------------------
-
-
-def _salt(seed: int, key: str, task: int) -> int:
-    """A 32-bit salt per (seed, tensor, task)."""
-    x = (zlib.crc32(key.encode()) ^ ((seed * 0x9E3779B1) & 0xFFFFFFFF) ^ ((task + 1) * 0x85EBCA6B)) & 0xFFFFFFFF
-    return _mix32(x)
-
-
-def _mix32(x: int) -> int:
-    """Python version of the 32-bit hash (`_hash32_`), also used by the tests to check the tensor one."""
-    x &= 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    x ^= x >> 16
-    return x
-
-
-def _signed32(x: int) -> int:
-    return x - (1 << 32) if x >= 1 << 31 else x
-
-
-def _hash32_(x: torch.Tensor) -> torch.Tensor:
-    """`_mix32` on an int32 tensor, in place: products wrap modulo 2^32, shifts are made logical by masking."""
-    x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
-    x.mul_(0x7FEB352D)
-    x.bitwise_xor_(x.bitwise_right_shift(15).bitwise_and_(0x1FFFF))
-    x.mul_(_signed32(0x846CA68B))
-    x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
-    return x
-
-
-def drop_keep(seed: int, key: str, task: int, index: torch.Tensor | range, p: float,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-    """Float 0/1: which entries of task `task`'s τ of tensor `key`, at flat `index` (a tensor or a range), DARE
-    keeps. Entry i is kept when the 31 low bits of hash(salt(seed, key, task) XOR i) reach p·2^31."""
-    salt = _signed32(_salt(seed, key, task))
-    if isinstance(index, range) and index.stop <= 1 << 31:
-        x = torch.arange(index.start, index.stop, dtype=torch.int32, device=device)
-    else:
-        idx = torch.as_tensor(list(index) if isinstance(index, range) else index, dtype=torch.int64, device=device)
-        high = (idx >> 32).mul_(0x27D4EB2F).bitwise_and_(0xFFFFFFFF)
-        low = idx.bitwise_and(0xFFFFFFFF).bitwise_xor_(high)
-        x = (low - (low >= 1 << 31).to(torch.int64) * (1 << 32)).to(torch.int32)
-    x.bitwise_xor_(salt)
-    _hash32_(x).bitwise_and_(0x7FFFFFFF)
-    return torch.ge(x, round(p * (1 << 31)), out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
-
-
-def drop_(taus: torch.Tensor, pipe: Pipeline, seed: int, key: str, start: int) -> torch.Tensor:
-    """DARE on columns [start, start + m) of the stacked τ (T, m), in place."""
-    if pipe.drop <= 0.0:
-        return taus
-    factor = 1.0 / (1.0 - pipe.drop) if pipe.rescale else 1.0
-    for t in range(len(taus)):
-        keep = drop_keep(seed, key, t, range(start, start + taus.shape[1]), pipe.drop, taus.device)
-        taus[t].mul_(keep.mul_(factor))
-    return taus
-
-
-def sum_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ over the first dimension, added row by row in order: the same bits for any layout or block of columns
-    (torch's reduction may group the additions differently for different shapes)."""
-    out = out if out is not None else torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-    if len(x) == 0:
-        return out.zero_()
-    if len(x) == 1:
-        return out.copy_(x[0])
-    torch.add(x[0], x[1], out=out)
-    for row in x[2:]:
-        out += row
-    return out
-
-
-def elect_sign(total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float 0/1 weights (positive side, negative side) per column: + where the sum is >= 0 (`SIGN_RULE`).
-    Float-valued comparisons run several times faster on a CPU than bool masks, and x·1 + y·0 = x exactly."""
-    up = torch.ge(total, 0, out=torch.empty_like(total))
-    return up, torch.sub(1.0, up)
-
-
-def combine(trimmed: torch.Tensor, pipe: Pipeline, unweighted: torch.Tensor | None = None) -> torch.Tensor:
-    """Stages 4 and 5 on trimmed (and weighted) task vectors (T, m): the merged vector (m,).
-
-    The entries agreeing with + are the positive ones and those agreeing with − the negative ones, so each
-    combination is the positive or the negative side of the column, summed in the same order as masking would:
-    no (T, m) agreement mask is built. `unweighted` is the trimmed vectors before weighting, for
-    `elect_on="unweighted"`.
-    """
-    if not pipe.elect:
-        if pipe.combine == "max":
-            return max_magnitude(trimmed)
-        return sum_rows(trimmed)
-    part = torch.relu(trimmed)
-    positive = sum_rows(part)
-    torch.sub(trimmed, part, out=part)  # min(t, 0), exactly
-    negative = sum_rows(part)
-    if unweighted is not None and pipe.elect_on == "unweighted" and unweighted is not trimmed:
-        total = _signed_total(unweighted)
-    else:
-        total = positive + negative
-    up, down = elect_sign(total)
-    if pipe.combine == "max":
-        torch.clamp(trimmed, min=0, out=part)
-        top = torch.amax(part, 0) if len(trimmed) else torch.zeros_like(total)
-        torch.sub(trimmed, part, out=part)
-        bottom = torch.amin(part, 0) if len(trimmed) else torch.zeros_like(total)
-        return top.mul_(up).addcmul_(bottom, down)
-    merged = positive.mul_(up).addcmul_(negative, down)
-    if pipe.combine == "mean":
-        count_up = sum_rows(torch.gt(trimmed, 0, out=part))
-        count_down = sum_rows(torch.lt(trimmed, 0, out=part))
-        merged /= count_up.mul_(up).addcmul_(count_down, down).clamp_(min=1)
-    return merged
-
-
-def _signed_total(x: torch.Tensor) -> torch.Tensor:
-    """Σ positive entries + Σ negative entries, each summed row by row: the sum the sign election reads."""
-    part = torch.relu(x)
-    positive = sum_rows(part)
-    torch.sub(x, part, out=part)
-    return positive.add_(sum_rows(part))
-
-
-def max_magnitude(taus: torch.Tensor) -> torch.Tensor:
-    """Per column, the value of largest |τ| among the rows (T, m); the later row wins ties (MagMax's release)."""
-    chosen = taus[0].clone()
-    for tau in taus[1:]:
-        chosen = torch.where(tau.abs() >= chosen.abs(), tau, chosen)
-    return chosen
-
-
-def apply(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:
-    """θ_0 + scale · merged, one formula for every path (streamed, reference, patched)."""
-    return torch.add(base.to(torch.float32), merged, alpha=scale)
 
 
 # -- the streaming method ---------------------------------------------------------------------------------------
@@ -419,101 +316,6 @@ class TaskVectorPipelineMethod(TaskVectorMethod):
                 yield block, base, taus, torch.cat(pieces) if pieces else torch.zeros_like(base)
 
 
-# -- the reference: whole tensors, the whole model in memory, the plain way -------------------------------------------
-
-
-@dataclass
-class ReferenceTensor:
-    """What the reference pipeline computes for one tensor."""
-
-    taus: torch.Tensor
-    """(T, *shape): the task vectors after the drop, untrimmed."""
-    trimmed: torch.Tensor
-    """(T, *shape): after the trim and the weights."""
-    sign: torch.Tensor | None
-    """(*shape): the elected sign (±1), None without election."""
-    merged: torch.Tensor
-    """(*shape): the combined vector."""
-
-
-def reference_merge(pipe: Pipeline, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-                    *, seed: int = 0) -> dict[str, ReferenceTensor]:
-    """The pipeline written directly over the whole model held in memory: every floating-point tensor of `base`.
-
-    Independent of the streaming code except for `drop_keep` (the random draws must be the same ones), `topk_mask`
-    (exact top-k by a stable sort) and the order of additions, so the two agree bit for bit.
-    """
-    keys = [k for k, v in base.items() if v.is_floating_point()]
-    tasks = len(experts)
-    taus = {}
-    for key in keys:
-        b = base[key].to(torch.float32)
-        tau = torch.stack([e[key].to(torch.float32) - b for e in experts]).reshape(tasks, -1)
-        if pipe.drop > 0.0:
-            factor = 1.0 / (1.0 - pipe.drop) if pipe.rescale else 1.0
-            for t in range(tasks):
-                tau[t] = tau[t] * (drop_keep(seed, key, t, range(tau.shape[1]), pipe.drop) * factor)
-        taus[key] = tau
-    keep = {key: torch.ones_like(taus[key]) for key in keys}
-    if pipe.trims:
-        groups = [keys] if pipe.scope == "global" else [[key] for key in keys]
-        for group in groups:
-            flat = torch.cat([taus[key] for key in group], 1)
-            n = flat.shape[1]
-            counts = pipe.counts(n, tasks)
-            mask = torch.stack([topk_mask(flat[t], counts[t]) for t in range(tasks)])
-            if pipe.skip_top > 0.0:
-                mask &= ~torch.stack([topk_mask(flat[t], counts[tasks + t]) for t in range(tasks)])
-            offset = 0
-            for key in group:
-                width = taus[key].shape[1]
-                keep[key] = mask[:, offset:offset + width].to(torch.float32)
-                offset += width
-    weights = torch.tensor(pipe.weights if pipe.weights is not None else [1.0] * tasks).view(-1, 1)
-    out = {}
-    for key in keys:
-        shape = base[key].shape
-        unweighted = taus[key] * keep[key]
-        trimmed = unweighted * weights if pipe.weights is not None else unweighted
-        sign = None
-        if not pipe.elect:
-            merged = max_magnitude(trimmed) if pipe.combine == "max" else _sum_in_order(trimmed)
-        else:
-            voters = unweighted if pipe.elect_on == "unweighted" else trimmed
-            total = _sum_in_order(torch.where(voters > 0, voters, 0.0)) + _sum_in_order(torch.where(voters < 0, voters,
-                                                                                                     0.0))
-            sign = torch.where(total >= 0, 1.0, -1.0)
-            agree = (trimmed * sign) > 0
-            if pipe.combine == "max":
-                merged = sign * (trimmed.abs() * agree).amax(0)
-            else:
-                merged = _sum_in_order(torch.where(agree, trimmed, torch.zeros_like(trimmed)))
-                if pipe.combine == "mean":
-                    merged = merged / _sum_in_order(agree.to(torch.float32)).clamp(min=1)
-        out[key] = ReferenceTensor(taus[key].view(tasks, *shape), trimmed.view(tasks, *shape),
-                                   None if sign is None else sign.view(shape), merged.view(shape))
-    return out
-
-
-def _sum_in_order(x: torch.Tensor) -> torch.Tensor:
-    total = torch.zeros_like(x[0]) if len(x) else torch.zeros(x.shape[1:])
-    for i, row in enumerate(x):
-        total = row.clone() if i == 0 else total + row
-    return total
-
-
-def reference_outputs(pipe: Pipeline, base: Mapping[str, torch.Tensor],
-                      experts: Sequence[Mapping[str, torch.Tensor]], *, seed: int = 0,
-                      output: Callable[[str, torch.Tensor, ReferenceTensor], torch.Tensor] | None = None
-                      ) -> dict[str, torch.Tensor]:
-    """θ_0 + scale · merged per tensor (or `output(key, base, reference)`), in the base's dtype: what a pipeline
-    method with the default `output` writes."""
-    result = {}
-    for key, ref in reference_merge(pipe, base, experts, seed=seed).items():
-        value = output(key, base[key], ref) if output is not None else apply(base[key], ref.merged, pipe.scale)
-        result[key] = value.to(base[key].dtype)
-    return result
-
 
 def agreeing_task_vectors(taus: torch.Tensor, keep: float) -> torch.Tensor:
     """Per-task TIES processing of whole-model task vectors (T, P), kept separate: each keeps its top ⌊keep·P⌋
@@ -521,5 +323,5 @@ def agreeing_task_vectors(taus: torch.Tensor, keep: float) -> torch.Tensor:
     pipe = Pipeline(keep=keep, scope="global", elect=True)
     counts = pipe.counts(taus.shape[1], len(taus))
     trimmed = taus * torch.stack([topk_mask(row, c) for row, c in zip(taus, counts)])
-    sign = torch.where(_signed_total(trimmed) >= 0, 1.0, -1.0)
+    sign = torch.where(signed_total(trimmed) >= 0, 1.0, -1.0)
     return torch.where(trimmed * sign > 0, trimmed, torch.zeros_like(trimmed))

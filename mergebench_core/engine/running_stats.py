@@ -26,6 +26,7 @@ from torch import nn
 from mergebench_core.contract.api import PRETRAINED, ModelPool, PerTaskModels, TaskPool
 from mergebench_core.errors import MergebenchError
 from mergebench_core.engine.roles import Role
+from mergebench_core.engine.pool_sources import pool_source
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ def apply_rule(evaluable: object, pool: ModelPool, rule: str, roles: Mapping[str
                experts: Sequence[str] | None = None) -> int:
     """Set the running statistics of a merged model (or each per-task model) by `rule` ("base" or "mean") from the
     pool's models; returns how many tensors were set. Reads only those tensors (lazily for file-backed pools)."""
-    from mergebench_core.engine.merging import pool_source
-
     models = _models(evaluable)
     if not models:
         return 0

@@ -1,4 +1,4 @@
-"""Pareto analysis of preference-aware results: non-dominated filtering, hypervolume, preference grids, front tables.
+"""Pareto analysis of preference-aware results: non-dominated filtering, hypervolume, front tables.
 
 A *front* is every stored ok row of one method configuration — same (model pool, task pool, method, params, seed) —
 across the preference vectors it was run at. Each row is a point whose objectives are the group's tasks (in the order
@@ -19,16 +19,21 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from tabulate import tabulate
 
+from mergebench_core.preferences.vectors import simplex_grid
 from mergebench_core.results.store import CellResult
 
 log = logging.getLogger(__name__)
+
+# `simplex_grid` makes preference vectors, so it lives in `vectors`; it is re-exported for code that imported it here
+__all__ = ["FORMATS", "FrontSummary", "front_labels", "front_summaries", "hypervolume", "non_dominated",
+           "render_pareto", "simplex_grid"]
 
 FORMATS = ("github", "latex", "html", "csv", "json")
 _TABULATE = {"github": "github", "latex": "latex_booktabs", "html": "html"}
@@ -76,30 +81,6 @@ def hypervolume(points: Any, ref: Any, maximize: bool = True) -> float:
     if len(pts) == 0:
         return 0.0
     return float(moocore.hypervolume(pts, ref=ref_arr))
-
-
-def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
-    """Non-negative integer vectors of length `parts` summing to `total`, largest first entry first."""
-    if parts == 1:
-        yield (total,)
-        return
-    for first in range(total, -1, -1):
-        for rest in _compositions(total - first, parts - 1):
-            yield (first, *rest)
-
-
-def simplex_grid(num_tasks: int, points_per_edge: int) -> list[tuple[float, ...]]:
-    """Every preference vector with entries i/(K-1) summing to 1, K = `points_per_edge`, from (1, 0, ..., 0) on.
-
-    Each entry is the correctly rounded i/(K-1), so 0.25 is exactly 0.25 and a vector's entries sum to exactly 1
-    whenever K-1 is a power of two (otherwise to within rounding). There are C(K-1+m-1, m-1) vectors.
-    """
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
-    if points_per_edge < 2:
-        raise ValueError(f"points_per_edge must be at least 2 (the two vertices of an edge), got {points_per_edge}")
-    steps = points_per_edge - 1
-    return [tuple(i / steps for i in c) for c in _compositions(steps, num_tasks)]
 
 
 @dataclass
@@ -184,7 +165,7 @@ def front_summaries(results: Sequence[CellResult]) -> list[FrontSummary]:
     return summaries
 
 
-def _labels(fronts: Sequence[FrontSummary]) -> list[str]:
+def front_labels(fronts: Sequence[FrontSummary]) -> list[str]:
     """Method name, plus every parameter that differs from the installed method's default (for a method that is not
     installed, the parameters that differ between its fronts), and the seed when it is not 0 or a configuration was
     run at several seeds: the leaderboard's labels (`leaderboard.Row.label`)."""
@@ -225,7 +206,7 @@ def render_pareto(results: Sequence[CellResult], fmt: str = "github") -> str:
     for (modelpool, taskpool), fronts in tables.items():
         fronts = sorted(fronts, key=lambda f: -f.hypervolume)
         body = [[label, str(f.points), str(f.non_dominated), f"{f.hypervolume:.4g}"]
-                for label, f in zip(_labels(fronts), fronts, strict=True)]
+                for label, f in zip(front_labels(fronts), fronts, strict=True)]
         if fmt == "csv":
             buf = io.StringIO()
             writer = csv.writer(buf)

@@ -3,17 +3,17 @@
 A preference r says how much the user cares about each task of a cell (`--preference 0.7,0.3`, `--preferences
 simplex:5`, or `preferences:` in the YAML config). It is checked against the cell's tasks before any work, stored as
 given and as normalised to sum 1, and is part of the cell's key, so two preferences are two results. Methods that do
-not declare `MethodInfo.preference_aware` run once per pool whatever the grid names.
+not declare `MethodInfo.preference_aware` run once per pool whatever the grid names. `simplex_grid` makes the
+evenly spaced vectors of `simplex:K`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from mergebench_core.errors import ConfigError
-from mergebench_core.preferences.pareto import simplex_grid
 
 
 @dataclass(frozen=True)
@@ -110,3 +110,27 @@ def validate(vector: Iterable[float], tasks: Sequence[str]) -> Preference:
         raise ConfigError(f"preference {shown} is all zeros; at least one task needs a positive weight "
                           f"(tasks in order: {order})")
     return Preference(values, tuple(v / total for v in values))
+
+
+def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Non-negative integer vectors of length `parts` summing to `total`, largest first entry first."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total, -1, -1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def simplex_grid(num_tasks: int, points_per_edge: int) -> list[tuple[float, ...]]:
+    """Every preference vector with entries i/(K-1) summing to 1, K = `points_per_edge`, from (1, 0, ..., 0) on.
+
+    Each entry is the correctly rounded i/(K-1), so 0.25 is exactly 0.25 and a vector's entries sum to exactly 1
+    whenever K-1 is a power of two (otherwise to within rounding). There are C(K-1+m-1, m-1) vectors.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+    if points_per_edge < 2:
+        raise ValueError(f"points_per_edge must be at least 2 (the two vertices of an edge), got {points_per_edge}")
+    steps = points_per_edge - 1
+    return [tuple(i / steps for i in c) for c in _compositions(steps, num_tasks)]

@@ -23,7 +23,7 @@ from typing import Any
 from mergebench_core.errors import MergebenchError, normalize_name
 from mergebench_core.data.evaluation import primary_value
 from mergebench_core.results.leaderboard import Column, Row, Table, build_tables, metric_title, short_value
-from mergebench_core.preferences.pareto import _labels as front_labels
+from mergebench_core.preferences.pareto import front_labels
 from mergebench_core.preferences.pareto import front_summaries
 from mergebench_core.results.store import CellResult
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergebench_core.contract.config import _instantiate, field_types
+from mergebench_core.contract.config import field_types, instantiate_params
 from mergebench_core.running.executors import Job, failed
 from mergebench_core.preferences.vectors import validate
 from mergebench_core.results.store import CellResult
@@ -46,7 +46,7 @@ def run_spec(options: RunOptions, store_path: str | None, spec: tuple[Any, ...])
         return runner.reference(pool, taskpool, label, *seed)
     _, method, params, modelpool, taskpool, seed, given = spec
     reg = runner.registry.method_registration(method)
-    values = _instantiate(method, reg.obj.Params, params, [], field_types(reg.obj.Params))
+    values = instantiate_params(method, reg.obj.Params, params, [], field_types(reg.obj.Params))
     preference = validate(given, runner.taskpool(taskpool).tasks) if given is not None else None
     return runner.run_cell(Cell(reg.name, reg.obj, reg, values, modelpool, taskpool, seed, preference))
 

@@ -79,13 +79,13 @@ class TiesParams(Params):
     """Fraction of each task vector's entries kept (over the whole model) before the sign election."""
 
 
-def ties_task_vectors(taus: dict[str, torch.Tensor], k: float) -> dict[str, torch.Tensor]:
+def ties_task_vectors(taus: dict[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
     """Per-task TIES processing of stacked task vectors {key: (T, ...)}: global top-k trim, then keep the entries that
     agree with the elected sign (the core pipeline's trim and its one sign rule: a zero sum elects +). The per-task
     vectors stay separate (AdaMerging++ learns their weights)."""
     keys = list(taus)
     flat = torch.cat([taus[key].flatten(1) for key in keys], dim=1)  # (T, P)
-    out = agreeing_task_vectors(flat, k)
+    out = agreeing_task_vectors(flat, keep)
     result, offset = {}, 0
     for key in keys:
         n = taus[key][0].numel()

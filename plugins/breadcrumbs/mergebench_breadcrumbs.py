@@ -22,7 +22,7 @@ import torch
 
 from mergebench_core import MethodInfo, hookimpl
 from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod
-from mergebench_core.engine.sparsify import keep_count, topk_mask
+from mergebench_core.engine.exact_topk import keep_count, topk_mask
 
 
 @dataclass
@@ -41,10 +41,11 @@ class Params:
             raise ValueError(f"gamma must be a fraction in [0, 1], got {self.gamma}")
 
 
-def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Keep-mask of one task-vector tensor: the magnitude ranks after the ⌊γ'·n⌋ largest, ⌊density·n⌋ of them."""
+def breadcrumbs_mask(tau: torch.Tensor, keep: float, skip_top: float) -> torch.Tensor:
+    """The mask of one task-vector tensor: the magnitude ranks after the ⌊γ'·n⌋ largest (γ = `skip_top`, the
+    user's `gamma`), ⌊keep·n⌋ of them (`keep`, the user's `density`)."""
     n = tau.numel()
-    top, skip = Pipeline(keep=density, skip_top=gamma).counts(n, 1) if gamma > 0 else (keep_count(density, n), 0)
+    top, skip = Pipeline(keep=keep, skip_top=skip_top).counts(n, 1) if skip_top > 0 else (keep_count(keep, n), 0)
     return topk_mask(tau, top) & ~topk_mask(tau, skip)
 
 

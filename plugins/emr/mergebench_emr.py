@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MergeOutput, MergeStream, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.engine.merging import merge_sources
-from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod, combine
-from mergebench_core.engine.tensors import TensorSource
+from mergebench_core.engine.data_free import merge_sources
+from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod
+from mergebench_core.engine.sources import TensorSource
+from mergebench_core.engine.task_vector_stages import combine
 
 
 @dataclass

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.engine.merging import MatrixTaskVectorMethod
-from mergebench_core.engine.tensors import polar_factor
+from mergebench_core.engine.data_free import MatrixTaskVectorMethod
+from mergebench_core.engine.tensor_math import polar_factor
 
 log = logging.getLogger(__name__)
 

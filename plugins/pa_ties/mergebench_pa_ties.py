@@ -41,7 +41,8 @@ from mergebench_ties import Params as TiesParams
 from mergebench_ties import Ties, ties_pipeline
 
 from mergebench_core import MergebenchError, MergeOutput, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.engine.pipeline import Pipeline, combine
+from mergebench_core.engine.pipeline import Pipeline
+from mergebench_core.engine.task_vector_stages import combine
 
 
 @dataclass

@@ -79,10 +79,11 @@ class TallParams:
         _check_multitask(self.multitask, self.ties_k, self.ties_combine, self.tall_mask_lambda)
 
 
-def multitask_pipeline(how: str, ties_k: float, ties_combine: str) -> Pipeline:
-    """The pipeline that forms τ_MTL: the plain sum, or TIES over the whole model."""
+def multitask_pipeline(how: str, keep: float, combine_how: str) -> Pipeline:
+    """The pipeline that forms τ_MTL: the plain sum, or TIES over the whole model (`keep` and `combine_how` are the
+    user's `ties_k` and `ties_combine`)."""
     if how == "ties":
-        return Pipeline(keep=ties_k, scope="global", elect=True, combine=ties_combine)
+        return Pipeline(keep=keep, scope="global", elect=True, combine=combine_how)
     return Pipeline()
 
 

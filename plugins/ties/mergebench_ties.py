@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod, combine
+from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod
+from mergebench_core.engine.task_vector_stages import combine
 
 
 @dataclass

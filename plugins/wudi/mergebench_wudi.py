@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.engine.merging import MatrixTaskVectorMethod
+from mergebench_core.engine.data_free import MatrixTaskVectorMethod
 
 
 @dataclass

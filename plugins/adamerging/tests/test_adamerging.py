@@ -26,7 +26,7 @@ from mergebench_core.pools.views import TaskSubsetModelPool, TaskSubsetTaskPool
 
 def test_ties_task_vectors_by_hand():
     taus = {"a": torch.tensor([[3.0, -1.0], [-2.0, 0.5]]), "b": torch.tensor([[0.1], [4.0]])}
-    out = ties_task_vectors(taus, k=2 / 3)  # keep 2 of 3 entries per task
+    out = ties_task_vectors(taus, keep=2 / 3)  # keep 2 of 3 entries per task
     # task 0 keeps 3, -1; task 1 keeps -2, 4. Elected signs: a0: 3-2 > 0, a1: -1 < 0, b0: +4 > 0
     torch.testing.assert_close(out["a"], torch.tensor([[3.0, -1.0], [0.0, 0.0]]))
     torch.testing.assert_close(out["b"], torch.tensor([[0.0], [4.0]]))

@@ -36,7 +36,7 @@ def test_removes_the_top_gamma_and_enough_small_entries_to_reach_density():
 def test_ties_in_magnitude_go_to_the_earlier_entry():
     # [2, 2, 1, 1] ranks as indices 0, 1, 2, 3: γ = 0.25 removes rank 1 (index 0); density 0.5 keeps ranks 2 and
     # 3 (indices 1 and 2), so the later 1 goes.
-    mask = breadcrumbs_mask(torch.tensor([2.0, -2.0, 1.0, -1.0]), density=0.5, gamma=0.25)
+    mask = breadcrumbs_mask(torch.tensor([2.0, -2.0, 1.0, -1.0]), keep=0.5, skip_top=0.25)
     assert mask.tolist() == [False, True, True, False]
 
 
@@ -51,7 +51,7 @@ def test_edge_densities(density, gamma, expected):
 
 
 def test_streaming_equals_the_reference_with_many_ties():
-    from mergebench_core.engine.pipeline import reference_outputs
+    from mergebench_core.testing import reference_outputs
 
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(80, 70, generator=g), "b": torch.randn(5000, generator=g),

@@ -89,23 +89,23 @@ def test_dare_ties_global_keeps_k_of_the_dropped_entries():
 
 
 def test_the_drop_hash_is_the_documented_function():
-    from mergebench_core.engine.pipeline import _mix32, _salt, drop_keep
+    from mergebench_core.engine.task_vector_stages import drop_keep, drop_salt, hash32
 
     # the tensor hash (int32 arithmetic wrapping modulo 2^32) equals the pure-Python one, for indices on both
     # sides of 2^31 and 2^32, through the fast range path and the general index path
-    salt = _salt(3, "w", 1)
+    salt = drop_salt(3, "w", 1)
     index = [0, 1, 12345, (1 << 31) - 1, 1 << 31, (1 << 32) + 5]
-    expected = [float(_mix32(salt ^ (i & 0xFFFFFFFF) ^ (((i >> 32) * 0x27D4EB2F) & 0xFFFFFFFF)) & 0x7FFFFFFF
+    expected = [float(hash32(salt ^ (i & 0xFFFFFFFF) ^ (((i >> 32) * 0x27D4EB2F) & 0xFFFFFFFF)) & 0x7FFFFFFF
                       >= round(0.3 * (1 << 31))) for i in index]
     assert drop_keep(3, "w", 1, torch.tensor(index), 0.3).tolist() == expected
     assert drop_keep(3, "w", 1, range(0, 3), 0.3).tolist() == expected[:2] + [
-        float(_mix32(salt ^ 2) & 0x7FFFFFFF >= round(0.3 * (1 << 31)))]
+        float(hash32(salt ^ 2) & 0x7FFFFFFF >= round(0.3 * (1 << 31)))]
     assert torch.equal(drop_keep(3, "w", 1, range(10, 5000), 0.3), drop_keep(3, "w", 1, torch.arange(10, 5000), 0.3))
 
 
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_streaming_equals_the_reference_in_blocks(scope):
-    from mergebench_core.engine.pipeline import reference_outputs
+    from mergebench_core.testing import reference_outputs
 
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(60, 50, generator=g), "b": torch.randn(3000, generator=g), "s": torch.randn(())}

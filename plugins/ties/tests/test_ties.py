@@ -100,7 +100,7 @@ def quantized_pool(seed, shapes, experts=4):
 @pytest.mark.parametrize("combine", ["sum", "mean"])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_streaming_equals_the_whole_model_reference_bit_for_bit(combine, scope):
-    from mergebench_core.engine.pipeline import reference_outputs
+    from mergebench_core.testing import reference_outputs
     from mergebench_ties import ties_pipeline
 
     # tensors large enough to be sampled (not read whole), and blocks smaller than tensors
@@ -117,8 +117,8 @@ def test_streaming_equals_the_whole_model_reference_bit_for_bit(combine, scope):
 
 
 def test_a_missed_bracket_falls_back_to_the_exact_passes(monkeypatch):
-    import mergebench_core.engine.sparsify as sparsify
-    from mergebench_core.engine.pipeline import reference_outputs
+    import mergebench_core.engine.threshold_search as threshold_search
+    from mergebench_core.testing import reference_outputs
     from mergebench_ties import ties_pipeline
 
     base, experts = quantized_pool(0, [(100, 60), (5000,)])
@@ -128,8 +128,8 @@ def test_a_missed_bracket_falls_back_to_the_exact_passes(monkeypatch):
         want = merge(params, base, experts, method=sampled)
         assert "exact_fallbacks" not in sampled.extras
         # a bracket far too low: far more than k entries lie above it
-        monkeypatch.setattr(sparsify, "_bracket", lambda *a, **k: (0.0, 1e-3))
-        monkeypatch.setattr(sparsify, "_bracket_uniform",
+        monkeypatch.setattr(threshold_search, "_bracket", lambda *a, **k: (0.0, 1e-3))
+        monkeypatch.setattr(threshold_search, "_bracket_uniform",
                             lambda sample, counts, z: (torch.zeros(len(counts)), torch.full((len(counts),), 1e-3)))
         fallback = Ties(params)
         got = merge(params, base, experts, method=fallback)

@@ -407,7 +407,7 @@ def register_modelpools(register) -> None:  # called by mergebench_digits' hook 
         register(name, factory, f"{models} digit classifiers ({ARCH_LABELS[arch]}) from different random inits, "
                                 f"each trained on {SETTING_LABELS[setting]}, for fusion (embedded, offline)",
                  params=POOL_PARAMS[arch])
-    from mergebench_core.fusion.levels import folder_pool_from_env
+    from mergebench_core.pools.folder import folder_pool_from_env
 
     register("fusion-folder", folder_pool_from_env, "your own models for fusion: model.py and one .safetensors per "
                                                     "model in the folder $MERGEBENCH_FUSION_DIR")

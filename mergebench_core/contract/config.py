@@ -102,7 +102,7 @@ def build_params(method_name: str, params_cls: type, yaml_cfg: Mapping[str, Any]
             if k in names:
                 base[k] = v
             elif section == method_name:
-                raise _unknown(method_name, k, types)
+                raise unknown_parameter(method_name, k, types)
 
     swept: list[tuple[str, tuple[str, ...]]] = []
     for ov in overrides:
@@ -110,7 +110,7 @@ def build_params(method_name: str, params_cls: type, yaml_cfg: Mapping[str, Any]
             continue
         if ov.key not in names:
             if ov.target == method_name:
-                raise _unknown(method_name, ov.key, types)
+                raise unknown_parameter(method_name, ov.key, types)
             continue
         swept.append((ov.key, ov.values))
 
@@ -118,7 +118,7 @@ def build_params(method_name: str, params_cls: type, yaml_cfg: Mapping[str, Any]
     keys = [k for k, _ in swept]
     for combo in itertools.product(*[vals for _, vals in swept]):
         dotlist = [f"{k}={v}" for k, v in zip(keys, combo)]
-        configs.append(_instantiate(method_name, params_cls, base, dotlist, types))
+        configs.append(instantiate_params(method_name, params_cls, base, dotlist, types))
     return configs
 
 
@@ -135,7 +135,9 @@ def check_overrides_used(overrides: Sequence[Override], methods: Mapping[str, ty
                               f"selected; selected: {', '.join(methods)}")
 
 
-def _unknown(method: str, key: str, types: Mapping[str, str], kind: str = "method") -> ConfigError:
+def unknown_parameter(method: str, key: str, types: Mapping[str, str], kind: str = "method") -> ConfigError:
+    """The error for a parameter `key` that `method` (a method, or a model pool with `kind`) does not have,
+    suggesting the closest name and listing every parameter with its type."""
     import difflib
     close = difflib.get_close_matches(key, list(types), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -143,8 +145,8 @@ def _unknown(method: str, key: str, types: Mapping[str, str], kind: str = "metho
     return ConfigError(f"{kind} {method!r} has no parameter {key!r}.{hint} Its parameters: {listing}")
 
 
-def _instantiate(method: str, params_cls: type, base: Mapping[str, Any], dotlist: list[str],
-                 types: Mapping[str, str], kind: str = "method") -> Any:
+def instantiate_params(method: str, params_cls: type, base: Mapping[str, Any], dotlist: list[str],
+                       types: Mapping[str, str], kind: str = "method") -> Any:
     """`params_cls` with `base` (YAML values) and then `dotlist` (`k=v` strings) merged over its defaults, typed and
     checked by omegaconf; `kind` ("method", "model pool") names the owner in errors."""
     if not base and not dotlist:  # the defaults: no need to import omegaconf (a fifth of a second at start-up)
@@ -167,6 +169,9 @@ def _instantiate(method: str, params_cls: type, base: Mapping[str, Any], dotlist
                           f"({type(exc).__name__})") from None
     except (ValueError, TypeError) as exc:  # a Params.__post_init__ refused the value
         raise ConfigError(f"{kind} {method!r}: {exc}") from None
+
+
+_unknown, _instantiate = unknown_parameter, instantiate_params  # the names other modules imported before
 
 
 def params_dict(params: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mergebench_core.contract.api import ModelPool, Registration
-from mergebench_core.contract.config import Override, _instantiate, _unknown, field_types
+from mergebench_core.contract.config import Override, field_types, instantiate_params, unknown_parameter
 from mergebench_core.errors import ConfigError
 from mergebench_core.pools.views import PoolName
 
@@ -111,7 +111,7 @@ def pool_params(reg: Registration, given: Sequence[str], common: Mapping[str, An
         if not eq or not key.strip():
             raise ConfigError(f"model pool {reg.name!r}: {item!r} is not of the form key=value")
         if key.strip() not in names:
-            raise _unknown(reg.name, key.strip(), types, kind=_KIND)
+            raise unknown_parameter(reg.name, key.strip(), types, kind=_KIND)
         named.append(key.strip())
     if len(set(named)) != len(named):
         raise ConfigError(f"model pool {reg.name!r}: a parameter is given twice in ({','.join(given)})")
@@ -128,7 +128,7 @@ def pool_params(reg: Registration, given: Sequence[str], common: Mapping[str, An
     out = []
     for combo in itertools.product(*[values for _, values in swept]):
         dotlist = [f"{k}={v}" for k, v in zip(keys, combo)] + [item.strip() for item in given]
-        out.append(_instantiate(reg.name, reg.params, base, dotlist, types, kind=_KIND))
+        out.append(instantiate_params(reg.name, reg.params, base, dotlist, types, kind=_KIND))
     return out
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mergebench_digits_seeds import DigitsFullTaskPool
 
 from mergebench_core.cli import main
-from mergebench_core.fusion.levels import FOLDER_ENV, CheckpointFolderPool
+from mergebench_core.pools.folder import FOLDER_ENV, CheckpointFolderPool
 from mergebench_core.results.store import ResultStore
 from mergebench_core.engine.tensors import save_state_dict
 

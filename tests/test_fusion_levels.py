@@ -12,7 +12,6 @@ from torch import nn
 
 from mergebench_core import MergebenchError
 from mergebench_core.fusion.levels import (
-    StateDictPool,
     Targets,
     capture_level,
     design_matrix,
@@ -21,12 +20,12 @@ from mergebench_core.fusion.levels import (
     interpolation_curve,
     kmeans_targets,
     least_squares,
-    load_states,
     loss_barrier,
     match_to_inputs,
     neuron_importance,
     pair_costs,
 )
+from mergebench_core.pools.states import StateDictPool, load_states
 
 G = torch.Generator().manual_seed(0)
 

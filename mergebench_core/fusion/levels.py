@@ -12,57 +12,26 @@ level at a time (a level is a submodule the pool declares, `alignment.Level`: a 
 4. fit the fused level so it reproduces the targets from its own input: in closed form by least squares for a
    Linear or Conv2d level (`fit_linear_level`), or by gradient descent (ALF, in its plugin).
 
-Neurons are compared as activation vectors (one entry per sample and position). This module also checks that a
-pool's models share one architecture (`load_states`) and measures the loss barrier on the linear path between two
-models (`interpolation_curve`, `loss_barrier`).
+Neurons are compared as activation vectors (one entry per sample and position). This module also measures the loss
+barrier on the linear path between two models (`interpolation_curve`, `loss_barrier`); the pools fusion runs on
+(`StateDictPool`, `CheckpointFolderPool`) and the check that a pool's models share one architecture (`load_states`)
+are in `mergebench_core.pools`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergebench_core.fusion.alignment import PermutationSpec
 from mergebench_core.contract.api import ModelPool, TaskPool
 from mergebench_core.errors import MergebenchError
 
 IMPORTANCES = ("uniform", "activation")
-
-
-# -- the pool's models ----------------------------------------------------------------------------------------------
-
-def load_states(pool: ModelPool, names: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """{model: state dict} for `names` (every model by default), after checking that they share one architecture:
-    the same tensor names with the same shapes. A mismatch is a `MergebenchError` naming the models and the first
-    differing tensors (fusion needs models of one architecture; align widths before fusing)."""
-    names = list(names if names is not None else pool.expert_names)
-    states = {n: pool.state_dict(n) for n in names}
-    first, ref = names[0], states[names[0]]
-    for name in names[1:]:
-        other = states[name]
-        missing, extra = sorted(set(ref) - set(other)), sorted(set(other) - set(ref))
-        if missing or extra:
-            raise MergebenchError(
-                f"models {first!r} and {name!r} of pool {pool.name!r} are not one architecture: "
-                + (f"{name!r} lacks {missing[:5]}" if missing else "")
-                + ("; " if missing and extra else "") + (f"{name!r} has extra {extra[:5]}" if extra else "")
-                + "; fusion needs models with the same tensors (use models built by one architecture)")
-        shapes = [k for k in ref if ref[k].shape != other[k].shape]
-        if shapes:
-            k = shapes[0]
-            raise MergebenchError(
-                f"models {first!r} and {name!r} of pool {pool.name!r} are not one architecture: tensor {k!r} has "
-                f"shape {tuple(ref[k].shape)} in {first!r} and {tuple(other[k].shape)} in {name!r}"
-                + (f" ({len(shapes)} tensors differ)" if len(shapes) > 1 else "")
-                + "; fusion needs equal widths (train the models with one architecture)")
-    return states
 
 
 # -- level inputs and outputs ---------------------------------------------------------------------------------------
@@ -454,170 +423,3 @@ def cannot_fuse(pool: ModelPool, *, levels: bool = False) -> str | None:
 def missing_points(spec: object) -> list[str]:
     """The permutations of `spec` with no activation point (activation-based alignment needs one for each)."""
     return [p for p in getattr(spec, "perms", {}) if p not in getattr(spec, "points", {})]
-
-
-# -- pools of your own models ---------------------------------------------------------------------------------------
-
-class StateDictPool(ModelPool):
-    """An independent pool over state dicts held in memory: `build_model()` makes an instance of the architecture
-    and `spec` says how to align it. For scripts and tests; `CheckpointFolderPool` reads the same from a folder."""
-
-    relation = "independent"
-    has_pretrained = False
-
-    def __init__(self, build_model: Callable[[], nn.Module], states: Mapping[str, Mapping[str, torch.Tensor]],
-                 spec: PermutationSpec | None = None, *, name: str = "state-dicts",
-                 default_taskpool: str | None = None):
-        self.build_model, self.states, self.spec = build_model, dict(states), spec
-        self.name, self.default_taskpool = name, default_taskpool
-
-    @property
-    def expert_names(self) -> list[str]:
-        return list(self.states)
-
-    def _check(self, name: str) -> None:
-        if name not in self.states:
-            raise KeyError(f"pool {self.name!r} has no model {name!r}; models: {', '.join(self.states)}")
-
-    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        self._check(name)
-        return dict(self.states[name])
-
-    def load_model(self, name: str) -> nn.Module:
-        model = self.build_model()
-        model.load_state_dict(self.state_dict(name))
-        return model.eval()
-
-    def task_of(self, expert: str) -> str:
-        return expert
-
-    def identity(self, name: str) -> str:
-        """Changes with the weights (a hash of every tensor), so cached activations never outlive them."""
-        import hashlib
-
-        self._check(name)
-        digest = hashlib.sha256()
-        for key, t in sorted(self.states[name].items()):
-            digest.update(key.encode())
-            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return f"{self.name}/{name}@{digest.hexdigest()[:16]}"
-
-    def permutation_spec(self) -> PermutationSpec | None:
-        return self.spec
-
-
-class CheckpointFolderPool(StateDictPool):
-    """Your own independently trained models, from a folder: one `<name>.safetensors` per model and a `model.py`
-    that defines the architecture and how to align it:
-
-        def build_model() -> torch.nn.Module: ...           # required: an untrained instance of the architecture
-        def permutation_spec() -> PermutationSpec: ...      # optional: what fusion methods align (None: no fusion)
-        TASKPOOL = "digits_full"                            # optional: the task pool that scores the models
-
-    Every checkpoint must hold exactly the tensors of `build_model()` with the same shapes, and the spec must fit
-    them; anything else is refused when the pool is opened, with the file and tensor named. Checkpoints are read as
-    safetensors only (never unpickled: convert pickles once with `mergebench convert`); `model.py` is your own code
-    and runs when the pool opens. Models load lazily, in file-name order.
-    """
-
-    def __init__(self, folder: str | Path, *, name: str | None = None):
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise MergebenchError(f"model folder {str(folder)!r} does not exist; point it at a folder holding "
-                                  f"model.py and one .safetensors file per model")
-        module = _load_model_file(folder / "model.py")
-        files = sorted(folder.glob("*.safetensors"))
-        if len(files) < 2:
-            pickles = sorted(p.name for ext in ("*.pt", "*.pth", "*.bin", "*.ckpt") for p in folder.glob(ext))
-            hint = (f"; {', '.join(pickles)} are pickles, never read: convert each once with `mergebench convert "
-                    f"--trust-pickle FILE`" if pickles else "")
-            raise MergebenchError(f"model folder {str(folder)!r} holds {len(files)} .safetensors file(s); fusion "
-                                  f"needs at least two models{hint}")
-        spec = module.permutation_spec() if hasattr(module, "permutation_spec") else None
-        super().__init__(module.build_model, {}, spec, name=name or f"folder:{folder.name}",
-                         default_taskpool=getattr(module, "TASKPOOL", None))
-        self.folder, self.files = folder, {f.stem: f for f in files}
-        self._validate()
-
-    @property
-    def expert_names(self) -> list[str]:
-        return list(self.files)
-
-    def _check(self, name: str) -> None:
-        if name not in self.files:
-            raise KeyError(f"pool {self.name!r} has no model {name!r}; models: {', '.join(self.files)}")
-
-    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        from mergebench_core.engine.tensors import load_state_dict
-
-        self._check(name)
-        return load_state_dict(self.files[name])
-
-    def identity(self, name: str) -> str:
-        stat = self.files[name].stat()
-        return f"folder:{self.folder.resolve()}/{name}@{stat.st_size}-{stat.st_mtime_ns}"
-
-    def version_info(self) -> dict[str, str]:
-        return {"folder": str(self.folder.resolve()),
-                "models": ",".join(f"{n}@{p.stat().st_size}-{p.stat().st_mtime_ns}" for n, p in self.files.items())}
-
-    def _validate(self) -> None:
-        from mergebench_core.engine.tensors import read_safetensors_header
-
-        model = self.build_model()
-        if not isinstance(model, nn.Module):
-            raise MergebenchError(f"{self.folder / 'model.py'}: build_model() returned {type(model).__name__}, not a "
-                                  f"torch.nn.Module")
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for name, path in self.files.items():
-            header = read_safetensors_header(path)
-            shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-            missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-            wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
-            if missing or extra or wrong:
-                parts = ([f"lacks {missing[:4]}"] if missing else []) + ([f"has extra {extra[:4]}"] if extra else []) \
-                    + [f"{k} is {shapes[k]}, build_model() makes {expected[k]}" for k in wrong[:3]]
-                raise MergebenchError(f"checkpoint {path.name} does not fit model.py's build_model(): "
-                                      f"{'; '.join(parts)}; every model of a fusion pool must have one architecture")
-        if self.spec is not None:
-            if not isinstance(self.spec, PermutationSpec):
-                raise MergebenchError(f"{self.folder / 'model.py'}: permutation_spec() must return a "
-                                      f"mergebench_core.fusion.alignment.PermutationSpec, got {type(self.spec).__name__}")
-            self.spec.validate_model(model)
-
-
-def _load_model_file(path: Path) -> Any:
-    import hashlib
-    import importlib.util
-
-    if not path.is_file():
-        raise MergebenchError(f"{path} is missing: a model folder needs a model.py defining build_model() (and "
-                              f"permutation_spec() for fusion)")
-    name = "mergebench_user_model_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise MergebenchError(f"{path} failed to run: {type(exc).__name__}: {exc}") from exc
-    if not callable(getattr(module, "build_model", None)):
-        raise MergebenchError(f"{path} defines no build_model(); it must return an untrained instance of the "
-                              f"architecture (torch.nn.Module)")
-    return module
-
-
-FOLDER_ENV = "MERGEBENCH_FUSION_DIR"
-
-
-def folder_pool_from_env() -> CheckpointFolderPool:
-    """The `fusion-folder` pool: `CheckpointFolderPool($MERGEBENCH_FUSION_DIR)`."""
-    import os
-
-    folder = os.environ.get(FOLDER_ENV)
-    if not folder:
-        raise MergebenchError(f"pool 'fusion-folder' reads your models from the folder in ${FOLDER_ENV} (model.py and "
-                              f"one .safetensors per model); set it, e.g. {FOLDER_ENV}=./my-models")
-    pool = CheckpointFolderPool(folder)
-    pool.name = "fusion-folder"
-    return pool

@@ -3,7 +3,8 @@
 Data: scikit-learn's bundled `load_digits` (1,797 real 8×8 handwritten digits), split once into 1,200 train and
 597 test images. Eight tasks see those digits through different views, as the CLIP suite sees different datasets:
 the digit itself, rotated by 90° and 180°, mirrored, shifted, transposed, and two relabelings (parity, and
-whether the digit is at least 5).
+whether the digit is at least 5). The data, the views and the head calibration are `mergebench_digits_tasks`,
+shared with the other digits pools.
 
 Models, mirroring CLIP's recipe:
 1. a shared MLP encoder is pretrained *without labels* (a denoising autoencoder on the train images of every view);
@@ -30,29 +31,33 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from mergebench_digits_tasks import DATA_SEED, N_TRAIN, TASKS, DigitsData, calibrated_scale, view
 from torch import nn
 
-from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
+from mergebench_core import PRETRAINED, TaskPool, hookimpl
+from mergebench_core.engine.tensors import load_state_dict, save_state_dict
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
+from mergebench_core.pools.folder import SafetensorsFolderPool
 from mergebench_core.pools.params import check_training_recipe
-from mergebench_core.data.splits import validation_indices
-from mergebench_core.engine.tensors import SafetensorsSource, load_state_dict, save_state_dict
+
+__all__ = ["GENERATOR_FILE", "POOL_NAME", "TASKPOOL_NAME", "DigitsModelPool", "DigitsPoolParams", "DigitsTaskPool",
+           "Encoder", "Recipe", "build", "ensure_built", "is_built", "make_pool", "zero_shot_logits",
+           # mergebench_digits_tasks' names, still importable from here as before that module existed
+           "TASKS", "DigitsData", "view"]
 
 log = logging.getLogger(__name__)
 
 POOL_NAME = "digits-mlp_TA8"
 TASKPOOL_NAME = "digits_TA8"
-TASKS = ("digits", "rot90", "rot180", "mirror", "shift", "transpose", "parity", "magnitude")
 RECIPE_VERSION = 3  # bump when the build code changes in a way the recipe fields do not show
 
 
@@ -60,8 +65,8 @@ RECIPE_VERSION = 3  # bump when the build code changes in a way the recipe field
 class Recipe:
     """Everything that determines the pool's weights; its hash names the cache folder."""
 
-    seed: int = 0
-    n_train: int = 1200
+    seed: int = DATA_SEED
+    n_train: int = N_TRAIN
     hidden: int = 256
     features: int = 128
     pretrain_steps: int = 1200
@@ -137,57 +142,6 @@ class Encoder(nn.Module):
         return self.norm(self.fc3(x))
 
 
-def view(task: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A task's inputs and labels from (N, 8, 8) images in [0, 1] and digit labels."""
-    if task == "digits":
-        return images, labels
-    if task == "rot90":
-        return torch.rot90(images, 1, (1, 2)), labels
-    if task == "rot180":
-        return torch.rot90(images, 2, (1, 2)), labels
-    if task == "mirror":
-        return torch.flip(images, (2,)), labels
-    if task == "shift":
-        return torch.roll(images, 2, 2), labels
-    if task == "transpose":
-        return images.transpose(1, 2), labels
-    if task == "parity":
-        return images, labels % 2
-    if task == "magnitude":
-        return images, (labels >= 5).long()
-    raise KeyError(task)
-
-
-@dataclass
-class DigitsData:
-    """The fixed train/test split of the bundled digits, and each task's view of it."""
-
-    recipe: Recipe
-    images: torch.Tensor = field(init=False)
-    labels: torch.Tensor = field(init=False)
-    order: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        from sklearn.datasets import load_digits
-
-        x, y = load_digits(return_X_y=True)
-        self.images = torch.tensor(x, dtype=torch.float32).view(-1, 8, 8) / 16.0
-        self.labels = torch.tensor(y, dtype=torch.long)
-        self.order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.recipe.seed))
-
-    def split(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        idx = self.order[: self.recipe.n_train] if split != "test" else self.order[self.recipe.n_train:]
-        if split == "val":  # a fixed 10 % of train, carved as every pool carves it
-            idx = idx[validation_indices(len(idx))]
-        x, y = view(task, self.images[idx], self.labels[idx])
-        return x.reshape(len(idx), 64).contiguous(), y
-
-    def num_classes(self, task: str) -> int:
-        return int(self.split(task, "train")[1].max()) + 1
-
-
 def _pretrain(recipe: Recipe, data: DigitsData, gen: torch.Generator) -> Encoder:
     encoder = Encoder(recipe.hidden, recipe.features)
     decoder = nn.Linear(recipe.features, 64)
@@ -214,39 +168,14 @@ def _prototypes(recipe: Recipe, encoder: Encoder, x: torch.Tensor, y: torch.Tens
     return F.normalize(torch.stack(rows), dim=-1)
 
 
-def _calibrated_scale(encoder: Encoder, prototypes: dict[str, torch.Tensor],
-                      splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The one logit scale s, shared by every task, that minimises the pretrained model's cross-entropy on the train
-    splits (each task's mean, summed over tasks): its zero-shot predictions are then calibrated, neither over- nor
-    under-confident. A golden-section search over log s in [0, log 1000] (the loss is convex in s)."""
-    with torch.no_grad():
-        cosines = {t: F.normalize(encoder(x), dim=-1) @ prototypes[t].T for t, (x, _) in splits.items()}
-
-    def loss(log_s: float) -> float:
-        return sum(float(F.cross_entropy(math.exp(log_s) * c, splits[t][1])) for t, c in cosines.items())
-
-    lo, hi = 0.0, math.log(1000.0)
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = loss(a), loss(b)
-    for _ in range(40):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = loss(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = loss(b)
-    return math.exp((lo + hi) / 2.0)
-
-
 def _zero_shot_heads(recipe: Recipe, encoder: Encoder, data: DigitsData) -> dict[str, nn.Linear]:
     """CLIP-style zero-shot heads: the rows are unit-norm class prototypes times one shared logit scale, no bias;
     `DigitsTaskPool.logits` applies them to unit-norm features, so logits = scale · cosine(feature, prototype)."""
     splits = {t: data.split(t, "train") for t in recipe.tasks}
     prototypes = {t: _prototypes(recipe, encoder, x, y) for t, (x, y) in splits.items()}
-    scale = _calibrated_scale(encoder, prototypes, splits)
+    with torch.no_grad():
+        cosines = {t: F.normalize(encoder(x), dim=-1) @ prototypes[t].T for t, (x, _) in splits.items()}
+    scale = calibrated_scale(cosines, {t: y for t, (_, y) in splits.items()})
     log.info("zero-shot heads: logit scale %.2f", scale)
     heads = {}
     for t, rows in prototypes.items():
@@ -379,8 +308,8 @@ def ensure_built(recipe: Recipe, root: Path | None = None) -> Path:
     return folder
 
 
-class DigitsModelPool(ModelPool):
-    """The pretrained encoder and one expert per task."""
+class DigitsModelPool(SafetensorsFolderPool):
+    """The pretrained encoder and one expert per task, read from the recipe's build folder (built on first use)."""
 
     default_taskpool = TASKPOOL_NAME
 
@@ -397,22 +326,8 @@ class DigitsModelPool(ModelPool):
     def expert_names(self) -> list[str]:
         return list(self.recipe.tasks)
 
-    def _file(self, name: str) -> Path:
-        if name != PRETRAINED and name not in self.recipe.tasks:
-            raise KeyError(f"pool {self.name!r} has no model {name!r}; models: {PRETRAINED}, "
-                           f"{', '.join(self.recipe.tasks)}")
-        return self.folder / f"{name}.safetensors"
-
-    def load_model(self, name: str) -> nn.Module:
-        model = Encoder(self.recipe.hidden, self.recipe.features)
-        model.load_state_dict(load_state_dict(self._file(name)))
-        return model.eval()
-
-    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return load_state_dict(self._file(name))
-
-    def tensor_source(self, name: str) -> SafetensorsSource:
-        return SafetensorsSource(self._file(name), name=f"{self.name}/{name}")
+    def build_model(self) -> nn.Module:
+        return Encoder(self.recipe.hidden, self.recipe.features)
 
     def identity(self, name: str) -> str:
         if name == PRETRAINED:  # every fine-tuning variant shares the pretrained encoder, so its cached statistics

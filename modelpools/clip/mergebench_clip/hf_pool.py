@@ -8,83 +8,29 @@ data-free methods read them tensor by tensor from their safetensors files withou
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from functools import cached_property
+from pathlib import Path
 
 import torch
+from mergebench_clip_tasks import BASE_MODELS, suite, taskpool_name
 from torch import nn
 
-from mergebench_core import PRETRAINED, CheckpointError, ModelPool
-from mergebench_core.engine.tensors import SafetensorsSource, StateDictSource, TensorSource
-from mergebench_clip_tasks import BASE_MODELS, hub, suite, taskpool_name
+from mergebench_core import PRETRAINED, CheckpointError
+from mergebench_core.engine.tensors import StateDictSource, TensorSource
+from mergebench_core.pools import hub
+from mergebench_core.pools.folder import CheckpointPool, RenamedSource
+from mergebench_core.pools.hf_models import dtype_kwargs, parse_dtype, quiet_transformers
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+VISION_PREFIX = "vision_model."
+"""Checkpoint files name the vision tower `vision_model.<key>` (full CLIPModel and CLIPVisionModel checkpoints
+alike); `CLIPVisionModel.state_dict()` may or may not carry that prefix depending on the transformers version, so
+its keys are looked up with and without it."""
 
 
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[value]
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Loading a vision tower from a full CLIP checkpoint reports every text-tower key as unexpected; that is the
-    point of loading only the vision tower, so the report is silenced."""
-    from transformers.utils import logging as hf_logging
-
-    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-class VisionTowerSource:
-    """The vision-tower tensors of a CLIP checkpoint, under the names `CLIPVisionModel.state_dict()` uses.
-
-    Checkpoint files name them `vision_model.<key>` (both full CLIPModel and CLIPVisionModel checkpoints); the module
-    may or may not carry that prefix depending on the transformers version, so the mapping is built from the module's
-    own key list.
-    """
-
-    def __init__(self, files: SafetensorsSource, module_keys: list[str], name: str):
-        self.files, self.name = files, name
-        present = set(files.keys())
-        self._map: dict[str, str] = {}
-        for k in module_keys:
-            for candidate in (k, f"vision_model.{k}", k.removeprefix("vision_model.")):
-                if candidate in present:
-                    self._map[k] = candidate
-                    break
-            else:
-                raise CheckpointError(f"{name}: the checkpoint has no tensor for the vision-tower key {k!r}")
-
-    def keys(self) -> list[str]:
-        return list(self._map)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.files.shape(self._map[key])
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.files.dtype(self._map[key])
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.files.get(self._map[key])
-
-
-class CLIPVisionPool(ModelPool):
+class CLIPVisionPool(CheckpointPool):
     """The pretrained CLIP vision tower and one fine-tuned tower per task of a suite."""
 
     has_pretrained = True
@@ -119,15 +65,11 @@ class CLIPVisionPool(ModelPool):
 
     # -- loading ------------------------------------------------------------------------------------------------
     def load_model(self, name: str) -> nn.Module:
-        import transformers
         from transformers import CLIPVisionModel
 
         location = hub.model_location(self.repo_id(name))
-        kwargs = {}
-        if self.dtype is not None:  # transformers 5 renamed torch_dtype to dtype
-            kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = self.dtype
         with quiet_transformers():
-            model = CLIPVisionModel.from_pretrained(location, **kwargs)
+            model = CLIPVisionModel.from_pretrained(location, **dtype_kwargs(self.dtype))
         return model.eval()
 
     @cached_property
@@ -138,19 +80,24 @@ class CLIPVisionPool(ModelPool):
         with torch.device("meta"):
             return list(CLIPVisionModel(config).state_dict())
 
-    def tensor_source(self, name: str) -> TensorSource:
-        """Lazy, tensor-by-tensor access to a model's vision tower (its state dict when the repo has no safetensors)."""
-        location = hub.model_location(self.repo_id(name))
-        label = f"{self.repo_id(name)}"
-        try:
-            files = SafetensorsSource(location, name=label)
-        except CheckpointError:
-            return StateDictSource(self.load_model(name).state_dict(), label)
-        return VisionTowerSource(files, self._module_keys, label)
+    def checkpoint_path(self, name: str) -> Path:
+        return Path(hub.model_location(self.repo_id(name)))
 
-    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        src = self.tensor_source(name)
-        return {k: src.get(k) for k in src.keys()}
+    def source_name(self, name: str) -> str:
+        return self.repo_id(name)
+
+    def stored_tensors(self, name: str) -> TensorSource:
+        """The checkpoint's safetensors, read lazily; a repository without them is loaded once and its state dict
+        handed out."""
+        try:
+            return super().stored_tensors(name)
+        except CheckpointError:
+            return StateDictSource(self.load_model(name).state_dict(), self.source_name(name))
+
+    def module_tensors(self, name: str, stored: TensorSource) -> TensorSource:
+        """Only the vision tower, under `CLIPVisionModel`'s own names."""
+        return RenamedSource.for_module(stored, self._module_keys, self.source_name(name),
+                                        prefixes=("", VISION_PREFIX), strip=(VISION_PREFIX,))
 
     # -- provenance and resources -------------------------------------------------------------------------------
     def identity(self, name: str) -> str:
@@ -167,6 +114,7 @@ class CLIPVisionPool(ModelPool):
         return [f"model {r}" for r in self.repo_ids() if hub.model_snapshot(r) is None]
 
     def download(self, progress: hub.Progress | None = None) -> None:
-        hub.require_hub([f"model {r}" for r in self.repo_ids() if hub.model_snapshot(r) is None])
+        """Fetch every model of the pool; offline, refuse at once naming whatever is still missing."""
+        hub.require_online([f"model {r}" for r in self.repo_ids() if hub.model_snapshot(r) is None])
         for repo in self.repo_ids():
             hub.download_model(repo, progress)

@@ -32,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergebench_core import PRETRAINED, CheckpointError, MergebenchError, ModelPool
-from mergebench_core.engine.tensors import (TRUST_PICKLE_ENV, SafetensorsSource, StateDictSource, TensorSource,
-                                     convert_pickle_checkpoint, read_pickle_checkpoint)
 from mergebench_clip_tasks import CLIPZeroShotTaskPool, suite
+
+from mergebench_core import PRETRAINED, CheckpointError, MergebenchError
+from mergebench_core.engine.tensors import (TRUST_PICKLE_ENV, SafetensorsSource, StateDictSource, TensorSource,
+                                            convert_pickle_checkpoint, read_pickle_checkpoint)
+from mergebench_core.pools.folder import CheckpointPool, RenamedSource
 
 log = logging.getLogger(__name__)
 
@@ -123,34 +125,22 @@ class OpenCLIPFolder:
             yield convert_pickle_checkpoint(path, trust_pickle=True, pickle_module=TASK_VECTORS_PICKLE)
 
 
-class VisualSource:
+class VisualSource(RenamedSource):
     """The image-tower tensors of a checkpoint, named as the open_clip `VisionTransformer` names them."""
 
     def __init__(self, inner: TensorSource):
-        self.inner, self.name = inner, inner.name
-        self._map: dict[str, str] = {}
+        names: dict[str, str] = {}
         for k in inner.keys():
             for prefix in VISUAL_PREFIXES:
                 if k.startswith(prefix):
-                    self._map[k[len(prefix):]] = k
+                    names[k[len(prefix):]] = k
                     break
-        if not self._map:
+        if not names:
             raise CheckpointError(f"{inner.name} holds no image-tower tensors (model.visual.* or visual.*)")
-
-    def keys(self) -> list[str]:
-        return list(self._map)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.inner.shape(self._map[key])
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.inner.dtype(self._map[key])
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.inner.get(self._map[key])
+        super().__init__(inner, names, inner.name)
 
 
-class OpenCLIPPool(ModelPool):
+class OpenCLIPPool(CheckpointPool):
     """The pretrained OpenCLIP image encoder and the eight task-vectors experts, read from a local folder."""
 
     def __init__(self, size: str = "b32", *, root: str | os.PathLike[str] | None = None,
@@ -169,12 +159,15 @@ class OpenCLIPPool(ModelPool):
     def expert_names(self) -> list[str]:
         return list(self._tasks)
 
-    def tensor_source(self, name: str) -> TensorSource:
-        return VisualSource(self.folder.tensors(name))
+    def checkpoint_path(self, name: str) -> Path:
+        """The release's pickle (its converted `.safetensors` beside it is read instead when there is one)."""
+        return self.folder.pickle_path(name)
 
-    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        src = self.tensor_source(name)
-        return {k: src.get(k) for k in src.keys()}
+    def stored_tensors(self, name: str) -> TensorSource:
+        return self.folder.tensors(name)
+
+    def module_tensors(self, name: str, stored: TensorSource) -> TensorSource:
+        return VisualSource(stored)
 
     def load_model(self, name: str) -> nn.Module:
         try:

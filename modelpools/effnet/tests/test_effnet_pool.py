@@ -82,7 +82,7 @@ def test_the_build_is_deterministic(pools, tmp_path):
     for t in TASKS:
         assert (pool.folder / f"{t}.safetensors").read_bytes() == (again / f"{t}.safetensors").read_bytes(), t
     base_again = tmp_path / "base-again"
-    me._build_base(pool.base, base_again)
+    me.build_base(pool.base, base_again)
     for name in (PRETRAINED, "heads"):
         assert (pool.base_folder / f"{name}.safetensors").read_bytes() == \
             (base_again / f"{name}.safetensors").read_bytes(), name

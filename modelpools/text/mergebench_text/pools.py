@@ -14,65 +14,32 @@
   layers and zero elsewhere, as FusionBench loads them. T5's tied embeddings appear once in its state dict
   (`shared.weight`; `name_tied_parameters_once`), so every method merges them once.
 
-Data-free methods read GPT-2 and RoBERTa bodies tensor by tensor from the files (`tensor_source`); the other pools
-hand out state dicts.
+Data-free methods read GPT-2 and RoBERTa bodies and full Flan-T5 models tensor by tensor from the files
+(`tensor_source`, through the core's `CheckpointPool`); LoRA experts and padded heads are built first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from functools import cached_property
+from pathlib import Path
 
 import torch
-from mergebench_text_tasks import hub, suite
-from mergebench_text_tasks.checkpoint import RenamedSource, folder_source
+from mergebench_text_tasks import suite
 from torch import nn
 
-from mergebench_core import PRETRAINED, ModelPool
+from mergebench_core import PRETRAINED
 from mergebench_core.engine.tensors import StateDictSource, TensorSource
+from mergebench_core.pools import hub
+from mergebench_core.pools.folder import CheckpointPool, RenamedSource
+from mergebench_core.pools.hf_models import dtype_kwargs, folder_source, parse_dtype, quiet_transformers
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 BODY_PREFIXES = {"gpt2": ("", "transformer."), "roberta": ("", "roberta.")}
 TIED_EMBEDDINGS = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight",
                    "lm_head.weight": "shared.weight"}
 """T5 checkpoints store its tied embeddings once, as `shared.weight` (and the LM head too when it is tied)."""
-
-
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[value]
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Loading a body from a checkpoint with a head reports the head's keys as unused; that is the point."""
-    from transformers.utils import logging as hf_logging
-
-    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _dtype_kwargs(dtype: torch.dtype | None) -> dict:
-    if dtype is None:
-        return {}
-    import transformers
-
-    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
 
 
 def name_tied_parameters_once(model: nn.Module) -> nn.Module:
@@ -107,7 +74,7 @@ def name_tied_parameters_once(model: nn.Module) -> nn.Module:
     return model
 
 
-class TextModelPool(ModelPool):
+class TextModelPool(CheckpointPool):
     """The pretrained model and one expert per task of a text suite (see the module docstring for what is merged)."""
 
     has_pretrained = True
@@ -176,12 +143,12 @@ class TextModelPool(ModelPool):
             if arch == "gpt2":
                 from transformers import GPT2Model
 
-                model = GPT2Model.from_pretrained(self.location(name), **_dtype_kwargs(self.dtype))
+                model = GPT2Model.from_pretrained(self.location(name), **dtype_kwargs(self.dtype))
             elif arch == "roberta" and self.suite.head_mode == "expert":
                 from transformers import RobertaModel
 
                 model = RobertaModel.from_pretrained(self.location(name), add_pooling_layer=False,
-                                                     **_dtype_kwargs(self.dtype))
+                                                     **dtype_kwargs(self.dtype))
             elif arch == "roberta":
                 model = self._padded_classifier()
                 model.load_state_dict(self.state_dict(name))
@@ -199,7 +166,7 @@ class TextModelPool(ModelPool):
         from transformers import T5ForConditionalGeneration
 
         if not self._is_adapter(name):
-            return T5ForConditionalGeneration.from_pretrained(self.location(name), **_dtype_kwargs(self.dtype))
+            return T5ForConditionalGeneration.from_pretrained(self.location(name), **dtype_kwargs(self.dtype))
         from peft import PeftModel
 
         base = T5ForConditionalGeneration.from_pretrained(hub.model_location(self.suite.base_model))
@@ -231,24 +198,35 @@ class TextModelPool(ModelPool):
             return not self._is_adapter(name)
         return self.suite.head_mode == "expert"
 
+    def checkpoint_path(self, name: str) -> Path:
+        return Path(self.location(name))
+
+    def source_name(self, name: str) -> str:
+        return self.repo_id(name)
+
+    def stored_tensors(self, name: str) -> TensorSource:
+        """Safetensors lazily, else the weights-only pickle that older repositories (textattack) only have."""
+        return folder_source(self.checkpoint_path(name), self.source_name(name))
+
+    def module_tensors(self, name: str, stored: TensorSource) -> TensorSource:
+        """The module's own names: bodies are stored under a prefix beside a head, T5's tied embeddings once."""
+        return RenamedSource.for_module(stored, self._module_keys, self.source_name(name),
+                                        prefixes=BODY_PREFIXES.get(self.suite.architecture, ("",)),
+                                        aliases=TIED_EMBEDDINGS)
+
     def tensor_source(self, name: str) -> TensorSource:
         """Tensor-by-tensor access to a model's mergeable tensors, under the module's own names: read lazily from
-        the files where they hold them (bodies stored under a prefix, T5's tied embeddings stored once), else
-        the state dict of the built model (LoRA experts, padded heads)."""
-        label = self.repo_id(name)
+        the files where they hold them, else the state dict of the built model (LoRA experts, padded heads)."""
         if not self._lazy(name):
-            return StateDictSource(self.state_dict(name), label)
-        files = folder_source(self.location(name), label)
-        prefixes = BODY_PREFIXES.get(self.suite.architecture, ("",))
-        return RenamedSource(files, self._module_keys, label, prefixes, aliases=TIED_EMBEDDINGS)
+            return StateDictSource(self.state_dict(name), self.source_name(name))
+        return super().tensor_source(name)
 
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         if self.suite.architecture == "roberta" and self.suite.head_mode == "padded":
             return self._padded_state_dict(name)
         if not self._lazy(name):
             return self.load_model(name).state_dict()
-        src = self.tensor_source(name)
-        return {k: src.get(k) for k in src.keys()}
+        return super().state_dict(name)
 
     # -- RoBERTa with zero-padded heads -------------------------------------------------------------------------
     @property
@@ -271,7 +249,7 @@ class TextModelPool(ModelPool):
         """The body as stored, and the expert's head zero-padded to `max_labels` outputs (zero for the pretrained
         model, which has no head)."""
         label = self.repo_id(name)
-        files = folder_source(self.location(name), label)
+        files = self.stored_tensors(name)
         present = set(files.keys())
         out: dict[str, torch.Tensor] = {}
         for key, shape in self._padded_keys.items():

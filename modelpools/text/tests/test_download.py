@@ -4,9 +4,10 @@ clients (replaced here by recorders), and offline it refuses at once, naming eve
 from __future__ import annotations
 
 import pytest
-from mergebench_text_tasks import hub, suite
+from mergebench_text_tasks import suite
 
 from mergebench_core.cli import main
+from mergebench_core.pools import hub
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ from torch import nn
 from mergebench_core import MergebenchError, RunContext
 from mergebench_core.fusion.alignment import apply_permutation
 from mergebench_core.data.evaluation import evaluate
-from mergebench_core.fusion.levels import StateDictPool
+from mergebench_core.pools.states import StateDictPool
 from mergebench_core.contract.registry import get_registry
 
 

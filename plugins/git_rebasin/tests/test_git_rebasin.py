@@ -111,7 +111,7 @@ def random_model(arch: str):
 @pytest.mark.parametrize("matching", ["weight", "activation"])
 @pytest.mark.parametrize("arch", ["cnn", "vit"])
 def test_channels_and_heads_of_a_permuted_copy_are_realigned(arch, matching, seeds_pools, tmp_path):
-    from mergebench_core.fusion.levels import StateDictPool
+    from mergebench_core.pools.states import StateDictPool
 
     _, tasks = seeds_pools
     model = random_model(arch)

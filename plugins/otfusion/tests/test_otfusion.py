@@ -11,7 +11,7 @@ from mergebench_otfusion import OTFusion, Params, barycentric_map, transport_pla
 from mergebench_core import MergebenchError, RunContext
 from mergebench_core.fusion.alignment import PermutationSpec, apply_permutation
 from mergebench_core.data.evaluation import evaluate
-from mergebench_core.fusion.levels import StateDictPool
+from mergebench_core.pools.states import StateDictPool
 from mergebench_core.contract.registry import get_registry
 
 ARCHS = {"mlp": MLPClassifier, "cnn": CNNClassifier, "vit": ViTClassifier}

@@ -65,6 +65,11 @@ class HeadCache:
         self._load_clip = load_clip
         self._clip: tuple | None = None
 
+    @property
+    def text_tower_loaded(self) -> bool:
+        """Whether the text tower was loaded: heads read back from the cache never need it."""
+        return self._clip is not None
+
     def _model(self) -> tuple:
         if self._clip is None:
             log.info("loading the text tower of the base model to build zero-shot heads")

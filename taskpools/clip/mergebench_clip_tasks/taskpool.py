@@ -21,15 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench_core import TaskPool
-from mergebench_core.paths import cache_dir
 from mergebench_core.data.splits import validation_indices
+from mergebench_core.paths import cache_dir
+from mergebench_core.pools import hub
 
-from . import hub
 from .catalog import BASE_MODELS, TaskSpec, suite, task
 from .heads import HeadCache, ProjectionSide
 from .pixels import CachedSplit, PixelCache, PixelKey, processor_digest
 
 log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "MERGEBENCH_CLIP_DATA_DIR"
+"""`$MERGEBENCH_CLIP_DATA_DIR/<dataset id>[/<config>]/<split>`: local `save_to_disk` copies used before the hub's."""
 
 
 def taskpool_name(size: str, suite_name: str) -> str:
@@ -61,25 +64,22 @@ class CLIPZeroShotTaskPool(TaskPool):
     def _dataset_needs(self, splits: tuple[str, ...] = ("test",)) -> list[tuple[TaskSpec, str]]:
         return [(s, s.split_name(sp)) for s in self.specs.values() for sp in splits]
 
+    def _missing(self, splits: tuple[str, ...]) -> list[str]:
+        model = [] if hub.model_snapshot(self.base_model) else [f"model {self.base_model}"]
+        return model + [hub.describe_dataset(s.dataset, s.config, split) for s, split in self._dataset_needs(splits)
+                        if not hub.dataset_available(s.dataset, s.config, split, local_env=DATA_DIR_ENV)]
+
     def missing_resources(self) -> list[str]:
         """Offline only: the base model and test splits that are in neither the hub cache nor a local copy."""
-        if not hub.offline():
-            return []
-        missing = [] if hub.model_snapshot(self.base_model) else [f"model {self.base_model}"]
-        for spec, split in self._dataset_needs():
-            if not hub.dataset_available(spec.dataset, spec.config, split):
-                missing.append(f"dataset {spec.dataset}{' (' + spec.config + ')' if spec.config else ''} [{split}]")
-        return missing
+        return self._missing(("test",)) if hub.offline() else []
 
     def download(self, progress: hub.Progress | None = None) -> None:
-        """Prefetch the base model and the test and train splits of every task into the Hugging Face caches."""
-        needs = self._dataset_needs(("test", "train"))
-        hub.require_hub([*([] if hub.model_snapshot(self.base_model) else [f"model {self.base_model}"]),
-                         *(f"dataset {s.dataset}{' (' + s.config + ')' if s.config else ''} [{split}]"
-                           for s, split in needs if not hub.dataset_available(s.dataset, s.config, split))])
+        """Prefetch the base model and the test and train splits of every task into the Hugging Face caches;
+        offline, refuse at once naming whatever is still missing."""
+        hub.require_online(self._missing(("test", "train")), local_env=DATA_DIR_ENV)
         hub.download_model(self.base_model, progress)
-        for spec, split in needs:
-            hub.download_dataset(spec.dataset, spec.config, split, progress)
+        for spec, split in self._dataset_needs(("test", "train")):
+            hub.download_dataset(spec.dataset, spec.config, split, progress, local_env=DATA_DIR_ENV)
 
     def version_info(self) -> dict[str, str]:
         return {"clip_base": f"{self.base_model}@{hub.model_revision(self.base_model)}"}
@@ -122,8 +122,8 @@ class CLIPZeroShotTaskPool(TaskPool):
         return PixelCache(self.cache_root / "pixels")
 
     def _key(self, spec: TaskSpec, split: str) -> PixelKey:
-        return PixelKey(spec.dataset, spec.config, hub.dataset_revision(spec.dataset, spec.config, split), split,
-                        processor_digest(self.image_processor))
+        revision = hub.dataset_revision(spec.dataset, spec.config, split, local_env=DATA_DIR_ENV)
+        return PixelKey(spec.dataset, spec.config, revision, split, processor_digest(self.image_processor))
 
     def split(self, task_name: str, split: str = "test", limit: int | None = None) -> CachedSplit:
         """The preprocessed split from the pixel cache, decoding it first if this is its first use."""
@@ -135,7 +135,8 @@ class CLIPZeroShotTaskPool(TaskPool):
         found = self.pixel_cache.find(key, limit)
         if found is not None:
             return found
-        return self.pixel_cache.build(key, lambda: hub.open_dataset(spec.dataset, spec.config, name),
+        return self.pixel_cache.build(key, lambda: hub.open_dataset(spec.dataset, spec.config, name,
+                                                                    local_env=DATA_DIR_ENV),
                                       self.image_processor, spec.image_column, spec.label_column, limit)
 
     def batches(self, task: str, split: str = "test", *, batch_size: int = 256,

@@ -66,7 +66,7 @@ def tiny_base(tmp_path, monkeypatch):
 def test_pixel_cache_equals_the_processor_and_later_reads_never_decode(tiny_base, monkeypatch):
     from datasets import load_from_disk
 
-    from mergebench_clip_tasks import hub
+    from mergebench_core.pools import hub
 
     model, processor, root = tiny_base
     pool = CLIPZeroShotTaskPool("b32", "TA8", tasks=["mnist"], cache_root=root / "cache")
@@ -103,7 +103,7 @@ def test_logits_are_scaled_cosines_against_the_cached_heads(tiny_base):
     assert torch.allclose(logits, model.logit_scale.exp() * image @ head.T, atol=1e-5)
     cached = CLIPZeroShotTaskPool("b32", "TA8", tasks=["mnist"], cache_root=root / "cache")
     assert torch.equal(cached.head("mnist"), head)  # read back from disk, no text tower
-    assert cached.heads._clip is None
+    assert not cached.heads.text_tower_loaded
 
 
 def test_missing_resources_only_offline_and_only_what_is_absent(tiny_base, monkeypatch):
@@ -114,7 +114,7 @@ def test_missing_resources_only_offline_and_only_what_is_absent(tiny_base, monke
     assert "dataset ylecun/mnist [test]" not in missing  # the local copy counts
     assert len(missing) == 7 and "dataset ufldl-stanford/svhn (cropped_digits) [test]" in missing
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    from mergebench_clip_tasks import hub
+    from mergebench_core.pools import hub
 
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
     assert pool.missing_resources() == []  # online, everything can be fetched on first use

@@ -12,14 +12,17 @@ import torch
 
 from mergebench_core import TaskPool
 from mergebench_core.contract.api import ACCURACY, MetricSpec
-from mergebench_core.paths import cache_dir
 from mergebench_core.data.splits import validation_indices
+from mergebench_core.paths import cache_dir
+from mergebench_core.pools import hub
 
-from . import hub
 from .catalog import Suite, TextTask, suite
 from .tokens import TokenizedSplit, cache_key
 
 log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "MERGEBENCH_TEXT_DATA_DIR"
+"""`$MERGEBENCH_TEXT_DATA_DIR/<dataset id>[/<config>]/<split>`: local `save_to_disk` copies used before the hub's."""
 
 
 class TextTaskPool(TaskPool):
@@ -71,28 +74,25 @@ class TextTaskPool(TaskPool):
     def _dataset_needs(self, splits: tuple[str, ...] = ("test",)) -> list[tuple[TextTask, str]]:
         return [(s, s.split_name(sp)) for s in self.specs.values() for sp in splits]
 
+    def _missing(self, splits: tuple[str, ...]) -> list[str]:
+        models = [f"model {r}" for r in self.models_needed() if hub.model_snapshot(r) is None]
+        return models + [hub.describe_dataset(s.dataset, s.config, sp) for s, sp in self._dataset_needs(splits)
+                         if not hub.dataset_available(s.dataset, s.config, sp, local_env=DATA_DIR_ENV)]
+
     def missing_resources(self) -> list[str]:
-        if not hub.offline():
-            return []
-        missing = [f"model {r}" for r in self.models_needed() if hub.model_snapshot(r) is None]
-        for spec, split in self._dataset_needs():
-            if not hub.dataset_available(spec.dataset, spec.config, split):
-                missing.append(hub.describe_dataset(spec.dataset, spec.config, split))
-        return missing
+        """Offline only: the models and test splits that are in neither the hub cache nor a local copy."""
+        return self._missing(("test",)) if hub.offline() else []
 
     def download(self, progress: hub.Progress | None = None) -> None:
         """Fetch the tokenizer's repository (and the experts' heads), and the test and train splits of every task;
         offline, refuse at once naming whatever is still missing."""
         if hub.offline():
-            hub.require_online(
-                [f"model {r}" for r in self.models_needed() if hub.model_snapshot(r) is None]
-                + [hub.describe_dataset(s.dataset, s.config, sp) for s, sp in self._dataset_needs(("test", "train"))
-                   if not hub.dataset_available(s.dataset, s.config, sp)])
+            hub.require_online(self._missing(("test", "train")), local_env=DATA_DIR_ENV)
             return
         for repo in self.models_needed():
             hub.download_model(repo, progress)
         for spec, split in self._dataset_needs(("test", "train")):
-            hub.download_dataset(spec.dataset, spec.config, split, progress)
+            hub.download_dataset(spec.dataset, spec.config, split, progress, local_env=DATA_DIR_ENV)
 
     def version_info(self) -> dict[str, str]:
         return {f"text_tasks/{self.name}": f"{self.suite.base_model}@{hub.model_revision(self.suite.base_model)}"
@@ -130,7 +130,7 @@ class TextTaskPool(TaskPool):
             base = self.suite.base_model
             folder = self.cache_root / "tokens" / cache_key(
                 dataset=spec.dataset, config=spec.config, split=name,
-                revision=hub.dataset_revision(spec.dataset, spec.config, name),
+                revision=hub.dataset_revision(spec.dataset, spec.config, name, local_env=DATA_DIR_ENV),
                 tokenizer=f"{base}@{hub.model_revision(base)}", max_length=self.max_length,
                 fields=spec.text_fields, preprocessing=self.preprocessing_id(task))
 
@@ -139,7 +139,8 @@ class TextTaskPool(TaskPool):
                         self.encode_labels(task, list(columns[self.specs[task].label_field])))
 
             self._splits[key] = TokenizedSplit(
-                folder, lambda: hub.open_dataset(spec.dataset, spec.config, name), encode, self.max_length,
+                folder, lambda: hub.open_dataset(spec.dataset, spec.config, name, local_env=DATA_DIR_ENV), encode,
+                self.max_length,
                 regression=spec.regression, description=f"{spec.dataset}/{spec.config or ''} [{name}]")
         return self._splits[key]
 

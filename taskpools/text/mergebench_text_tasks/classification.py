@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import hub
+from mergebench_core.pools import hub
+from mergebench_core.pools.hf_models import read_tensors
+
 from .base import TextTaskPool
-from .checkpoint import read_tensors
 from .labels import LabelOrder, resolve
 from .tokens import trim
 

@@ -132,20 +132,21 @@ def test_offline_missing_resources_of_the_lora_pool_name_adapters_and_datasets(t
     ta = taskpool_factory("roberta-base_textattack4")().missing_resources()
     assert "dataset SetFit/mnli [validation]" in ta and "model textattack/roberta-base-MNLI" in ta
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    from mergebench_text_tasks import hub
+    from mergebench_core.pools import hub
 
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
     assert TextModelPool("flan-t5-base_glue-lora16").missing_resources() == []
 
 
 def test_dataset_available_checks_the_config_folder_of_glue(tmp_path, monkeypatch):
-    from mergebench_text_tasks import hub
+    from mergebench_core.pools import hub
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.delenv("MERGEBENCH_TEXT_DATA_DIR", raising=False)
     snap = tmp_path / "datasets--nyu-mll--glue" / "snapshots" / "abc"
     (snap / "cola").mkdir(parents=True)
     (snap / "cola" / "validation-00000-of-00001.parquet").write_bytes(b"")
-    assert hub.dataset_available("nyu-mll/glue", "cola", "validation")
-    assert not hub.dataset_available("nyu-mll/glue", "mnli", "validation_matched")
-    assert not hub.dataset_available("SetFit/mnli", None, "validation")
+    env = "MERGEBENCH_TEXT_DATA_DIR"
+    assert hub.dataset_available("nyu-mll/glue", "cola", "validation", local_env=env)
+    assert not hub.dataset_available("nyu-mll/glue", "mnli", "validation_matched", local_env=env)
+    assert not hub.dataset_available("SetFit/mnli", None, "validation", local_env=env)

@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: {report.interrupted} row(s) not computed; the same command computes them",
               file=sys.stderr)
         return 130
-    return 1 if report.failed else 0
+    return 1 if report.failed or report.unwritten else 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mergebench_core.errors import MergebenchError
-from mergebench_core.results.pending import keep_aside, pending_dir, pending_folders
+from mergebench_core.results.pending import keep_aside, pending_folders
+from mergebench_core.results.pending import pending_dir  # noqa: F401  (callers import it from here, where it was)
 from mergebench_core.results.rows import JSON_FIELDS, DamagedRow, decode_row
-
-__all__ = ["CellResult", "ResultStore", "StoreBusyError", "cell_key", "pending_dir", "store_timeout"]
 
 log = logging.getLogger(__name__)
 

@@ -161,14 +161,14 @@ def test_run_against_a_locked_store_says_so_and_loses_no_result(tiny_env, monkey
     monkeypatch.setenv("MERGEBENCH_STORE_TIMEOUT", "0.2")
     holder = _holder(path)
     try:
-        assert main(["run", "-m", "task_arithmetic", "-p", "tiny"]) != 0
+        assert main(["run", "-m", "task_arithmetic", "-p", "tiny"]) == 1
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     err = capsys.readouterr().err
     assert "stayed locked by another process" in err and "results.sqlite.pending" in err
     kept = [json.loads(f.read_text()) for f in pending_dir(path).glob("*.json")]
-    assert len(kept) == 1  # the first result computed, kept aside rather than lost
+    assert len(kept) == 3  # every row computed (the grid went on), each kept aside rather than lost
 
     assert main(["run", "-m", "task_arithmetic", "-p", "tiny"]) == 0  # the lock is gone: the run completes
     rows = ResultStore(path, readonly=True).all()

@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: {report.interrupted} row(s) not computed; the same command computes them",
               file=sys.stderr)
         return 130
-    return 1 if report.failed else 0
+    return 1 if report.failed or report.unwritten else 0
 
 
 def add_parser(sub: Any) -> None:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mergebench_core.errors import MergebenchError
+from mergebench_core.results.pending import keep_aside, pending_folders
+from mergebench_core.results.pending import pending_dir  # noqa: F401  (callers import it from here, where it was)
+from mergebench_core.results.rows import JSON_FIELDS, DamagedRow, decode_row
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,6 @@ def cell_key(kind: str, method: str, params: Mapping[str, Any], modelpool: str, 
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
-_JSON_FIELDS = ("params", "preference", "metrics", "primary_metrics", "extras", "versions", "config", "identity")
-
 TIMEOUT_ENV = "MERGEBENCH_STORE_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
 """Seconds a write waits for another process that holds the store's write lock (SQLite's busy timeout); a write
@@ -148,12 +148,6 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def pending_dir(path: str | Path) -> Path:
-    """Where results that could not be written to the store at `path` are kept until the next writable open."""
-    path = Path(path)
-    return path.with_name(f"{path.name}.pending")
-
-
 class ResultStore:
     """SQLite-backed results; each `put` commits, so an interrupted grid keeps every finished cell.
 
@@ -169,6 +163,9 @@ class ResultStore:
         self.readonly = readonly
         self.timeout = store_timeout() if timeout is None else float(timeout)
         self.damaged: dict[str, str] = {}
+        if self.path.is_dir():
+            raise MergebenchError(f"the results store {self.path} is a folder, not a file; pass --store (or set "
+                                  f"MERGEBENCH_STORE to) a file path such as {self.path / 'mergebench-results.sqlite'}")
         if readonly:
             self.db = self._open_readonly()
             self._has_results = self._table_exists("results")
@@ -228,7 +225,14 @@ class ResultStore:
         if self.readonly and not self._table_exists("meta"):
             return 1
         row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return int(row[0]) if row else 1
+        if not row:
+            return 1
+        try:
+            return int(row[0])
+        except (TypeError, ValueError):
+            raise MergebenchError(f"the results store {self.path} is damaged: its schema version (table meta, key "
+                                  f"'schema_version') is {row[0]!r}, not a whole number. Restore the file from a "
+                                  f"copy, or start a new store with --store") from None
 
     def _set_version(self, version: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(version),))
@@ -274,7 +278,7 @@ class ResultStore:
     def _write(self, result: CellResult) -> sqlite3.Error | None:
         """Insert (or replace) `result`'s row, retrying once when the store is locked; the error, if it failed."""
         row = asdict(result)
-        for f in _JSON_FIELDS:
+        for f in JSON_FIELDS:
             row[f] = json.dumps(row[f], default=str)
         row["task_specific"] = int(row["task_specific"])
         row["cell_key"] = result.cell_key
@@ -297,20 +301,18 @@ class ResultStore:
 
     def _keep_aside(self, result: CellResult) -> Path:
         """Write `result` as JSON beside the store (or in the temporary folder when that is not writable)."""
-        from mergebench_core.locks import write_text_atomic
-
         text = json.dumps(asdict(result), default=str, indent=1)
-        name = f"{result.cell_key}-{time.time_ns()}.json"
-        try:
-            return write_text_atomic(pending_dir(self.path) / name, text).resolve()
-        except OSError:
-            return write_text_atomic(Path(tempfile.gettempdir()) / "mergebench-pending" / name, text)
+        return keep_aside(self.path, f"{result.cell_key}-{time.time_ns()}.json", text)
 
     def _import_pending(self) -> None:
-        """Add results an earlier run kept aside (see `put`); a newer stored row of the same cell wins."""
-        folder = pending_dir(self.path)
-        if not folder.is_dir():
-            return
+        """Add results earlier runs kept aside (see `put`), from beside the store and from the temporary folder."""
+        for folder in pending_folders(self.path):
+            if not self._import_folder(folder):
+                return
+
+    def _import_folder(self, folder: Path) -> bool:
+        """Add the results kept in `folder`; a newer stored row of the same cell wins. False when the store refused a
+        write (the rest waits for the next open)."""
         added = 0
         for file in sorted(folder.glob("*.json")):
             try:
@@ -322,19 +324,20 @@ class ResultStore:
                 stored = self.get(result.cell_key)
             except MergebenchError as exc:
                 log.warning("could not add the kept-aside result %s to %s yet: %s", file, self.path, exc)
-                return
+                return False
             failure = self._write(result) if stored is None or stored.created_at <= result.created_at else None
             if failure is not None:
                 log.warning("could not add the kept-aside result %s to %s yet: %s", file, self.path, failure)
-                return
+                return False
             file.unlink()
             added += 1
         if added:
-            log.info("added %d result(s) kept aside in %s to %s", added, folder, self.path)
+            log.info("added %d result(s) kept aside in %s to the results store %s", added, folder, self.path)
         try:
             folder.rmdir()
         except OSError:
             pass
+        return True
 
     # -- reading ---------------------------------------------------------------------------------------------
     def get(self, key: str) -> CellResult | None:
@@ -380,7 +383,7 @@ class ResultStore:
             key = row.pop("cell_key")
             try:
                 yield _decode(row)
-            except _Damaged as exc:
+            except DamagedRow as exc:
                 label = key if isinstance(key, str) else f"rowid {rowid}"
                 if label not in self.damaged:
                     self.damaged[label] = str(exc)
@@ -391,50 +394,10 @@ class ResultStore:
         self.db.close()
 
 
-class _Damaged(Exception):
-    """A stored row that cannot be read back as a `CellResult`."""
-
-
-_NUMBER = (int, float)
-_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
-    # column: (accepted types, may be NULL)
-    "kind": ((str,), False), "method": ((str,), False), "modelpool": ((str,), False), "taskpool": ((str,), False),
-    "status": ((str,), False), "seed": ((int,), False), "eval_limit": ((int,), True),
-    "mean": (_NUMBER, True), "normalized_mean": (_NUMBER, True), "merge_seconds": (_NUMBER, True),
-    "peak_memory_mb": (_NUMBER, True), "eval_seconds": (_NUMBER, True), "error": ((str,), True),
-    "traceback": ((str,), True), "task_specific": ((int,), False), "created_at": (_NUMBER, False),
-    "params": ((dict,), False), "preference": ((list,), True), "metrics": ((dict,), False),
-    "primary_metrics": ((dict,), False), "extras": ((dict,), False), "versions": ((dict,), False),
-    "config": ((dict,), False), "identity": ((dict,), False),
-}
-
-
 def _decode(row: dict[str, Any]) -> CellResult:
-    """A stored row as a `CellResult`, or `_Damaged` naming the first column that is not what it should be."""
-    for f in _JSON_FIELDS:
-        if f in row and row[f] is not None:
-            if not isinstance(row[f], str):
-                raise _Damaged(f"column {f!r} holds {type(row[f]).__name__} {row[f]!r}, not JSON text")
-            try:
-                row[f] = json.loads(row[f])
-            except ValueError as exc:
-                raise _Damaged(f"column {f!r} is not valid JSON ({exc})") from None
-    for column, value in row.items():
-        if column not in _TYPES:
-            continue
-        types, nullable = _TYPES[column]
-        if value is None and nullable:
-            continue
-        if not isinstance(value, types) or isinstance(value, bool):  # (JSON's true is not a number here)
-            raise _Damaged(f"column {column!r} holds {type(value).__name__} {value!r}, expected "
-                           f"{' or '.join(t.__name__ for t in types)}{' or null' if nullable else ''}")
-    for task, values in row.get("metrics", {}).items():
-        if not isinstance(values, dict) or not all(v is None or isinstance(v, _NUMBER) for v in values.values()):
-            raise _Damaged(f"column 'metrics' holds {values!r} for task {task!r}, expected numbers by metric name")
-    if row.get("preference") is not None and not all(isinstance(v, _NUMBER) for v in row["preference"]):
-        raise _Damaged(f"column 'preference' holds {row['preference']!r}, expected a list of numbers")
-    row["task_specific"] = bool(row["task_specific"])
+    """A stored row as a `CellResult`, or `DamagedRow` naming the first column that is not what it should be."""
+    fields = decode_row(row)
     try:
-        return CellResult(**row)
+        return CellResult(**fields)
     except TypeError as exc:  # a column this version does not know
-        raise _Damaged(str(exc)) from None
+        raise DamagedRow(str(exc)) from None

@@ -7,7 +7,10 @@ warm (the driver has already scored the reference rows, so data, heads and libra
 no plugin import), and whatever it changes dies with it. A fresh fork per cell costs milliseconds; reusing workers
 would save little and would need every change a cell can make to global state to be detected.
 The driver alone writes the store, as each result arrives. A worker that dies, or runs past the cell timeout, is
-turned into a failed row naming the exit code, the signal or the timeout, and the grid goes on.
+turned into a failed row naming the exit code, the signal or the timeout, and the grid goes on; a worker killed by a
+fatal signal (a segfault in a library) has faulthandler's Python stack written to a file of its own, stored as the
+row's traceback rather than spilled over the terminal. A worker never outlives its driver, and owns its progress-bar
+lock (`worker_setup`).
 
 `fork` exists on Linux and macOS; elsewhere cells run in the driver's process (`InProcessExecutor`), as they also do
 with `--isolation none` (for a debugger).
@@ -15,22 +18,25 @@ with `--isolation none` (for a debugger).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing as mp
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from mergebench_core.results.store import CellResult
+from mergebench_core.running.worker_setup import die_with_parent, own_progress_lock
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +99,16 @@ def reserve_threads_for_workers() -> None:
         torch.set_num_threads(1)
 
 
-def _child(conn: Connection, work: Callable[[], CellResult], threads: int) -> None:
+def _child(conn: Connection, work: Callable[[], CellResult], threads: int, driver: int, crash_log: IO[bytes]) -> None:
     """The worker: run one job, send the row (or what it raised) to the driver, and leave without running the
-    driver's exit handlers (inherited by the fork: pytest's, logging's)."""
+    driver's exit handlers (inherited by the fork: pytest's, logging's).
+
+    Before the work: die with `driver` (its pid), take a progress-bar lock of its own, and send faulthandler's dump
+    of a fatal signal to `crash_log`, which the driver reads if this process dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    die_with_parent(driver)
+    own_progress_lock()
+    faulthandler.enable(file=crash_log, all_threads=True)
     try:
         torch.set_num_threads(threads)
         conn.send(("ok", work()))
@@ -126,6 +138,31 @@ def _death(exitcode: int | None) -> str:
     return f"the worker exited with code {exitcode} before it finished the cell (os._exit or a crash in a library)"
 
 
+def _crash_dump(crash_log: IO[bytes]) -> str | None:
+    """What faulthandler wrote when the worker died of a fatal signal (its Python stack), or None."""
+    try:
+        crash_log.seek(0)
+        text = crash_log.read().decode("utf-8", errors="replace").strip()
+    except (OSError, ValueError):
+        return None
+    return text or None
+
+
+@dataclass
+class _Worker:
+    """A running worker, as the driver tracks it."""
+
+    job: Job
+    process: Any  # multiprocessing's fork-context Process
+    started: float
+    crash_log: IO[bytes]
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.crash_log.close()
+
+
 class ForkExecutor:
     """A fresh forked worker per job, `jobs` at a time, each killed past `timeout` seconds."""
 
@@ -143,50 +180,51 @@ class ForkExecutor:
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, CellResult]]:
         ctx = mp.get_context("fork")
         pending = deque(jobs)
-        running: dict[Connection, tuple[Job, Any, float]] = {}
+        running: dict[Connection, _Worker] = {}
         try:
             while pending or running:
                 while pending and len(running) < self.jobs:
                     job = pending.popleft()
                     receive, send = ctx.Pipe(duplex=False)
-                    process = ctx.Process(target=_child, args=(send, job.work, self.threads), daemon=True,
-                                          name=f"mergebench-cell: {job.label}"[:60])
+                    crash_log = tempfile.TemporaryFile()  # unnamed: gone with its last descriptor
+                    process = ctx.Process(target=_child, args=(send, job.work, self.threads, os.getpid(), crash_log),
+                                          daemon=True, name=f"mergebench-cell: {job.label}"[:60])
                     process.start()
                     send.close()
-                    running[receive] = (job, process, time.monotonic())
+                    running[receive] = _Worker(job, process, time.monotonic(), crash_log)
                 for conn in wait(list(running), timeout=self._wait_time(running)):
-                    job, process, _ = running.pop(conn)
+                    worker = running.pop(conn)
                     try:
                         message = conn.recv()
                     except (EOFError, OSError):
                         message = None
                     conn.close()
-                    process.join()
-                    yield job, self._result(job, message, process.exitcode)
-                for conn, (job, process, started) in list(running.items()):
-                    if self.timeout is not None and time.monotonic() - started > self.timeout:
-                        process.kill()
-                        process.join()
+                    worker.process.join()
+                    result = self._result(worker.job, message, worker.process.exitcode, worker.crash_log)
+                    worker.crash_log.close()
+                    yield worker.job, result
+                for conn, worker in list(running.items()):
+                    if self.timeout is not None and time.monotonic() - worker.started > self.timeout:
+                        worker.stop()
                         conn.close()
                         del running[conn]
-                        yield job, failed(job, f"timeout: the cell ran past --cell-timeout {self.timeout:g} s and "
-                                               f"was stopped")
+                        yield worker.job, failed(worker.job, f"timeout: the cell ran past --cell-timeout "
+                                                             f"{self.timeout:g} s and was stopped")
         finally:  # Ctrl-C, or the consumer stopped early: no worker outlives the run
-            for conn, (_, process, _) in running.items():
-                process.kill()
-                process.join()
+            for conn, worker in running.items():
+                worker.stop()
                 conn.close()
 
-    def _wait_time(self, running: dict[Connection, tuple[Job, Any, float]]) -> float | None:
+    def _wait_time(self, running: dict[Connection, _Worker]) -> float | None:
         if self.timeout is None:
             return None
         now = time.monotonic()
-        return max(0.0, min(started + self.timeout - now for _, _, started in running.values()))
+        return max(0.0, min(w.started + self.timeout - now for w in running.values()))
 
     @staticmethod
-    def _result(job: Job, message: Any, exitcode: int | None) -> CellResult:
+    def _result(job: Job, message: Any, exitcode: int | None, crash_log: IO[bytes]) -> CellResult:
         if message is None:
-            return failed(job, _death(exitcode))
+            return failed(job, _death(exitcode), _crash_dump(crash_log))
         if message[0] == "ok":
             return message[1]  # type: ignore[no-any-return]
         return failed(job, message[1], message[2])

@@ -58,7 +58,11 @@ class RayExecutor:
         import ray
 
         self.runner, self.timeout = runner, timeout
-        if not ray.is_initialized():
+        self.started_ray = not ray.is_initialized()
+        """True when this executor started (or connected to) Ray itself: it then shuts Ray down when its run ends
+        (finished, failed or interrupted), so no local Ray processes (raylet, monitors) outlive the grid. A Ray the
+        caller started stays up."""
+        if self.started_ray:
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
         resources: dict[str, Any] = {"num_cpus": 1}
         if runner.device.type == "cuda":
@@ -72,6 +76,14 @@ class RayExecutor:
                                       bn_stats=self.runner.bn_stats)  # a config file's bn_stats: too
         store = self.runner.store
         store_path = str(store.path) if store is not None else None
+        try:
+            yield from self._run(ray, options, store_path, jobs)
+        finally:
+            if self.started_ray:
+                _shutdown(ray)
+
+    def _run(self, ray: Any, options: RunOptions, store_path: str | None,
+             jobs: Iterable[Job]) -> Iterator[tuple[Job, CellResult]]:
         started = {self.remote.remote(options, store_path, job.spec): (job, time.monotonic()) for job in jobs}
         while started:
             done, _ = ray.wait(list(started), num_returns=1, timeout=1.0)
@@ -88,3 +100,10 @@ class RayExecutor:
                         del started[ref]
                         yield job, failed(job, f"timeout: the cell ran past --cell-timeout {self.timeout:g} s and "
                                                f"was stopped")
+
+
+def _shutdown(ray: Any) -> None:
+    """Shut down the Ray this run started (a no-op if something else already did)."""
+    if ray.is_initialized():
+        log.info("shutting down the Ray this run started")
+        ray.shutdown()

@@ -110,6 +110,8 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     interrupted: int = 0
     """Rows left uncomputed because the user pressed Ctrl-C."""
+    unwritten: list[str] = field(default_factory=list)
+    """Why each computed row the store refused was not written, and where it was kept instead."""
 
     @property
     def failed(self) -> list[CellResult]:
@@ -417,12 +419,20 @@ class Runner:
                 for job, result in runner.run(batch):
                     if result.kind == "method" and result.status == "ok":
                         result.normalized_mean = self._normalized(result)
-                    store.put(result)
+                    try:
+                        store.put(result)
+                    except MergebenchError as exc:  # kept aside (the message says where): the grid goes on
+                        log.error("%s", exc)
+                        report.unwritten.append(str(exc))
                     report.results.append(result)
                     progress.done(job.label, result)
         except KeyboardInterrupt:  # what finished is stored; the table of it is still worth printing
             report.interrupted = len(ref_jobs) + len(jobs) - progress.count
             log.warning("interrupted: %d row(s) not computed; run again to compute them", report.interrupted)
+        if report.unwritten:
+            log.error("%d computed row(s) could not be written to the results store %s; the messages above say "
+                      "where each was kept instead, and the next `mergebench run` adds them", len(report.unwritten),
+                      store.path)
         return report
 
     def key(self, cell: Cell) -> str:

@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mergebench_core.results.leaderboard import TASK_SPECIFIC_MARK, TASK_SPECIFIC_NOTE, Column, Row, Table
+from mergebench_core.results.labels import TASK_SPECIFIC_MARK, TASK_SPECIFIC_NOTE
+from mergebench_core.results.rows import Column, Row, Table
 
 EXTRAS_LIMIT = 20_000
 """Characters of a row's extras shown in its detail view; longer ones are cut, with a note."""
@@ -325,7 +326,7 @@ def _table_html(table: Table, t: int) -> str:
         title = f' title="{_e(table.primary[c.task].get("metric", "accuracy"))}"' if c.task else ""
         heads.append(f'<th scope="col" class="num" aria-sort="none"{title}><button type="button" class="sort" '
                      f'data-col="{offset + i}" data-type="num" data-first="{first}">{_e(c.header)}</button></th>')
-    ranks = {c.id: table.ranks(c) for c in cols}
+    ranks = {c.id: table.marks(c) for c in cols}
     bodies = []
     for i, r in enumerate(table.rows):
         ref = r.kind == "reference"
@@ -356,7 +357,7 @@ def _table_html(table: Table, t: int) -> str:
 
 
 def render_html(tables: Sequence[Table], title: str = "mergebench leaderboard") -> str:
-    """The whole page for `tables` (from `leaderboard.build_tables`)."""
+    """The whole page for `tables` (from `tables.build_tables`)."""
     from mergebench_core import __version__
 
     body = "".join(_table_html(tb, i) for i, tb in enumerate(tables)) or '<p class="meta">no results</p>'
@@ -376,8 +377,8 @@ def render_html(tables: Sequence[Table], title: str = "mergebench leaderboard") 
 <p class="meta">{len(tables)} table(s) · mergebench {_e(__version__)}</p>
 <button id="theme" type="button" title="switch between light and dark">◐ light / dark</button>
 <p class="help">Click a column header to sort by it (again to reverse); ▸ opens a row's parameters, seeds, versions and
-extras. Per column, the best method is <strong>bold</strong> and the second <u>underlined</u>; reference rows stay on
-top.</p>
+extras. In each score column, the best method is <strong>bold</strong> and the second <u>underlined</u> (tied
+rows alike); reference rows stay on top.</p>
 </header>
 <main>
 {body}

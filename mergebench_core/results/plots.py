@@ -2,7 +2,7 @@
 
 Each kind draws one figure per (model pool, task pool): the file named by `out` when there is one pool, else `out`
 with the pool's name appended. The format follows the file name (PNG, SVG or PDF). Rows are the leaderboard's
-(`leaderboard.build_tables`): a configuration's seeds are averaged, error bars are their sample standard deviation,
+(`tables.build_tables`): a configuration's seeds are averaged, error bars are their sample standard deviation,
 and labels name every non-default parameter.
 
 - `pareto_figure`: each method's preference front on every pair of a pool's tasks, with the pretrained model and the
@@ -20,12 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mergebench_core.errors import MergebenchError, normalize_name
 from mergebench_core.data.evaluation import primary_value
-from mergebench_core.results.leaderboard import Column, Row, Table, build_tables, metric_title, short_value
-from mergebench_core.preferences.pareto import _labels as front_labels
+from mergebench_core.errors import MergebenchError
 from mergebench_core.preferences.pareto import front_summaries
+from mergebench_core.results.labels import front_labels, short_value
+from mergebench_core.results.rows import COLUMN_ALIASES, SUMMARY_COLUMNS, Column, Row, Table, metric_title
 from mergebench_core.results.store import CellResult
+from mergebench_core.results.tables import build_tables, select_methods, task_column
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 KINDS = ("pareto", "tasks", "time", "sweep")
@@ -139,26 +140,16 @@ def _tables(results: Sequence[CellResult], modelpool: str | None, taskpool: str 
 
 def _chosen(tables: Sequence[Table], methods: Sequence[str] | None) -> set[str] | None:
     """The method names asked for, checked against what the store holds (None: all)."""
-    if not methods:
-        return None
-    stored = {r.method for t in tables for r in t.methods}
-    wanted = {normalize_name(m) for m in methods}
-    missing = sorted(wanted - stored)
-    if missing:
-        raise MergebenchError(f"no stored results for method(s) {', '.join(missing)}; the store has "
-                              f"{', '.join(sorted(stored))}")
-    return wanted
+    return select_methods(methods, [r.method for t in tables for r in t.methods])
 
 
 def _score_column(table: Table, score: str) -> Column:
     """`avg`, `norm`, or a task's name: the column a plot's y axis shows."""
-    from mergebench_core.results.leaderboard import COLUMN_ALIASES, SUMMARY_COLUMNS, _task_column
-
     key = COLUMN_ALIASES.get(score.lower(), score.lower())
     if key in ("avg", "norm"):
         return SUMMARY_COLUMNS[key]
     if score in table.tasks:
-        return _task_column(table, score)
+        return task_column(table, score)
     raise MergebenchError(f"--score {score!r}: use avg, norm or one of the tasks ({', '.join(table.tasks)})")
 
 

@@ -185,6 +185,41 @@ def test_in_a_browser_loads_clean_sorts_expands_and_screenshots(driver, tmp_path
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
+def board():
+    """Realistic rows: the README's eight-task grid on the embedded pool (references, 13 configurations, one over
+    three seeds, long labels), and a two-task pool run at preferences."""
+    data = json.loads((Path(__file__).parent / "data" / "results_board.json").read_text())
+    return [CellResult(**d) for d in data]
+
+
+def test_an_eight_task_table_fits_a_laptop_screen(driver, tmp_path):
+    """At 1400 px, Norm., Merge (s) and Peak mem were hidden behind a horizontal scroll bar."""
+    from selenium.webdriver.common.by import By
+
+    path = tmp_path / "board.html"
+    path.write_text(render(board(), "html"), encoding="utf-8")
+    driver.set_window_size(1400, 900)
+    try:
+        driver.get(path.as_uri())
+        boxes = driver.execute_script(
+            "return Array.from(document.querySelectorAll('.scroll')).map(e => [e.scrollWidth, e.clientWidth])")
+        assert len(boxes) == 2 and all(scroll <= client for scroll, client in boxes), boxes
+        view = driver.execute_script("return document.documentElement.clientWidth")
+        heads = driver.find_elements(By.CSS_SELECTOR, "#table-0 thead th")
+        assert [" ".join(h.text.split()) for h in heads[-3:]] == ["Norm.", "Merge (s)", "Peak mem (MB)"]
+        assert all(h.rect["x"] + h.rect["width"] <= view for h in heads)  # every column on screen
+        seeded = next(e for e in driver.find_elements(By.CSS_SELECTOR, "#table-0 tbody.entry")
+                      if e.find_element(By.CSS_SELECTOR, "th.label").text.lstrip("▸ ").startswith("dare_ta"))
+        mean, std = seeded.find_elements(By.CSS_SELECTOR, "td.num")[1].text.splitlines()  # digits: ± below the mean
+        assert re.fullmatch(r"\d+\.\d", mean) and re.fullmatch(r"± \d\.\d", std)
+        keep = os.environ.get("MERGEBENCH_SCREENSHOTS")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(Path(keep) / "leaderboard-1400.png"))
+    finally:
+        driver.set_window_size(1400, 1000)
+
+
 def test_extras_json_stays_json_and_short_values_stay_on_one_line():
     from mergebench_core.results.html_report import _json_text
 

@@ -1,17 +1,23 @@
 """Leaderboard tables: rows that name their configuration, seeds as mean ± std with n, columns, and each format."""
 
+import ast
 import csv
+import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
+from pathlib import Path
 
 import pytest
 
+import mergebench_core
 from mergebench_core.cli import main
 from mergebench_core.errors import MergebenchError
+from mergebench_core.results.latex import SHRINK_TO_LINE
 from mergebench_core.results.leaderboard import build_tables, render
 from mergebench_core.results.store import CellResult, ResultStore
 
@@ -182,18 +188,42 @@ def test_latex_is_booktabs_with_aligned_numbers_and_marks():
     assert r"\toprule" in text and r"\bottomrule" in text and r"\hline" not in text
     lines = text.splitlines()
     spec = next(line for line in lines if line.startswith(r"\begin{tabular}"))
-    assert spec == r"\begin{tabular}{lr" + "r@{}l" * 3 + "}"  # label, n, each number right-aligned, ± std beside
+    assert spec == r"\begin{tabular}{lrrrr}"  # label, n, each number right-aligned in one column
     refs_end = lines.index(next(l for l in lines if l.startswith("Individual (experts)")))
     assert lines[refs_end + 1] == r"\midrule"  # a rule after the reference rows
     body = latex_rows(text)
-    assert body[0].startswith("Method & $n$ & \\multicolumn{2}{c}{a}")
-    best = next(l for l in body if l.startswith("ties (k=0.1)"))
-    assert r"\textbf{82.0} & ${}\pm{}$2.0" in best  # best in a, with its std
+    assert body[0] == "Method & $n$ & a & b & Avg. \\\\"
+    best = next(i for i, l in enumerate(lines) if l.startswith("ties (k=0.1)"))
+    assert lines[best].startswith(r"ties (k=0.1) & 3 & \textbf{82.0} & \textbf{72.0} & \textbf{77.0}")
+    # the seeds' std in small type on the line below the means, in the same columns
+    assert lines[best + 1] == r" &  & {\scriptsize$\pm$2.0} & {\scriptsize$\pm$2.0} & {\scriptsize$\pm$1.7} \\[1pt]"
     second = next(l for l in body if l.startswith(r"tall\_masks$^\dagger$"))
     assert r"\underline{75.0}" in second
     assert r"\textbf" not in next(l for l in body if l.startswith("Individual"))  # references are not ranked
     assert r"$^\dagger$\,One model per task" in text  # the dagger explained below the table
-    assert "mean $\\pm$ sample standard deviation over $n$ seeds" in text
+    assert "mean over $n$ seeds, with the sample standard deviation ($\\pm$) below" in text
+
+
+def _pdflatex():
+    pdflatex = shutil.which("pdflatex")
+    if pdflatex is None:
+        if os.environ.get("CI"):
+            pytest.fail("pdflatex is missing: .ci/run installs texlive-latex-recommended")
+        pytest.skip("pdflatex not installed (apt-get install texlive-latex-recommended)")
+    return pdflatex
+
+
+def compile_latex(folder, table, documentclass="{article}", before=""):
+    """Compile `table` in a document of that class (booktabs, graphicx); the log's text."""
+    (folder / "table.tex").write_text(table)
+    (folder / "doc.tex").write_text(f"\\documentclass{documentclass}\n\\usepackage{{booktabs}}\n"
+                                    "\\usepackage{graphicx}\n\\begin{document}\n" + before +
+                                    "\\input{table.tex}\n\\end{document}\n")
+    proc = subprocess.run([_pdflatex(), "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], check=False,
+                          cwd=folder, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (folder / "doc.pdf").read_bytes().startswith(b"%PDF")
+    return (folder / "doc.log").read_text(errors="replace")
 
 
 def test_latex_escapes_and_compiles(tmp_path):
@@ -201,19 +231,132 @@ def test_latex_escapes_and_compiles(tmp_path):
             cell("boom", {"x": 1}, status="failed", error="RuntimeError: 50% & more")]
     text = render(rows, "latex", defaults=lambda m: {} if m == "tall_masks" else defaults(m))
     assert r"t\_x=a\&b\%" in text and "% FAILED boom" in text
-    pdflatex = shutil.which("pdflatex")
-    if pdflatex is None:
-        if os.environ.get("CI"):
-            pytest.fail("pdflatex is missing: .ci/run installs texlive-latex-recommended")
-        pytest.skip("pdflatex not installed (apt-get install texlive-latex-recommended)")
-    (tmp_path / "table.tex").write_text(text)
-    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
-                                      "\\input{table.tex}\n\\end{document}\n")
-    proc = subprocess.run([pdflatex, "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], check=False,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert (tmp_path / "doc.pdf").read_bytes().startswith(b"%PDF")
-    assert "Undefined control sequence" not in proc.stdout
+    assert "Undefined control sequence" not in compile_latex(tmp_path, text)
+
+
+def board():
+    """Realistic rows: the README's eight-task grid on the embedded pool (references, 13 configurations, one over
+    three seeds, one task-specific, one failed), and a two-task pool run at five preferences."""
+    data = json.loads((Path(__file__).parent / "data" / "results_board.json").read_text())
+    return [CellResult(**d) for d in data]
+
+
+@pytest.mark.parametrize("float_env", ["table*", "table"])
+def test_latex_eight_task_table_fits_a_two_column_paper(tmp_path, float_env):
+    """The issue's table: eight tasks, Avg., Norm., Merge (s), Peak mem, a row over three seeds and long labels was
+    298 pt wider than a page. It now fits a two-column paper (no overfull line), in both columns (`table*`) or in
+    one (`table`), and is compact enough that spanning both columns shrinks it by at most a quarter."""
+    cells = [c for c in board() if c.modelpool == "digits-mlp_TA8"]
+    text = render(cells, "latex", latex_float=float_env)
+    assert text.count(r"\midrule") == 2 and "transpose & parity & magnitude & Avg. & Norm." in text
+    filler = "Merging combines experts without retraining them. " * 40 + "\n\n"
+    log = compile_latex(tmp_path, text, "[twocolumn]{article}", filler)
+    assert "Overfull \\hbox" not in log, log[log.find("Overfull"):][:300]
+    if float_env == "table*":  # the same table, unscaled, measured: at most 4/3 of the text width (469 pt)
+        natural = text.replace(SHRINK_TO_LINE, r"\setbox0\hbox{%").replace(
+            r"\end{tabular}}", r"\end{tabular}}\typeout{NATURAL=\the\wd0}\typeout{TEXT=\the\textwidth}")
+        measured = compile_latex(tmp_path, natural, "[twocolumn]{article}")
+        width = float(re.search(r"NATURAL=([0-9.]+)pt", measured).group(1))
+        text_width = float(re.search(r"TEXT=([0-9.]+)pt", measured).group(1))
+        assert text_width < width <= text_width * 4 / 3, (width, text_width)
+
+
+def test_latex_float_is_checked():
+    with pytest.raises(ValueError, match="unknown LaTeX float 'figure'"):
+        render(SEEDED, "latex", latex_float="figure")
+
+
+# --- which rows, which marks ---------------------------------------------------------------------------------------
+def test_method_filter_keeps_references_and_the_chosen_methods():
+    rows = [*SEEDED, cell("ta", {"scaling_factor": 0.4}), cell("boom", {"x": 1}, status="failed", error="no"),
+            CellResult("method", "ties", TIES_DEFAULTS, "other", "tp", metrics={"a": {"accuracy": 0.5}})]
+    text = render(rows, methods=["ta"], defaults=defaults)
+    assert list(body_rows(text)) == ["Method", "Pretrained", "Individual (experts)", "ta (scaling_factor=0.4)"]
+    assert "FAILED" not in text and "other" not in text  # another method's failure; a pool without `ta`: left out
+    table, other = build_tables(rows, methods="Ties,boom", defaults=defaults)  # any spelling, commas
+    assert {r.method for r in table.methods} == {"ties"} and [c.method for c in table.failed] == ["boom"]
+    assert other.modelpool == "other" and [r.method for r in other.rows] == ["ties"]
+    with pytest.raises(MergebenchError, match=r"no stored results for method\(s\) tiess \(did you mean ties\?\); "
+                                              r"the store has boom, ta, ties"):
+        render(rows, methods="tiess")
+
+
+def test_only_score_columns_are_marked_unless_asked_and_ties_are_marked_alike():
+    rows = [*references(),
+            cell("x", a=0.80, b=0.60, merge_seconds=0.30, peak_memory_mb=3.0),
+            cell("y", a=0.80, b=0.70, merge_seconds=0.10, peak_memory_mb=3.2),  # a: tied best with x
+            cell("z", a=0.70, b=0.65, merge_seconds=0.20, peak_memory_mb=2.6),  # mem shows 3 MB: tied with x, y
+            cell("w", a=0.60, b=0.50, merge_seconds=0.40, peak_memory_mb=9.0)]
+    (table,) = build_tables(rows, defaults=lambda m: {})
+    col = {c.id: c for c in table.columns}
+
+    def marks(column, tb=table):
+        return {r.method: tb.marks(column).get(id(r)) for r in tb.methods}
+
+    assert marks(col["a"]) == {"x": 1, "y": 1, "z": None, "w": None}  # both tied best bold; z is third: no mark
+    assert marks(col["b"]) == {"y": 1, "z": 2, "x": None, "w": None}
+    assert marks(col["merge"]) == marks(col["mem"]) == {"x": None, "y": None, "z": None, "w": None}
+    (asked,) = build_tables(rows, defaults=lambda m: {}, mark_costs=True)
+    assert marks(col["merge"], asked) == {"y": 1, "z": 2, "x": None, "w": None}  # smallest first
+    assert marks(col["mem"], asked) == {"x": 1, "y": 1, "z": 1, "w": None}  # 3, 3, 3 MB as shown: all bold
+    latex = render(rows, "latex", defaults=lambda m: {})
+    assert latex.count(r"\textbf{3}") == 0 and latex.count(r"\textbf{80.0}") == 2
+    assert render(rows, "latex", defaults=lambda m: {}, mark_costs=True).count(r"\textbf{3}") == 3
+    html = render(rows, "html", defaults=lambda m: {})
+    assert html.count('class="num best"') == 2 + 1 + 1 + 1 and html.count('class="num second"') == 3
+
+
+# --- the results room ----------------------------------------------------------------------------------------------
+ROOM = Path(mergebench_core.__file__).parent / "results"
+
+
+def _imports(path):
+    """The mergebench_core modules a file imports, at any depth (a lazy import is an arrow too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mergebench_core"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                names.add(sub if importlib.util.find_spec(node.module) and _is_module(sub) else node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("mergebench_core"))
+    return names
+
+
+def _is_module(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_results_modules_are_small_acyclic_and_use_no_private_names():
+    modules = {f"mergebench_core.results.{p.stem}": p for p in ROOM.glob("*.py") if p.stem != "__init__"}
+    for name, path in modules.items():
+        assert len(path.read_text().splitlines()) <= 500, name
+        tree = ast.parse(path.read_text())
+        private = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   and (node.module or "").startswith("mergebench_core") for a in node.names
+                   if a.name.startswith("_") and a.name != "__version__"]
+        assert private == [], (name, private)
+        assert "mergebench_core.results" not in _imports(path), name  # never the room's own __init__ face
+    graph = {name: _imports(path) & set(modules) for name, path in modules.items()}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    assert [m for m in modules if reaches(m, m)] == []
+
+
+def test_public_names_still_import_from_the_leaderboard_module_and_its_old_path():
+    from mergebench_core.leaderboard import render as old_render  # the flat layout's path
+    from mergebench_core.results import leaderboard
+
+    assert old_render is render
+    for name in ("Column", "Row", "Stat", "Table", "build_tables", "choose_columns", "column_names",
+                 "installed_defaults", "latex_escape", "metric_title", "reference_label", "preference_label", "row_json", "short_value",
+                 "table_body", "task_order", "group", "FORMATS", "SUMMARY_COLUMNS", "TASK_SPECIFIC_MARK"):
+        assert hasattr(leaderboard, name), name
 
 
 # --- the command line ----------------------------------------------------------------------------------------------

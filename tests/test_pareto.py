@@ -154,7 +154,7 @@ def test_lower_is_better_metric_is_negated():
 
 
 def test_render_pareto_github():
-    rows = [*_references(), *_ta_rows(), *_ta_rows({"scaling_factor": 0.5})[:1]]
+    rows = [*_references(), *_ta_rows(), *_ta_rows({"scaling_factor": 0.5}), *_ta_rows({"scaling_factor": 0.7})[:1]]
     text = render_pareto(rows)
     lines = text.splitlines()
     assert lines[0] == "### mp on tp: Pareto fronts (reference: pretrained model)"
@@ -162,7 +162,47 @@ def test_render_pareto_github():
     other = next(i for i, line in enumerate(lines) if "ta (scaling_factor=0.5)" in line)
     assert best < other  # 0.08 before 0.04: sorted by hypervolume, descending
     assert "0.08" in lines[best] and "| 3 " in lines[best]
-    assert "0.04" in lines[other]
+    assert "| 3 " in lines[other]
+
+
+def test_render_pareto_lists_one_point_configurations_as_points():
+    """A configuration run at one preference (or none) has no front: a one-point "front" with a hypervolume such as
+    2.8e-15 said nothing. It is listed as a point, with its scores and the fronts that dominate it."""
+    rows = [*_references(), *_ta_rows(),
+            _row("ta", {"a": 0.85, "b": 0.5}, [1.0, 0.0], params={"scaling_factor": 0.5}),  # under (0.9, 0.5)
+            _row("tsv", {"a": 0.8, "b": 0.8}, params={}),  # beyond the front: (0.7, 0.7) is below it in both
+            _row("tsv", {"a": 0.6, "b": 0.5}, params={}, modelpool="mp2"),  # a pool with no front at all
+            _row("tsv", {"a": 0.7, "b": 0.55}, params={}, modelpool="mp2", seed=1)]
+    text = render_pareto(rows)
+    fronts, points = text.split("Single points")
+    assert "| ta (scaling_factor=0.3) | 3 " in fronts and "tsv" not in fronts and "scaling_factor=0.5" not in fronts
+    points, no_front = points.split("### mp2")
+    assert points.startswith(" (run at one preference or none): 2")
+    table = _cells(points)
+    assert table[0] == ["Method", "Preference", "a (%)", "b (%)", "Dominated by"]
+    assert table[1:] == [["ta (scaling_factor=0.5)", "r=(1, 0)", "85.0", "50.0", "ta (scaling_factor=0.3)"],
+                         ["tsv", "none", "80.0", "80.0", "none"]]
+    assert no_front.strip() == ("on tp: no preference front, 2 single point(s) run at one preference or none "
+                                "(`mergebench leaderboard` lists them)")
+    assert "Hypervolume" not in no_front
+    csv_rows = render_pareto(rows, fmt="csv").splitlines()  # data formats keep every configuration
+    data = [r for r in csv_rows if r and not r.startswith("modelpool,")]
+    assert len(data) == 3 + 2 and "mp,tp,tsv,1,1,0.12" in data  # (0.8 - 0.5) * (0.8 - 0.4)
+    assert data[-2:] == ["mp2,tp,tsv (seed=1),1,1,0.385", "mp2,tp,tsv (seed=0),1,1,0.3"]  # 0.7 * 0.55, 0.6 * 0.5
+
+
+def test_lower_is_better_points_show_the_metric_not_its_negation():
+    primary = {"b": {"metric": "loss", "higher_is_better": False}}
+    rows = [_row("ta", {"a": 0.9, "b": {"loss": 0.3}}, [1.0, 0.0], primary=primary),
+            _row("ta", {"a": 0.8, "b": {"loss": 0.2}}, [0.5, 0.5], primary=primary),
+            _row("one", {"a": 0.85, "b": {"loss": 0.25}}, primary=primary, params={})]
+    assert _cells(render_pareto(rows).split("Single points")[1])[1] == ["one", "none", "85.0", "25.0", "none"]
+
+
+def _cells(text):
+    """The rows of the first github table in `text`, as lists of stripped cells."""
+    lines = [line for line in text.splitlines() if line.startswith("|") and not line.startswith("|--")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 
 
 def test_render_pareto_plain_label_and_json():

@@ -1,14 +1,21 @@
 """`mergebench plot`: files in the asked format; Pareto fronts with the reference markers, per-task bars, score
 against merge time, and parameter sweeps with seed error bars."""
 
+import json
+import logging
+from pathlib import Path
+
 import pytest
 
 from mergebench_core.cli import main
 from mergebench_core.errors import MergebenchError
+from mergebench_core.results import plots
 from mergebench_core.results.plots import pareto_figure, sweep_figure, tasks_figure, time_figure
 from mergebench_core.results.store import CellResult, ResultStore
 
 pytest.importorskip("matplotlib")
+from matplotlib.colors import to_rgba  # noqa: E402  (after the skip: matplotlib is optional)
+from matplotlib.container import BarContainer  # noqa: E402
 
 
 def cell(method, preference, a, b, kind="method"):
@@ -107,3 +114,82 @@ def test_plot_command(tmp_path, monkeypatch, capsys):
         assert (tmp_path / f"{kind}.png").read_bytes().startswith(b"\x89PNG")
     assert main(["plot", "sweep", "--store", str(tmp_path / "r.sqlite"), "--out", "s.jpg"]) == 2
     assert ".png, .svg or .pdf" in capsys.readouterr().err
+
+
+# --- the issue's figures, on realistic rows --------------------------------------------------------------------------
+def board():
+    """Realistic rows: the README's eight-task grid on the embedded pool, and a two-task pool run at preferences."""
+    data = json.loads((Path(__file__).parent / "data" / "results_board.json").read_text())
+    return [CellResult(**d) for d in data]
+
+
+@pytest.fixture()
+def figures(monkeypatch):
+    """(figure, renderer) of every figure a plot function saves, drawn just before it is written."""
+    drawn = []
+    save = plots._save
+
+    def keep(plt, fig, *args, **kwargs):
+        fig.canvas.draw()
+        drawn.append((fig, fig.canvas.get_renderer()))
+        return save(plt, fig, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return drawn
+
+
+def _is_grey(color):
+    r, g, b, _ = to_rgba(color)
+    return abs(r - g) < 0.02 and abs(g - b) < 0.02
+
+
+def test_pareto_title_is_whole_and_the_legend_hides_no_marker(tmp_path, figures):
+    [path] = pareto_figure(board(), tmp_path / "fronts.png")
+    ((fig, renderer),) = figures
+    width = fig.bbox.width
+    title = fig._suptitle.get_window_extent(renderer)
+    assert 0 <= title.x0 and title.x1 <= width  # the long restricted pool names: cut at both ends before
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= ax.get_window_extent(renderer).x1 and legend.x1 <= width  # beside the axes, in the figure
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:4] == ["linear_scalarization", "epo", "pa_task_arithmetic", "pa_ties"]  # fronts, then points
+    assert set(labels[4:]) == {"task_arithmetic", "ties", "simple_average", "tsv_m", "pretrained", "experts (ideal)"}
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_task_bars_of_methods_are_never_the_references_grey(tmp_path, figures):
+    [path] = tasks_figure(board(), tmp_path / "tasks.png", modelpool="digits-mlp_TA8")
+    ((fig, _),) = figures
+    (ax,) = fig.axes
+    colors = {c.get_label(): c.patches[0].get_facecolor() for c in ax.containers if isinstance(c, BarContainer)}
+    assert len(colors) == 2 + 8  # the references and the eight best configurations
+    assert _is_grey(colors["Pretrained"]) and _is_grey(colors["Individual (experts)"])
+    methods = {k: v for k, v in colors.items() if k not in ("Pretrained", "Individual (experts)")}
+    assert "dare_ta (p=0.9)" in methods  # the eighth: matplotlib's default cycle drew it grey
+    assert not any(_is_grey(c) for c in methods.values()), methods
+    assert len(set(methods.values())) == 8
+    assert path == tmp_path / "tasks.png"  # one pool: exactly the name asked for
+
+
+def test_several_pools_say_where_their_files_went(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="mergebench_core.results.plots"):
+        written = tasks_figure(board(), tmp_path / "tasks.png")
+    assert [p.name for p in written] == ["tasks-digits-mlp_TA8.png", "tasks-digits-mlp_TA8_digits_rot90_.png"]
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and record.getMessage() == (
+        "2 pools drawn, one file each (tasks-digits-mlp_TA8.png, tasks-digits-mlp_TA8_digits_rot90_.png); "
+        "tasks.png itself was not written: choose one pool with --modelpool/--taskpool to get exactly that file")
+    assert not (tmp_path / "tasks.png").exists()
+
+
+def test_axis_says_accuracy_in_percent(tmp_path):
+    [path] = sweep_figure(board(), tmp_path / "sweep.svg", methods=["task_arithmetic"], modelpool="digits-mlp_TA8")
+    text = path.read_text()
+    assert "average accuracy (%)" in text and "× 100" not in text
+    [path] = time_figure(board(), tmp_path / "time.svg", score="norm", modelpool="digits-mlp_TA8")
+    assert "normalized accuracy (%)" in path.read_text()
+    lossy = [CellResult(**{**vars(c), "primary_metrics": {"digits": {"metric": "loss", "higher_is_better": False}}})
+             for c in board() if c.modelpool == "digits-mlp_TA8"]
+    [path] = sweep_figure(lossy, tmp_path / "loss.svg", methods=["task_arithmetic"])
+    assert "average over tasks (× 100)" in path.read_text()  # not every task is scored by accuracy: no %

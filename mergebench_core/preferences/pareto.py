@@ -1,4 +1,4 @@
-"""Pareto analysis of preference-aware results: non-dominated filtering, hypervolume, front tables.
+"""Pareto analysis of preference-aware results: non-dominated filtering, hypervolume, preference grids, front tables.
 
 A *front* is every stored ok row of one method configuration — same (model pool, task pool, method, params, seed) —
 across the preference vectors it was run at. Each row is a point whose objectives are the group's tasks (in the order
@@ -27,6 +27,7 @@ import numpy as np
 from tabulate import tabulate
 
 from mergebench_core.preferences.vectors import simplex_grid
+from mergebench_core.results.labels import front_labels, preference_label
 from mergebench_core.results.store import CellResult
 
 log = logging.getLogger(__name__)
@@ -165,34 +166,27 @@ def front_summaries(results: Sequence[CellResult]) -> list[FrontSummary]:
     return summaries
 
 
-def front_labels(fronts: Sequence[FrontSummary]) -> list[str]:
-    """Method name, plus every parameter that differs from the installed method's default (for a method that is not
-    installed, the parameters that differ between its fronts), and the seed when it is not 0 or a configuration was
-    run at several seeds: the leaderboard's labels (`leaderboard.Row.label`)."""
-    from mergebench_core.results.leaderboard import installed_defaults, short_value
-
-    def canon(value: Any) -> str:
-        return json.dumps(value, sort_keys=True, default=str)
-
-    labels = []
-    for f in fronts:
-        same = [g for g in fronts if g.method == f.method]
-        known = installed_defaults(f.method)
-        if known is not None:
-            shown = [k for k, v in f.params.items() if k not in known or canon(v) != canon(known[k])]
-        else:
-            keys = dict.fromkeys(k for g in same for k in g.params)
-            shown = [k for k in keys if k in f.params and len({canon(g.params.get(k)) for g in same}) > 1]
-        seeds = {g.seed for g in same if canon(g.params) == canon(f.params)}
-        parts = [f"{k}={short_value(f.params[k])}" for k in shown]
-        if f.seed != 0 or len(seeds) > 1:
-            parts.append(f"seed={f.seed}")
-        labels.append(f"{f.method} ({', '.join(parts)})" if parts else f.method)
-    return labels
+def _points_table(points: Sequence[FrontSummary], fronts: Sequence[FrontSummary], labels: dict[int, str],
+                  higher: Sequence[bool], fmt: str) -> str:
+    """Configurations run at one preference (or none): each a point, with its scores in % and the fronts that
+    dominate it, rather than a one-point "front" whose hypervolume says nothing."""
+    headers = ["Method", "Preference", *(f"{t} (%)" for t in points[0].tasks), "Dominated by"]
+    body = []
+    for p in sorted(points, key=lambda p: labels[id(p)]):
+        (score,) = p.scores
+        beaten = [labels[id(f)] for f in fronts if f.tasks == p.tasks and not non_dominated([score, *f.front])[0]]
+        shown = [v if up else -v for v, up in zip(score, higher, strict=True)]  # objectives back to metric values
+        body.append([labels[id(p)], preference_label(p.preferences[0]) or "none", *(f"{100 * v:.1f}" for v in shown),
+                     ", ".join(beaten) or "none"])
+    return tabulate(body, headers=headers, tablefmt=_TABULATE[fmt], disable_numparse=True)
 
 
 def render_pareto(results: Sequence[CellResult], fmt: str = "github") -> str:
-    """Front tables, one per (model pool, task pool), best hypervolume first."""
+    """Front tables, one per (model pool, task pool), best hypervolume first.
+
+    Only configurations run at more than one preference have a front; in `github`, `latex` and `html`, the others
+    are listed as points below the fronts (their scores, and which fronts dominate them), and a pool with no front
+    at all is one line. `csv` and `json` keep one row per configuration, points included, for scripts."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     summaries = front_summaries(results)
@@ -203,25 +197,49 @@ def render_pareto(results: Sequence[CellResult], fmt: str = "github") -> str:
         tables.setdefault((s.modelpool, s.taskpool), []).append(s)
     headers = ["Method", "Points", "Non-dominated", "Hypervolume"]
     out = []
-    for (modelpool, taskpool), fronts in tables.items():
-        fronts = sorted(fronts, key=lambda f: -f.hypervolume)
-        body = [[label, str(f.points), str(f.non_dominated), f"{f.hypervolume:.4g}"]
-                for label, f in zip(front_labels(fronts), fronts, strict=True)]
+    for (modelpool, taskpool), here in tables.items():
+        labels = dict(zip(map(id, here), front_labels(here), strict=True))  # one naming for fronts and points
         if fmt == "csv":
             buf = io.StringIO()
             writer = csv.writer(buf)
             writer.writerow(["modelpool", "taskpool", *headers])
-            writer.writerows([modelpool, taskpool, *row] for row in body)
+            writer.writerows([modelpool, taskpool, labels[id(f)], f.points, f.non_dominated, f"{f.hypervolume:.4g}"]
+                             for f in sorted(here, key=lambda f: -f.hypervolume))
             out.append(buf.getvalue().rstrip("\n"))
+            continue
+        fronts = sorted([f for f in here if f.points > 1], key=lambda f: -f.hypervolume)
+        points = [f for f in here if f.points == 1]
+        if not fronts:
+            line = (f"{modelpool} on {taskpool}: no preference front, {len(points)} single point(s) run at one "
+                    "preference or none (`mergebench leaderboard` lists them)")
+            out.append({"github": f"### {line}", "latex": f"% {line}", "html": f"<p>{line}</p>"}[fmt])
             continue
         reference = " or ".join(_REFERENCE_TEXT[r] for r in sorted({f.reference for f in fronts}))
         title = f"{modelpool} on {taskpool}: Pareto fronts (reference: {reference})"
         note = "Hypervolume in the metrics' units (fractions, not %), multiplied across tasks."
+        body = [[labels[id(f)], str(f.points), str(f.non_dominated), f"{f.hypervolume:.4g}"] for f in fronts]
         table = tabulate(body, headers=headers, tablefmt=_TABULATE[fmt], disable_numparse=True)
+        points = [p for p in points if p.tasks == fronts[0].tasks]
+        heading, listing = "", ""
+        if points:
+            primary = _primary(results, modelpool, taskpool)
+            higher = [bool(primary.get(t, {}).get("higher_is_better", True)) for t in fronts[0].tasks]
+            heading = f"Single points (run at one preference or none): {len(points)}"
+            listing = _points_table(points, fronts, labels, higher, fmt)
         if fmt == "github":
-            out.append("\n".join([f"### {title}", "", table, "", note]))
+            text = [f"### {title}", "", table, "", note, *(["", heading, "", listing] if points else [])]
         elif fmt == "latex":
-            out.append("\n".join([f"% {title}", table, f"% {note}"]))
+            text = [f"% {title}", table, f"% {note}", *([f"% {heading}", listing] if points else [])]
         else:
-            out.append("\n".join([f"<h3>{title}</h3>", table, f"<p>{note}</p>"]))
+            text = [f"<h3>{title}</h3>", table, f"<p>{note}</p>", *([f"<h4>{heading}</h4>", listing] if points else [])]
+        out.append("\n".join(text))
     return "\n\n".join(out)
+
+
+def _primary(results: Sequence[CellResult], modelpool: str, taskpool: str) -> dict[str, dict[str, Any]]:
+    """Each task's primary metric on one pool (the first row that names it wins, as in `front_summaries`)."""
+    primary: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if (r.modelpool, r.taskpool) == (modelpool, taskpool):
+            primary = {**r.primary_metrics, **primary}
+    return primary

@@ -1,11 +1,13 @@
 """The HTML leaderboard: one self-contained page (CSS and script inline, nothing fetched from the network).
 
-Each (model pool, task pool) is one table. Numbers are right-aligned in tabular figures; the reference rows
-(pretrained model, experts) sit in their own shaded block above the methods and stay there when the methods are
-sorted; every header sorts its column (click again to reverse); per column the best method is bold and the second
-underlined; each row opens (▸) to its full parameters (non-default ones highlighted, with the default beside them),
-seeds and cell keys, every metric per task, the versions that produced it and whatever the method reported (extras).
-Light and dark follow the system setting, and a button switches between them.
+Each (model pool, task pool) is one table. Numbers are right-aligned in tabular figures, a standard deviation in
+small type below its mean, and long labels wrap, so an eight-task table fits a laptop screen without scrolling
+sideways. The reference rows (pretrained model, experts) sit in their own shaded block above the methods and stay
+there when the methods are sorted; every header sorts its column (click again to reverse); in each score column the
+best method is bold and the second underlined (tied rows alike); each row opens (▸) to its full parameters
+(non-default ones highlighted, with the default beside them), seeds and cell keys, every metric per task, the
+versions that produced it and whatever the method reported (extras). Light and dark follow the system setting, and
+a button switches between them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mergebench_core.results.leaderboard import TASK_SPECIFIC_MARK, TASK_SPECIFIC_NOTE, Column, Row, Table
+from mergebench_core.results.labels import TASK_SPECIFIC_MARK, TASK_SPECIFIC_NOTE
+from mergebench_core.results.rows import Column, Row, Table
 
 EXTRAS_LIMIT = 20_000
 """Characters of a row's extras shown in its detail view; longer ones are cut, with a note."""
@@ -44,7 +47,7 @@ _CSS = """
 }
 * { box-sizing: border-box; }
 body {
-  margin: 0; padding: 2rem clamp(1rem, 4vw, 3rem); background: var(--bg); color: var(--fg);
+  margin: 0; padding: 2rem clamp(1rem, 3vw, 2.5rem); background: var(--bg); color: var(--fg);
   font: 15px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
 }
 header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .5rem 1.5rem; margin-bottom: 1.5rem; }
@@ -61,25 +64,27 @@ button { font: inherit; color: inherit; }
 }
 .scroll { overflow-x: auto; border: 1px solid var(--line); border-radius: 8px; }
 table.lb { border-collapse: collapse; width: 100%; font-size: .93rem; }
-table.lb th, table.lb td { padding: .42rem .7rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+table.lb th, table.lb td { padding: .42rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top; }
 table.lb thead th {
-  background: var(--head); font-weight: 600; white-space: nowrap; position: sticky; top: 0;
+  background: var(--head); font-weight: 600; position: sticky; top: 0; vertical-align: bottom; font-size: .92em;
   border-bottom: 2px solid var(--line);
 }
 table.lb thead th.num { text-align: right; }
 table.lb thead th.text { text-align: left; }
 button.sort {
-  border: 0; background: none; padding: 0; cursor: pointer; font-weight: inherit; white-space: nowrap;
+  border: 0; background: none; padding: 0; cursor: pointer; font-weight: inherit; text-align: inherit;
 }
-button.sort::after { content: "\\2195"; color: var(--muted); opacity: .45; margin-left: .3rem; font-size: .8em; }
+button.sort::after { content: "\\2195"; color: var(--muted); opacity: .45; margin-left: .2rem; font-size: .8em; }
 th[aria-sort="ascending"] button.sort::after { content: "\\25B2"; opacity: 1; color: var(--accent); }
 th[aria-sort="descending"] button.sort::after { content: "\\25BC"; opacity: 1; color: var(--accent); }
 button.sort:focus-visible, button.expand:focus-visible, #theme:focus-visible {
   outline: 2px solid var(--accent); outline-offset: 2px;
 }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.num .sd { color: var(--muted); font-size: .85em; }
-th.label { text-align: left; font-weight: 500; white-space: nowrap; }
+td.num .sd { display: block; color: var(--muted); font-size: .8em; line-height: 1.2; }
+th.label { text-align: left; font-weight: 500; min-width: 11rem; max-width: 26rem; }
+table.lb thead th.num { width: 1%; }
+th.label .name { white-space: nowrap; }
 th.label .set { color: var(--muted); font-weight: 400; }
 th.label .mark { color: var(--accent); }
 tbody.entry tr.main:hover { background: var(--hover); }
@@ -325,7 +330,7 @@ def _table_html(table: Table, t: int) -> str:
         title = f' title="{_e(table.primary[c.task].get("metric", "accuracy"))}"' if c.task else ""
         heads.append(f'<th scope="col" class="num" aria-sort="none"{title}><button type="button" class="sort" '
                      f'data-col="{offset + i}" data-type="num" data-first="{first}">{_e(c.header)}</button></th>')
-    ranks = {c.id: table.ranks(c) for c in cols}
+    ranks = {c.id: table.marks(c) for c in cols}
     bodies = []
     for i, r in enumerate(table.rows):
         ref = r.kind == "reference"
@@ -356,7 +361,7 @@ def _table_html(table: Table, t: int) -> str:
 
 
 def render_html(tables: Sequence[Table], title: str = "mergebench leaderboard") -> str:
-    """The whole page for `tables` (from `leaderboard.build_tables`)."""
+    """The whole page for `tables` (from `tables.build_tables`)."""
     from mergebench_core import __version__
 
     body = "".join(_table_html(tb, i) for i, tb in enumerate(tables)) or '<p class="meta">no results</p>'
@@ -376,8 +381,8 @@ def render_html(tables: Sequence[Table], title: str = "mergebench leaderboard") 
 <p class="meta">{len(tables)} table(s) · mergebench {_e(__version__)}</p>
 <button id="theme" type="button" title="switch between light and dark">◐ light / dark</button>
 <p class="help">Click a column header to sort by it (again to reverse); ▸ opens a row's parameters, seeds, versions and
-extras. Per column, the best method is <strong>bold</strong> and the second <u>underlined</u>; reference rows stay on
-top.</p>
+extras. In each score column, the best method is <strong>bold</strong> and the second <u>underlined</u> (tied
+rows alike); reference rows stay on top.</p>
 </header>
 <main>
 {body}

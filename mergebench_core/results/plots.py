@@ -1,12 +1,14 @@
 """Figures from the results store (matplotlib, an optional dependency: `pip install mergebench[plot]`).
 
 Each kind draws one figure per (model pool, task pool): the file named by `out` when there is one pool, else `out`
-with the pool's name appended. The format follows the file name (PNG, SVG or PDF). Rows are the leaderboard's
-(`leaderboard.build_tables`): a configuration's seeds are averaged, error bars are their sample standard deviation,
-and labels name every non-default parameter.
+with the pool's name appended, and a warning that says so (choosing one pool gives exactly `out`). The format
+follows the file name (PNG, SVG or PDF). Rows are the leaderboard's (`tables.build_tables`): a configuration's seeds
+are averaged, error bars are their sample standard deviation, and labels name every non-default parameter. Methods
+are never drawn in grey, the reference rows' colour; titles wrap rather than run off the figure.
 
-- `pareto_figure`: each method's preference front on every pair of a pool's tasks, with the pretrained model and the
-  experts (each on its own task: the ideal point merging aims at) as markers.
+- `pareto_figure`: each method's preference front on every pair of a pool's tasks (configurations run at one
+  preference as single points), with the pretrained model and the experts (each on its own task: the ideal point
+  merging aims at) as markers, and the legend beside the axes.
 - `tasks_figure`: per-task bars (and the average) for chosen configurations, beside the reference rows.
 - `time_figure`: a score against merge time, one point per configuration.
 - `sweep_figure`: a score against one parameter's values, a line per method (and per setting of its other
@@ -16,16 +18,21 @@ and labels name every non-default parameter.
 from __future__ import annotations
 
 import itertools
+import logging
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mergebench_core.errors import MergebenchError, normalize_name
 from mergebench_core.data.evaluation import primary_value
-from mergebench_core.results.leaderboard import Column, Row, Table, build_tables, metric_title, short_value
-from mergebench_core.preferences.pareto import front_labels
+from mergebench_core.errors import MergebenchError
 from mergebench_core.preferences.pareto import front_summaries
+from mergebench_core.results.labels import front_labels, short_value
+from mergebench_core.results.rows import COLUMN_ALIASES, SUMMARY_COLUMNS, Column, Row, Table, metric_title
 from mergebench_core.results.store import CellResult
+from mergebench_core.results.tables import build_tables, select_methods, task_column
+
+log = logging.getLogger(__name__)
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 KINDS = ("pareto", "tasks", "time", "sweep")
@@ -35,6 +42,10 @@ MAX_BARS = 8
 ANNOTATE_AT_MOST = 8
 """Points of a time plot labelled beside the point (more are told apart by the legend only)."""
 MARKERS = ("o", "s", "^", "D", "v", "P")
+LEGEND_INCHES = 2.8
+"""Width added to a figure for the legend beside its axes."""
+GREYS = ("#7f7f7f", "#c7c7c7")
+"""Matplotlib's tab10/tab20 greys: left out of method colours, because the reference rows are drawn in grey."""
 
 
 def _pyplot() -> Any:
@@ -59,7 +70,9 @@ def _reference_point(results: Sequence[CellResult], pool: tuple[str, str], label
 
 def pareto_figure(results: Sequence[CellResult], out: str | Path, *, modelpool: str | None = None) -> list[Path]:
     """One figure per (model pool, task pool) with fronts: `out` itself when there is one, else `out` with the pool
-    name appended. Returns the files written."""
+    name appended (and a warning that says so). Configurations run at more than one preference are drawn as fronts
+    (their points, the non-dominated ones joined); those run at one preference or none as single points. The
+    legend sits beside the axes, so it never hides the pretrained and expert markers. Returns the files written."""
     out = _check_out(out)
     fronts = [f for f in front_summaries(results) if modelpool is None or f.modelpool == modelpool]
     fronts = [f for f in fronts if len(f.tasks) >= 2]
@@ -74,20 +87,27 @@ def pareto_figure(results: Sequence[CellResult], out: str | Path, *, modelpool: 
     for pool in pools:
         mine = [f for f in fronts if (f.modelpool, f.taskpool) == pool]
         tasks = mine[0].tasks
+        mine = [f for f in mine if f.tasks == tasks]
+        mine.sort(key=lambda f: f.points == 1)  # fronts first, then single points, each in store order
         pairs = list(itertools.combinations(range(len(tasks)), 2))[:MAX_PAIRS]
-        fig, axes = plt.subplots(1, len(pairs), figsize=(4.8 * len(pairs), 4.4), squeeze=False)
+        width = 4.6 * len(pairs) + LEGEND_INCHES
+        fig, axes = plt.subplots(1, len(pairs), figsize=(width, 4.4), squeeze=False)
         markers = {label: _reference_point(results, pool, label, tasks) for label in ("pretrained", "individual")}
         labels = dict(zip(map(id, mine), front_labels(mine), strict=True))
+        colors = dict(zip(map(id, mine), distinct_colors(len(mine)), strict=True))
         for ax, (i, j) in zip(axes[0], pairs):
             for front in mine:
-                if front.tasks != tasks:
+                color = colors[id(front)]
+                if front.points == 1:
+                    ((x, y),) = [(p[i], p[j]) for p in front.scores]
+                    ax.scatter([x * 100], [y * 100], marker="D", s=30, color=color, edgecolors="0.15",
+                               linewidths=0.5, label=labels[id(front)], zorder=2)
                     continue
-                label = labels[id(front)]
-                dots = ax.scatter([p[i] * 100 for p in front.scores], [p[j] * 100 for p in front.scores],
-                                  s=18, alpha=0.5)
+                ax.scatter([p[i] * 100 for p in front.scores], [p[j] * 100 for p in front.scores], s=18, alpha=0.5,
+                           color=color)
                 line = sorted(front.front, key=lambda p: p[i])
-                ax.plot([p[i] * 100 for p in line], [p[j] * 100 for p in line], color=dots.get_facecolor()[0],
-                        label=label, linewidth=1.5)
+                ax.plot([p[i] * 100 for p in line], [p[j] * 100 for p in line], color=color, marker="o",
+                        markersize=3, label=labels[id(front)], linewidth=1.5)
             for name, marker, text in (("pretrained", "s", "pretrained"), ("individual", "*", "experts (ideal)")):
                 point = markers[name]
                 if point is not None:
@@ -96,11 +116,38 @@ def pareto_figure(results: Sequence[CellResult], out: str | Path, *, modelpool: 
             ax.set_xlabel(f"{tasks[i]} (%)")
             ax.set_ylabel(f"{tasks[j]} (%)")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8, loc="lower left")
-        fig.suptitle(f"{pool[0]} on {pool[1]}: preference fronts", fontsize=10)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        fig.suptitle(fitted_title(f"{pool[0]} on {pool[1]}: preference fronts", width), fontsize=10)
         fig.tight_layout()
         written.append(_save(plt, fig, out, pool, pools))
+    _say_where(out, written)
     return written
+
+
+def distinct_colors(count: int) -> list[str]:
+    """`count` colours for methods, none of them grey: tab10's nine, then tab20's eighteen, repeated beyond that."""
+    from matplotlib import colormaps  # the caller has imported matplotlib through `_pyplot`
+    from matplotlib.colors import to_hex
+
+    palette = "tab10" if count <= 9 else "tab20"
+    colors = [to_hex(c) for c in colormaps[palette].colors]  # type: ignore[attr-defined]
+    colors = [c for c in colors if c not in GREYS]
+    return [colors[k % len(colors)] for k in range(count)]
+
+
+def fitted_title(text: str, width_inches: float, fontsize: float = 10.0) -> str:
+    """`text` broken into lines that fit `width_inches` at `fontsize` points (about 0.55 em a character), at spaces
+    where it can and inside a long pool name where it must, so a title is never cut at the figure's edges."""
+    per_line = max(20, int(width_inches * 72 / (0.55 * fontsize)))
+    return textwrap.fill(text, width=per_line, break_long_words=True, break_on_hyphens=False)
+
+
+def _say_where(out: Path, written: Sequence[Path]) -> None:
+    """Several pools give one file each, none of them `out` itself: say so, and how to get exactly `out`."""
+    if len(written) > 1:
+        log.warning("%d pools drawn, one file each (%s); %s itself was not written: choose one pool with "
+                    "--modelpool/--taskpool to get exactly that file", len(written),
+                    ", ".join(p.name for p in written), out.name)
 
 
 def _safe(name: str) -> str:
@@ -139,33 +186,28 @@ def _tables(results: Sequence[CellResult], modelpool: str | None, taskpool: str 
 
 def _chosen(tables: Sequence[Table], methods: Sequence[str] | None) -> set[str] | None:
     """The method names asked for, checked against what the store holds (None: all)."""
-    if not methods:
-        return None
-    stored = {r.method for t in tables for r in t.methods}
-    wanted = {normalize_name(m) for m in methods}
-    missing = sorted(wanted - stored)
-    if missing:
-        raise MergebenchError(f"no stored results for method(s) {', '.join(missing)}; the store has "
-                              f"{', '.join(sorted(stored))}")
-    return wanted
+    return select_methods(methods, [r.method for t in tables for r in t.methods])
 
 
 def _score_column(table: Table, score: str) -> Column:
     """`avg`, `norm`, or a task's name: the column a plot's y axis shows."""
-    from mergebench_core.results.leaderboard import COLUMN_ALIASES, SUMMARY_COLUMNS, _task_column
-
     key = COLUMN_ALIASES.get(score.lower(), score.lower())
     if key in ("avg", "norm"):
         return SUMMARY_COLUMNS[key]
     if score in table.tasks:
-        return _task_column(table, score)
+        return task_column(table, score)
     raise MergebenchError(f"--score {score!r}: use avg, norm or one of the tasks ({', '.join(table.tasks)})")
 
 
 def _axis_label(table: Table, column: Column) -> str:
+    """`accuracy (%)` when the scores are accuracies (every task's, for the average), else the metric, × 100."""
     if column.task is not None:
-        return f"{column.task}: {table.primary[column.task].get('metric', 'accuracy')} (× 100)"
-    return {"avg": "average over tasks (× 100)", "norm": "normalized average (× 100)"}[column.id]
+        metric = table.primary[column.task].get("metric", "accuracy")
+        return f"{column.task}: {metric} (%)" if metric == "accuracy" else f"{column.task}: {metric} (× 100)"
+    accuracy = metric_title(table.primary) == "accuracy, %"
+    if column.id == "avg":
+        return "average accuracy (%)" if accuracy else "average over tasks (× 100)"
+    return "normalized accuracy (%)" if accuracy else "normalized average (× 100)"
 
 
 def _reference_lines(ax: Any, table: Table, column: Column, horizontal: bool = True) -> None:
@@ -199,13 +241,15 @@ def tasks_figure(results: Sequence[CellResult], out: str | Path, *, methods: Seq
         fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 1.0 + 0.6 * len(columns) + 0.12 * len(rows) * len(columns))),
                                         4.6))
         greys = {0: "0.75", 1: "0.45"}
+        colors = iter(distinct_colors(len(rows) - len(table.references)))
         for k, r in enumerate(rows):
             xs = [i - 0.4 + width * (k + 0.5) for i in range(len(columns))]
             means = [100 * (c.stat(r).mean or 0.0) for c in columns]
             errs = [_err(c.stat(r)) for c in columns]
             ref = r.kind == "reference"
             ax.bar(xs, means, width=width * 0.92, yerr=errs if any(errs) else None, capsize=2,
-                   label=r.label(), color=greys.get(k) if ref else None, edgecolor="0.2" if ref else None,
+                   label=r.label(), color=greys.get(k, "0.6") if ref else next(colors),
+                   edgecolor="0.2" if ref else None,
                    linewidth=0.5)
         ax.set_xticks(range(len(columns)), [c.header for c in columns], rotation=30, ha="right")
         values = [100 * v for r in rows for c in columns if (v := c.stat(r).mean) is not None]
@@ -217,10 +261,12 @@ def tasks_figure(results: Sequence[CellResult], out: str | Path, *, methods: Seq
         ax.set_ylabel("accuracy (%)" if title == "accuracy, %" else f"score ({title})")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if len(rows) > 5 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        ax.set_title(f"{table.modelpool} on {table.taskpool}: per-task scores", fontsize=10)
+        ax.set_title(fitted_title(f"{table.modelpool} on {table.taskpool}: per-task scores",
+                                  0.75 * fig.get_figwidth()), fontsize=10)
         fig.tight_layout()
         written.append(_save(plt, fig, out, (table.modelpool, table.taskpool),
                              [(t.modelpool, t.taskpool) for t in drawn]))
+    _say_where(out, written)
     return written
 
 
@@ -261,10 +307,12 @@ def time_figure(results: Sequence[CellResult], out: str | Path, *, methods: Sequ
         ax.set_ylabel(_axis_label(table, column))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        ax.set_title(f"{table.modelpool} on {table.taskpool}: score against merge time", fontsize=10)
+        ax.set_title(fitted_title(f"{table.modelpool} on {table.taskpool}: score against merge time",
+                                  0.7 * fig.get_figwidth()), fontsize=10)
         fig.tight_layout()
         written.append(_save(plt, fig, out, (table.modelpool, table.taskpool),
                              [(t.modelpool, t.taskpool) for t, *_ in drawn]))
+    _say_where(out, written)
     return written
 
 
@@ -339,9 +387,10 @@ def sweep_figure(results: Sequence[CellResult], out: str | Path, *, param: str |
         ax.set_ylabel(_axis_label(table, column))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        ax.set_title(f"{table.modelpool} on {table.taskpool}: sweep over {param} (mean ± std over seeds)",
-                     fontsize=10)
+        ax.set_title(fitted_title(f"{table.modelpool} on {table.taskpool}: sweep over {param} (mean ± std over "
+                                  "seeds)", 0.9 * fig.get_figwidth()), fontsize=10)
         fig.tight_layout()
         written.append(_save(plt, fig, out, (table.modelpool, table.taskpool),
                              [(t.modelpool, t.taskpool) for t, *_ in drawn]))
+    _say_where(out, written)
     return written

@@ -16,7 +16,7 @@ from typing import Any
 from mergebench_core.errors import MergebenchError
 from mergebench_core.results.pending import keep_aside, pending_folders
 from mergebench_core.results.pending import pending_dir  # noqa: F401  (callers import it from here, where it was)
-from mergebench_core.results.rows import JSON_FIELDS, DamagedRow, decode_row
+from mergebench_core.results.stored_rows import JSON_FIELDS, DamagedRow, decode_row
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,16 @@ hyper-parameters, so `StatsCache` stores each one under a key of (model identity
 examples, seed, code version) in the content-addressed cache (`mergebench_core.cache`): an entry stored under
 another key (a hash collision, a hand-copied file, an older `STATS_VERSION`) or whose bytes no longer match its
 digest is recomputed, never used.
+
+Which modules are linear layers and convolutions, and how wide their inputs are, is decided once, in
+`mergebench_core.engine.roles` (`linear_layers`, `weight_is_transposed` and `in_features` are re-exported here, where
+plugins have always imported them).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ from torch import nn
 
 from mergebench_core.cache import ContentCache, Entry, Key, key_digest
 from mergebench_core.contract.api import ModelPool, RunContext, TaskPool
+from mergebench_core.engine.roles import in_features, is_convolution, linear_layers, weight_is_transposed, weight_view
 
 log = logging.getLogger(__name__)
 
@@ -237,34 +241,6 @@ class _StopForward(Exception):
     """Raised by a hook once every requested layer has seen its input, so the rest of the forward is skipped."""
 
 
-def _conv1d_class() -> type | None:
-    """transformers' `Conv1D` (y = x W + b with W stored (in, out)), when transformers is loaded: a model that holds
-    one has imported it, so nothing is imported here."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every `nn.Linear` of `model`, and every transformers `Conv1D` (GPT-2's attention and MLP layers)."""
-    conv1d = _conv1d_class()
-    kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
-    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
-
-
-def weight_is_transposed(module: nn.Module) -> bool:
-    """True when the layer stores its weight as (in, out) (`Conv1D`), False for `nn.Linear`'s (out, in)."""
-    conv1d = _conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def in_features(module: nn.Module) -> int:
-    """The width of a layer's input rows: a linear layer's input, whichever way it stores its weight; a
-    convolution's unfolded patch (in_channels · prod(kernel_size), groups = 1)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return int(module.in_channels // module.groups * math.prod(module.kernel_size))
-    weight = module.weight
-    return int(weight.shape[0] if weight_is_transposed(module) else weight.shape[1])
-
-
 def gram_convolutions(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The convolutions of `model` whose input Grams can be collected ({name: module}: nn.Conv1d and nn.Conv2d with
     groups = 1, as linear maps of their unfolded input patches), and why each other one cannot ({name: reason}:
@@ -272,13 +248,14 @@ def gram_convolutions(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str,
     ok: dict[str, nn.Module] = {}
     refused: dict[str, str] = {}
     for name, m in model.named_modules():
-        if not isinstance(m, nn.modules.conv._ConvNd):
+        if not is_convolution(m):
             continue
-        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        view = weight_view(m)
+        if view is None:
             refused[name] = "a transposed convolution"
         elif not isinstance(m, (nn.Conv1d, nn.Conv2d)):
             refused[name] = f"a {type(m).__name__} (patches of 3-D inputs are not unfolded)"
-        elif m.groups != 1:
+        elif not view.usable:
             refused[name] = f"a grouped convolution (groups={m.groups})"
         else:
             ok[name] = m
@@ -317,7 +294,7 @@ def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A layer's input as rows of the vectors its weight matrix multiplies: token vectors for linear layers, unfolded
     patches for convolutions."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if is_convolution(module):
         return conv_patches(module, x)
     return x.reshape(-1, x.shape[-1])
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergebench_core.fusion.alignment import PermutationSpec
+from mergebench_core.contract.permutations import PermutationSpec
 from mergebench_core.contract.api import ModelPool, TaskPool
 from mergebench_core.errors import MergebenchError
 

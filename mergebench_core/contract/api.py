@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from mergebench_core.fusion.alignment import PermutationSpec
+    from mergebench_core.contract.permutations import PermutationSpec
     from mergebench_core.running.loggers import LoggerSet
 
 PRETRAINED = "_pretrained_"

@@ -13,18 +13,19 @@ statistics of a model on a task's training data:
 
 They are expensive (a backward pass per example for Fisher) and identical across methods and across a grid of
 hyper-parameters, so `StatsCache` stores each one under a key of (model identity, task, statistic, number of
-examples, seed, code version). The key is written into the file's safetensors metadata as well as hashed into its
-name: a file whose metadata does not match the key asked for (a hash collision, a hand-copied file, an older
-`STATS_VERSION`) is recomputed, never used.
+examples, seed, code version) in the content-addressed cache (`mergebench_core.cache`): an entry stored under
+another key (a hash collision, a hand-copied file, an older `STATS_VERSION`) or whose bytes no longer match its
+digest is recomputed, never used.
+
+Which modules are linear layers and convolutions, and how wide their inputs are, is decided once, in
+`mergebench_core.engine.roles` (`linear_layers`, `weight_is_transposed` and `in_features` are re-exported here, where
+plugins have always imported them).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergebench_core.cache import ContentCache, Entry, Key, key_digest
 from mergebench_core.contract.api import ModelPool, RunContext, TaskPool
-from mergebench_core.errors import MergebenchError
-from mergebench_core.locks import build_lock
-from mergebench_core.engine.tensors import save_state_dict
+from mergebench_core.engine.roles import in_features, is_convolution, linear_layers, weight_is_transposed, weight_view
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ Progress = Callable[..., Iterator[Any]]
 
 @dataclass(frozen=True)
 class StatsKey:
-    """What identifies one cached statistic. Everything that changes its numbers must be in here."""
+    """What identifies one cached data statistic. Everything that changes its numbers must be in here."""
 
     model: str
     """`ModelPool.identity(name)`: changes whenever the weights change."""
@@ -64,88 +64,48 @@ class StatsKey:
     version: int = STATS_VERSION
 
     def metadata(self) -> dict[str, str]:
+        """The key as flat strings (how entries of cache format 1 stored it)."""
         return {f"mergebench.{k}": str(v) for k, v in asdict(self).items()}
 
     def filename(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
-        return f"{self.statistic}-{digest}.safetensors"
+        return f"{self.statistic}-{key_digest(asdict(self))}.safetensors"
+
+    def describe(self) -> str:
+        return f"{self.statistic} of {self.model} on {self.task}"
 
 
-class StatsCache:
-    """A folder of safetensors files, one per `StatsKey`; counts its hits and misses so benchmarks can report them."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.hits = 0
-        self.misses = 0
+class StatsCache(ContentCache):
+    """Data statistics in the content-addressed cache (`mergebench_core.cache`): one entry per `StatsKey`, named
+    `<statistic>-<hash of the key>.safetensors`, float32 tensors. Counts its hits and misses (`get_or_compute`) so
+    benchmarks can report them."""
 
     @classmethod
     def for_context(cls, ctx: RunContext) -> StatsCache:
         """The cache every method of a run shares: `<cache dir>/stats`."""
         return cls(Path(ctx.cache_dir) / "stats")
 
+    def entry_name(self, key: Key, digest: str) -> str:
+        return f"{key['statistic']}-{digest}"
+
     def path(self, key: StatsKey) -> Path:
-        return self.root / key.filename()
+        return self.entry_path(asdict(key))
 
     def load(self, key: StatsKey) -> dict[str, torch.Tensor] | None:
-        """The cached tensors for `key`, or None when absent, unreadable, or stored under a different key."""
-        from safetensors import safe_open
-
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as fh:  # type: ignore[no-untyped-call]
-                stored = fh.metadata() or {}
-                if stored != key.metadata():
-                    log.warning("cached statistic %s was stored under another key (%s); recomputing", path,
-                                {k: v for k, v in stored.items() if key.metadata().get(k) != v})
-                    return None
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:  # a truncated or corrupt file is recomputed, not trusted
-            log.warning("cannot read cached statistic %s (%s); recomputing", path, exc)
-            return None
-        bad = _non_finite(tensors)
-        if bad:  # NaN or inf: a damaged or badly computed file is refused and recomputed
-            log.warning("cached statistic %s holds %s; recomputing", path, bad)
-            return None
-        return tensors
+        """The cached tensors for `key`, or None when absent, damaged, or stored under a different key."""
+        entry = self.get(asdict(key), key.describe())
+        return entry.tensors if entry is not None else None
 
     def save(self, key: StatsKey, tensors: Mapping[str, torch.Tensor]) -> Path:
-        cpu = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-        return save_state_dict(cpu, self.path(key), metadata=key.metadata())
+        return self.put(asdict(key), Entry(_float32(tensors)), key.describe())
 
     def get_or_compute(self, key: StatsKey, compute: Callable[[], Mapping[str, torch.Tensor]]
                        ) -> dict[str, torch.Tensor]:
-        found = self.load(key)
-        if found is not None:
-            self.hits += 1
-            log.debug("statistic %s of %s on %s: cache hit", key.statistic, key.model, key.task)
-            return found
-        with build_lock(self.path(key), f"{key.statistic} of {key.model} on {key.task}"):
-            found = self.load(key)  # another process may have computed it while this one waited
-            if found is not None:
-                self.hits += 1
-                return found
-            self.misses += 1
-            log.info("computing %s of %s on %s (%d examples)", key.statistic, key.model, key.task, key.n_examples)
-            tensors = dict(compute())
-            bad = _non_finite(tensors)
-            if bad:
-                raise MergebenchError(f"{key.statistic} of {key.model} on {key.task} came out with {bad}; "
-                                      f"not cached")
-            self.save(key, tensors)
-        return {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
+        """The statistic of `key`: from the cache, or `compute()`d once (across processes) and stored."""
+        return self.get_or_build(asdict(key), lambda: Entry(_float32(compute())), key.describe()).tensors
 
 
-def _non_finite(tensors: Mapping[str, torch.Tensor]) -> str:
-    """'' when every value is finite, else how many are not and where the most are."""
-    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()}
-    bad = {k: n for k, n in bad.items() if n}
-    if not bad:
-        return ""
-    worst = max(bad, key=bad.__getitem__)
-    return f"{sum(bad.values())} non-finite values ({bad[worst]} in tensor {worst!r})"
+def _float32(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -281,34 +241,6 @@ class _StopForward(Exception):
     """Raised by a hook once every requested layer has seen its input, so the rest of the forward is skipped."""
 
 
-def _conv1d_class() -> type | None:
-    """transformers' `Conv1D` (y = x W + b with W stored (in, out)), when transformers is loaded: a model that holds
-    one has imported it, so nothing is imported here."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every `nn.Linear` of `model`, and every transformers `Conv1D` (GPT-2's attention and MLP layers)."""
-    conv1d = _conv1d_class()
-    kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
-    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
-
-
-def weight_is_transposed(module: nn.Module) -> bool:
-    """True when the layer stores its weight as (in, out) (`Conv1D`), False for `nn.Linear`'s (out, in)."""
-    conv1d = _conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def in_features(module: nn.Module) -> int:
-    """The width of a layer's input rows: a linear layer's input, whichever way it stores its weight; a
-    convolution's unfolded patch (in_channels · prod(kernel_size), groups = 1)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return int(module.in_channels // module.groups * math.prod(module.kernel_size))
-    weight = module.weight
-    return int(weight.shape[0] if weight_is_transposed(module) else weight.shape[1])
-
-
 def gram_convolutions(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The convolutions of `model` whose input Grams can be collected ({name: module}: nn.Conv1d and nn.Conv2d with
     groups = 1, as linear maps of their unfolded input patches), and why each other one cannot ({name: reason}:
@@ -316,13 +248,14 @@ def gram_convolutions(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str,
     ok: dict[str, nn.Module] = {}
     refused: dict[str, str] = {}
     for name, m in model.named_modules():
-        if not isinstance(m, nn.modules.conv._ConvNd):
+        if not is_convolution(m):
             continue
-        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        view = weight_view(m)
+        if view is None:
             refused[name] = "a transposed convolution"
         elif not isinstance(m, (nn.Conv1d, nn.Conv2d)):
             refused[name] = f"a {type(m).__name__} (patches of 3-D inputs are not unfolded)"
-        elif m.groups != 1:
+        elif not view.usable:
             refused[name] = f"a grouped convolution (groups={m.groups})"
         else:
             ok[name] = m
@@ -361,7 +294,7 @@ def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A layer's input as rows of the vectors its weight matrix multiplies: token vectors for linear layers, unfolded
     patches for convolutions."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if is_convolution(module):
         return conv_patches(module, x)
     return x.reshape(-1, x.shape[-1])
 

@@ -2,7 +2,7 @@
 
 A method that merges weights as matrices (an SVD, a least-squares solve) needs to know which tensors are the weight
 of a linear map and how to read them as a matrix; a merge must also know which tensors are not weights at all
-(batch-norm running statistics are properties of the data, not of training, and are settled by a declared rule,
+(batch-norm running averages are properties of the data, not of training, and are settled by a declared rule,
 `bn_stats`, instead of being trimmed or elected like weights). Whether a tensor is merged used to depend only on
 its dtype, and every tensor that was not 2-D fell back to a plain mean, so convolutional networks were merged
 as if their kernels were biases.
@@ -107,9 +107,58 @@ class TensorRolesPool(Protocol):
     def tensor_roles(self) -> Mapping[str, Role]: ...
 
 
+# -- the layer taxonomy: which modules are linear maps, and how their weights read as matrices ---------------------
+# The one place that decides it: roles below, and the data statistics (`data.statistics`: Grams of layer inputs), ask
+# these functions.
+
 def _conv1d_class() -> type | None:
-    """transformers' `Conv1D` when transformers is loaded (a model that holds one has imported it)."""
+    """transformers' `Conv1D` (y = x W + b with W stored (in, out)), when transformers is loaded: a model that holds
+    one has imported it, so nothing is imported here."""
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """`nn.Linear`, or transformers' `Conv1D` (GPT-2's attention and MLP layers)."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def weight_is_transposed(module: nn.Module) -> bool:
+    """True when the layer stores its weight as (in, out) (`Conv1D`), False for `nn.Linear`'s (out, in)."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_convolution(module: nn.Module) -> bool:
+    """Any convolution, transposed ones included (`weight_view` tells which have a matrix view)."""
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
+def weight_view(module: nn.Module) -> MatrixView | None:
+    """How `module.weight` reads as the matrix of a linear map: linear layers as stored, convolutions (not
+    transposed) as out × (in/groups · prod(k)), embeddings as vocab × dim; None for anything else (a transposed
+    convolution's (in, out/groups, *k) kernel has no view yet)."""
+    if is_linear_layer(module):
+        return MatrixView("linear")
+    if is_convolution(module) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return MatrixView("conv", module.groups)
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return MatrixView("embedding")
+    return None
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer of `model` (`is_linear_layer`), by name, in `named_modules` order."""
+    return {name: m for name, m in model.named_modules() if is_linear_layer(m)}
+
+
+def in_features(module: nn.Module) -> int:
+    """The width of a layer's input rows: a linear layer's input, whichever way it stores its weight; a
+    convolution's unfolded patch (in_channels · prod(kernel_size), groups = 1)."""
+    if is_convolution(module):
+        return int(module.in_channels // module.groups * math.prod(module.kernel_size))
+    weight = module.weight
+    return int(weight.shape[0] if weight_is_transposed(module) else weight.shape[1])
 
 
 _NORMS: tuple[type[nn.Module], ...] = tuple(
@@ -119,17 +168,12 @@ _NORMS: tuple[type[nn.Module], ...] = tuple(
 
 def _module_role(module: nn.Module, local: str, tensor: torch.Tensor, is_buffer: bool) -> Role | None:
     """The role of tensor `local` owned directly by `module`, or None when the module's type says nothing."""
-    conv1d = _conv1d_class()
     if isinstance(module, nn.modules.batchnorm._NormBase) and local in RUNNING_STAT_NAMES:
         return RUNNING_STAT
-    if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
-        return {"weight": LINEAR, "bias": BIAS}.get(local)
-    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return {"weight": Role("weight", MatrixView("conv", module.groups)), "bias": BIAS}.get(local)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return {"weight": Role("weight"), "bias": BIAS}.get(local)  # (in, out/groups, *k): no view yet
+    if is_linear_layer(module) or is_convolution(module):
+        return {"weight": Role("weight", weight_view(module)), "bias": BIAS}.get(local)
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return Role("embedding", MatrixView("embedding")) if local == "weight" else None
+        return Role("embedding", weight_view(module)) if local == "weight" else None
     if isinstance(module, _NORMS):
         return NORM if not is_buffer else None
     return None
@@ -138,9 +182,9 @@ def _module_role(module: nn.Module, local: str, tensor: torch.Tensor, is_buffer:
 def role_from_name(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Role:
     """The role a tensor's name and shape suggest, for files with no module to walk.
 
-    BatchNorm's buffer names are running statistics; a 4-D or 5-D `*weight` is a convolution kernel (groups are not
-    recorded in a file, so it is read as groups = 1); every 2-D tensor is a matrix as stored (what the matrix
-    methods have always done); `*bias` is a bias; other 1-D `*weight`s are norm scales.
+    BatchNorm's running-average buffers are `running_stat` by name; a 4-D or 5-D `*weight` is a convolution kernel
+    (groups are not recorded in a file, so it is read as groups = 1); every 2-D tensor is a matrix as stored (what
+    the matrix methods have always done); `*bias` is a bias; other 1-D `*weight`s are norm scales.
     """
     local = name.rpartition(".")[2]
     if local in RUNNING_STAT_NAMES:

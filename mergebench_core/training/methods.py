@@ -14,7 +14,6 @@ single-task run of the method would train, each built the first time something r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import zlib
@@ -26,12 +25,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from mergebench_core.cache import ContentCache, Entry, Key, key_digest
 from mergebench_core.contract.api import PRETRAINED, MergeOutput, Method, MethodInfo, ModelPool, PerTaskModels, RunContext, TaskPool
 from mergebench_core.contract.config import params_dict
 from mergebench_core.errors import MergebenchError
 from mergebench_core.locks import build_lock
 from mergebench_core.running.loggers import LoggerSet
-from mergebench_core.engine.tensors import SafetensorsSource, StateDictSource, TensorSource, load_state_dict, save_state_dict
+from mergebench_core.engine.tensors import SafetensorsSource, StateDictSource, TensorSource, load_state_dict
 from mergebench_core.training.loop import Batch, TrainConfig, TrainState, train
 
 log = logging.getLogger(__name__)
@@ -151,43 +151,43 @@ class TrainingMethod(Method):
         return super().cannot_run_on(pool)
 
 
-class TrainedModelCache:
-    """Trained state dicts as safetensors, named by a hash of their recipe, with the recipe in the file's metadata:
-    a file whose recipe differs from the one asked for (a collision, a hand-copied file) is never used."""
+class TrainedModelCache(ContentCache):
+    """Trained state dicts in the content-addressed cache (`mergebench_core.cache`), one entry per recipe, named
+    `<method>/<hash of the recipe>.safetensors`. The recipe is stored in the entry and the data has a digest: a file
+    of another recipe (a collision, a hand-copied file) or with damaged bytes is never used, but retrained."""
 
     def __init__(self, root: Path):
-        self.root = root
+        super().__init__(root)
         self.trainings = 0
 
     @staticmethod
+    def recipe_key(recipe: Mapping[str, Any]) -> dict[str, Any]:
+        """The recipe as plain JSON (a value JSON cannot hold is keyed by its str), the cache key of its model."""
+        return dict(json.loads(json.dumps(recipe, sort_keys=True, default=str)))
+
+    @staticmethod
     def digest(recipe: Mapping[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        """The recipe's hash: its model's file name, and the identity of a derived pool's expert."""
+        return key_digest(TrainedModelCache.recipe_key(recipe))
+
+    def entry_name(self, key: Key, digest: str) -> str:
+        return f"{key['method']}/{digest}"
 
     def path(self, recipe: Mapping[str, Any]) -> Path:
-        return self.root / str(recipe["method"]) / f"{self.digest(recipe)}.safetensors"
+        return self.entry_path(self.recipe_key(recipe))
 
     def load(self, recipe: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
-        path = self.path(recipe)
-        if not path.is_file():
-            return None
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:  # type: ignore[no-untyped-call]
-                stored = (fh.metadata() or {}).get("mergebench.recipe")
-                if stored != json.dumps(recipe, sort_keys=True, default=str):
-                    log.warning("trained model %s was stored for another recipe; retraining", path)
-                    return None
-                return {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:  # a torn file is retrained, not trusted
-            log.warning("cannot read trained model %s (%s); retraining", path, exc)
-            return None
+        """The trained state dict of `recipe`, or None when it was never trained or its file cannot be trusted."""
+        entry = self.get(self.recipe_key(recipe), _describe(recipe))
+        return entry.tensors if entry is not None else None
 
     def save(self, recipe: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Path:
         self.trainings += 1
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        meta = {"mergebench.recipe": json.dumps(recipe, sort_keys=True, default=str)}
-        return save_state_dict(tensors, self.path(recipe), metadata=meta)
+        return self.put(self.recipe_key(recipe), Entry(dict(state_dict)), _describe(recipe))
+
+
+def _describe(recipe: Mapping[str, Any]) -> str:
+    return f"trained model of {recipe['method']} (recipe {TrainedModelCache.digest(recipe)})"
 
 
 class DerivedModelPool(ModelPool):

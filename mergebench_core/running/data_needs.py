@@ -7,6 +7,8 @@ pool themselves: one rule, here, says what is missing and how to fix it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from mergebench_core.contract.api import Method, TaskPool
 from mergebench_core.errors import ConfigError
 
@@ -24,11 +26,15 @@ def needs_data(method: type[Method] | Method) -> bool:
     return method.info.data != "none"
 
 
-def require_task_pool(method: type[Method] | Method, taskpool: TaskPool | None, *, where: str = "",
+def missing_task_pool(methods: Sequence[type[Method] | Method], where: str, fix: str) -> MissingTaskPool:
+    """The refusal for `methods` (each declaring data) that have no task pool `where`: what each reads, and `fix`."""
+    needs = "; ".join(f"{m.name} needs {WHAT.get(m.info.data, 'data from a task pool')}" for m in methods)
+    return MissingTaskPool(f"{needs}; and there is no task pool {where}: {fix}")
+
+
+def require_task_pool(method: type[Method] | Method, taskpool: TaskPool | None, *, where: str = "here",
                       fix: str = "run it through `mergebench run`, or pass a RunContext with a taskpool") -> TaskPool:
-    """`taskpool`, or a `MissingTaskPool` saying what the method reads, where it was missing and `fix`."""
-    if taskpool is not None:
-        return taskpool
-    what = WHAT.get(method.info.data, "data from a task pool")
-    place = f" {where}" if where else ""
-    raise MissingTaskPool(f"method {method.name!r} needs {what}, and it has no task pool{place}: {fix}")
+    """`taskpool`, or the `MissingTaskPool` refusal for `method`."""
+    if taskpool is None:
+        raise missing_task_pool([method], where, fix)
+    return taskpool

@@ -10,8 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, TaskPool
-from mergebench_core import hookimpl
+from mergebench_core import (
+    PRETRAINED,
+    MergebenchError,
+    MergeOutput,
+    Method,
+    MethodInfo,
+    ModelPool,
+    RunContext,
+    TaskPool,
+    hookimpl,
+)
 from mergebench_core.contract.registry import build_registry
 from mergebench_core.results.store import ResultStore
 from mergebench_core.running.data_needs import MissingTaskPool, require_task_pool

@@ -119,7 +119,7 @@ class TrainState:
     config: TrainConfig
     extras: dict[str, Any] = field(default_factory=dict)
     """Values the loss keeps across steps (a snapshot of θ₀, a reference point). For losses written before
-    `preference` and `modelpool` existed, it also holds them, as "preference" ({task: weight} or None) and "modelpool"."""
+    `preference` and `modelpool` existed, it also holds them: "preference" ({task: weight} or None), "modelpool"."""
     report: dict[str, Any] = field(default_factory=dict)
     """JSON-serialisable values the loss wants kept with the result (counters, last values): `TrainResult.report`,
     and the cell's extras for a training method."""

@@ -418,7 +418,7 @@ def test_the_rule_enters_the_identity_only_of_pools_with_running_stats(tmp_path)
     runner = _runner(tmp_path, methods=["mean_merge"], modelpools=["convnet", "mlp"])
     cells = runner.plan()
     reg = cells[0].registration
-    assert runner.bn_stats == "mean"
+    assert runner.bn_stats.name == "mean"
     assert runner.identity("convnet", "images", reg)["bn_stats"] == "mean"
     assert "bn_stats" not in runner.identity("mlp", "images", reg)
     assert "bn_stats" not in runner.identity("convnet", "images")  # reference rows do not merge
@@ -434,9 +434,9 @@ def test_bn_stats_from_the_config_file_and_bad_values(tmp_path):
     config.write_text("bn_stats: recompute\n")
     runner = _runner(tmp_path, methods=["mean_merge"], modelpools=["convnet"], config_file=config)
     runner.plan()
-    assert runner.bn_stats == "recompute"
+    assert runner.bn_stats.name == "recompute"
     assert _runner(tmp_path, methods=["mean_merge"], modelpools=["convnet"], config_file=config,
-                   bn_stats="base").bn_stats == "base"
+                   bn_stats="base").bn_stats.name == "base"
     with pytest.raises(ConfigError, match="bn_stats 'median'"):
         _runner(tmp_path, bn_stats="median")
     config.write_text("bn_stats: median\n")

@@ -114,6 +114,12 @@ class Pipeline:
     """"sum", "mean" or "max" of the (agreeing) entries."""
     scale: float = 1.0
     """λ in θ_0 + λ · merged."""
+    sum_by: str = "rows"
+    """A plain `sum`: "rows" adds row by row in task order (the same bits for any block); "torch" is torch's own
+    reduction of each block as streamed (task arithmetic's bits before it was a preset, `engine.presets`)."""
+    scale_by: str = "add"
+    """"add": `torch.add(θ_0, merged, alpha=λ)`; "product": λ · merged rounded, then added (task arithmetic's and
+    MagMax's bits before they were presets)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop < 1.0:
@@ -128,6 +134,15 @@ class Pipeline:
             raise ValueError("combine 'mean' averages the entries that agree with an elected sign: it needs elect")
         if self.elect_on not in ("weighted", "unweighted"):
             raise ValueError(f"elect_on must be 'weighted' or 'unweighted', got {self.elect_on!r}")
+        if self.sum_by not in ("rows", "torch") or self.scale_by not in ("add", "product"):
+            raise ValueError(f"sum_by must be 'rows' or 'torch' and scale_by 'add' or 'product'; got "
+                             f"{self.sum_by!r} and {self.scale_by!r}")
+
+    def apply(self, base: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        """Stage 6: θ_0 + scale · merged in float32, by `scale_by`."""
+        if self.scale_by == "product":
+            return base.to(torch.float32) + self.scale * merged
+        return apply(base, merged, self.scale)
 
     @property
     def trims(self) -> bool:
@@ -169,7 +184,7 @@ class TaskVectorPipelineMethod(TaskVectorMethod):
     def output(self, key: str, base: torch.Tensor, taus: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
         """The merged values at some columns: base (m,), untrimmed (dropped) task vectors (T, m), the pipeline's
         merged vector (m,). Returns (m,), or (T, m) for a task-specific method."""
-        return apply(base, merged, self._pipe.scale)
+        return self._pipe.apply(base, merged)
 
     # -- engine hooks --
 
@@ -226,8 +241,10 @@ class TaskVectorPipelineMethod(TaskVectorMethod):
         """(first column, the (dropped) τ of the chunk, its merged vector) for cache-sized chunks of a block."""
         pipe, tasks = self._pipe, len(taus)
         weights = self._weight_tensor(taus.device)
-        # cache-sized chunks on a CPU; a GPU takes the whole block at once
-        step = max(1, taus.shape[1] if taus.is_cuda else self.chunk_entries // max(tasks, 1))
+        # cache-sized chunks on a CPU; a GPU takes the whole block at once, and so does torch's sum (`sum_by`),
+        # which reduces a slice of a block differently from the block
+        whole = taus.is_cuda or (pipe.sum_by == "torch" and not pipe.elect)
+        step = max(1, taus.shape[1] if whole else self.chunk_entries // max(tasks, 1))
         for j in range(0, taus.shape[1], step):
             tc = taus[:, j:j + step]
             trimmed = unweighted = tc

@@ -36,15 +36,12 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from mergebench_core.engine.bn_stats import BN_STATS_RULES, DEFAULT_BN_STATS, BnStats, BnStatsName  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 RoleKind = Literal["weight", "embedding", "head", "bias", "norm", "running_stat", "buffer", "other"]
-BnStatsRule = Literal["base", "mean", "recompute"]
-BN_STATS_RULES: tuple[str, ...] = ("base", "mean", "recompute")
-DEFAULT_BN_STATS: BnStatsRule = "mean"
-"""The experts' running statistics averaged: like every other non-matrix tensor under the data-free methods, and
-right for experts fine-tuned from one base on inputs of similar scale. `recompute` is better but needs data and a
-forward pass; `base` is right when the experts never updated their statistics (frozen BN)."""
+BnStatsRule = BnStatsName  # the rule's names, by their earlier name here; the rule itself is `bn_stats.BnStats`
 
 RUNNING_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 ViewKind = Literal["linear", "conv", "embedding"]
@@ -252,12 +249,8 @@ def has_conv_kernels(roles: Mapping[str, Role]) -> bool:
 
 
 def check_bn_stats(rule: str) -> BnStatsRule:
-    """`rule` when it is one of `BN_STATS_RULES`, else a ConfigError naming them."""
-    from mergebench_core.errors import ConfigError
-
-    if rule not in BN_STATS_RULES:
-        raise ConfigError(f"bn_stats {rule!r}: use one of {', '.join(BN_STATS_RULES)}")
-    return rule  # type: ignore[return-value]
+    """`rule` when it is one of `BN_STATS_RULES`, else a ConfigError naming them: `BnStats.parse`, as a name."""
+    return BnStats.parse(rule).name
 
 
 class Fallbacks:

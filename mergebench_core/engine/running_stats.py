@@ -10,8 +10,9 @@ them out of every method's tensors and settles them by the run's rule:
   task's training split, with only the BatchNorm layers in training mode and `momentum=None` (a cumulative average
   over the batches), gradients off.
 
-`TensorMergeMethod`s apply ``base`` and ``mean`` inside the streaming engine (over the experts they merge); the
-runner applies the rule to the output of every other merge method, and ``recompute`` to all of them.
+The rule is one value, `engine.bn_stats.BnStats`, which also says who applies it: the streaming engine sets ``base``
+and ``mean`` inside the merges it runs (`TensorMergeMethod`s, over the experts they merge); the runner applies the
+rule to the output of every other merge method, and ``recompute`` to all of them (`settle_running_stats`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 from torch import nn
 
 from mergebench_core.contract.api import PRETRAINED, ModelPool, PerTaskModels, TaskPool
-from mergebench_core.errors import MergebenchError
+from mergebench_core.engine.bn_stats import BnStats
 from mergebench_core.engine.roles import Role
 from mergebench_core.engine.pool_sources import pool_source
+from mergebench_core.errors import MergebenchError
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +42,22 @@ def running_stat_keys(roles: Mapping[str, Role], keys: Iterable[str] | None = No
     return [k for k in (roles if keys is None else keys) if k in roles and roles[k].is_running_stat]
 
 
-def rule_value(key: str, rule: str, base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+def rule_value(key: str, rule: BnStats | str, base: torch.Tensor | None, experts: Sequence[torch.Tensor]
+               ) -> torch.Tensor:
     """The value of running statistic `key` under `rule` ("base" or "mean"): the base's, or the experts' average in
     float32 cast back. Integer counters (`num_batches_tracked`) are always the base's (the first expert's when there
     is no base): a count of batches has no meaningful average."""
+    rule = BnStats.parse(rule)
+    if rule.needs_data:
+        raise MergebenchError(f"bn_stats={rule} measures running statistics on the merged model, after the merge; "
+                              f"a value of {key!r} can be set by rule 'base' or 'mean' only")
     if not experts:
         raise MergebenchError(f"no expert holds running statistic {key!r}")
-    if not experts[0].is_floating_point() or rule == "base":
-        if rule == "base" and base is None and experts[0].is_floating_point():
+    if not experts[0].is_floating_point() or rule.name == "base":
+        if rule.name == "base" and base is None and experts[0].is_floating_point():
             raise MergebenchError(f"bn_stats=base keeps the pretrained model's running statistics, and there is no "
                                   f"pretrained model ({key!r}); use bn_stats=mean or recompute")
         return (base if base is not None else experts[0]).clone()
-    if rule != "mean":
-        raise MergebenchError(f"running statistics can be set by rule 'base' or 'mean' here, not {rule!r}")
     return torch.stack([e.float() for e in experts]).mean(0).to(experts[0].dtype)
 
 
@@ -65,7 +70,7 @@ def _models(evaluable: object) -> list[tuple[str | None, nn.Module]]:
     return []
 
 
-def apply_rule(evaluable: object, pool: ModelPool, rule: str, roles: Mapping[str, Role],
+def apply_rule(evaluable: object, pool: ModelPool, rule: BnStats | str, roles: Mapping[str, Role],
                experts: Sequence[str] | None = None) -> int:
     """Set the running statistics of a merged model (or each per-task model) by `rule` ("base" or "mean") from the
     pool's models; returns how many tensors were set. Reads only those tensors (lazily for file-backed pools)."""
@@ -157,26 +162,28 @@ def recompute_running_stats(model: nn.Module, taskpool: TaskPool, tasks: Sequenc
     return batches
 
 
-def settle_running_stats(evaluable: object, pool: ModelPool, rule: str, roles: Mapping[str, Role], *,
+def settle_running_stats(evaluable: object, pool: ModelPool, rule: BnStats | str, roles: Mapping[str, Role], *,
                          taskpool: TaskPool | None, tasks: Sequence[str], seed: int = 0,
                          device: torch.device | str = "cpu", set_by_engine: bool = False) -> dict[str, object]:
-    """Apply `rule` to the running statistics of a merge method's output; returns what to store in its extras.
+    """Apply `rule` to the running statistics of a merge method's output, where the rule says the runner applies it;
+    returns what to store in its extras.
 
-    `set_by_engine`: the streaming engine already applied "base"/"mean" (a `TensorMergeMethod`), so only
-    "recompute" is left to do. Per-task models are each recomputed on their own task's data.
+    `set_by_engine`: the streaming engine merged this output (a `TensorMergeMethod`), and so already set "base" or
+    "mean" (`BnStats.applied_by`). Per-task models are each recomputed on their own task's data.
     """
+    rule = BnStats.parse(rule)
     if not running_stat_keys(roles):
         return {}
-    if rule in ("base", "mean"):
-        if not set_by_engine:
-            apply_rule(evaluable, pool, rule, roles)
-        return {"bn_stats": rule}
-    if rule != "recompute":
-        raise MergebenchError(f"bn_stats {rule!r}: use base, mean or recompute")
+    if rule.applied_by(streamed=set_by_engine) == "engine":
+        return {"bn_stats": rule.name}
+    if not rule.needs_data:
+        apply_rule(evaluable, pool, rule, roles)
+        return {"bn_stats": rule.name}
     if taskpool is None:
-        raise MergebenchError("bn_stats=recompute needs a task pool's training data")
+        raise MergebenchError(f"bn_stats={rule} measures running statistics on training data, and no task pool was "
+                              f"given; pass the cell's task pool")
     batches = 0
     for task, model in _models(evaluable):
         batches += recompute_running_stats(model, taskpool, [task] if task is not None else list(tasks), seed=seed,
                                            device=device)
-    return {"bn_stats": rule, "bn_recompute_batches": batches}
+    return {"bn_stats": rule.name, "bn_recompute_batches": batches}

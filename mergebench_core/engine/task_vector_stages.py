@@ -130,7 +130,7 @@ def combine(trimmed: torch.Tensor, pipe: StageSettings, unweighted: torch.Tensor
     if not pipe.elect:
         if pipe.combine == "max":
             return max_magnitude(trimmed)
-        return sum_rows(trimmed)
+        return trimmed.sum(0) if pipe.sum_by == "torch" else sum_rows(trimmed)
     part = torch.relu(trimmed)
     positive = sum_rows(part)
     torch.sub(trimmed, part, out=part)  # min(t, 0), exactly

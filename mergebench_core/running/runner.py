@@ -1,8 +1,13 @@
 """Expands a selection into cells, runs each, and stores each result the moment it is known.
 
-Everything that can be checked before work starts is checked first (names, parameters, pool construction), so a
-typo fails in a second, not after an hour of merging. A cell that raises is stored as failed, with its error and
-traceback, and the grid goes on.
+Everything that can be checked before work starts is checked first (names, parameters, pool construction, a task
+pool for every method that reads data), so a typo fails in a second, not after an hour of merging. A cell that
+raises is stored as failed, with its error and traceback, and the grid goes on.
+
+The runner is the grid's driver: it resolves pools by name, plans cells and hands them to an executor. What it
+delegates has its own module: the options (`options`), cells and what planning reports (`cells`), one row's run
+(`cell_run`, run in workers), checks and scores of results (`checks`), progress lines (`progress`), and the data a
+method may rely on (`data_needs`). Executors get what they run from the runner and never import it.
 """
 
 from __future__ import annotations
@@ -10,137 +15,58 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mergebench_core.contract.api import PRETRAINED, Ensemble, Method, ModelPool, PerTaskModels, Registration, RunContext, TaskPool
+from mergebench_core.contract.api import PRETRAINED, ModelPool, Registration, TaskPool
 from mergebench_core.contract.config import build_params, check_overrides_used, load_yaml, params_dict, parse_overrides
+from mergebench_core.contract.registry import Registry, get_registry
+from mergebench_core.engine.bn_stats import BnStats
+from mergebench_core.engine.roles import Role, declared_roles, has_running_stats, model_roles
 from mergebench_core.errors import ConfigError, MergebenchError
-from mergebench_core.data.evaluation import Metrics, evaluate, primary_metrics, primary_value
-from mergebench_core.running.executors import ForkExecutor, InProcessExecutor, Job, can_fork
-from mergebench_core.running.loggers import LoggerSet
-from mergebench_core.engine.merging import TensorMergeMethod
-from mergebench_core.paths import cache_dir
-from mergebench_core.pools.params import POOL_SECTION, POOL_TARGET, canonical_names, check_pool_settings, make_pool, pool_section
+from mergebench_core.pools.params import POOL_TARGET, canonical_names, check_pool_settings, make_pool, pool_section
 from mergebench_core.pools.views import PoolName, TaskSubsetModelPool, TaskSubsetTaskPool
-from mergebench_core.preferences.vectors import Preference, PreferenceRequest, from_config
-from mergebench_core.contract.registry import Registry
-from mergebench_core.running.resources import measure
-from mergebench_core.engine.roles import DEFAULT_BN_STATS, Role, check_bn_stats, declared_roles, has_running_stats, model_roles
-from mergebench_core.engine.running_stats import settle_running_stats
+from mergebench_core.preferences.vectors import from_config
 from mergebench_core.results.store import CellResult, ResultStore, cell_key
+from mergebench_core.running.cell_run import (  # noqa: F401
+    code_version,
+    environment_versions,
+    method_blank,
+    reference_blank,
+    run_method,
+    run_reference,
+    seeded_pool,
+)
+from mergebench_core.running.cells import (  # noqa: F401
+    TOP_LEVEL_SECTIONS,
+    Cell,
+    RunReport,
+    cell_from_spec,
+    check_sections,
+    group_reasons,
+)
+from mergebench_core.running.checks import (  # noqa: F401
+    NonFiniteResult,
+    check_finite_weights,
+    check_scores,
+    normalized_mean,
+    primary_mean,
+)
+from mergebench_core.running.data_needs import missing_task_pool, needs_data, require_task_pool
+from mergebench_core.running.executors import ForkExecutor, InProcessExecutor, Job
+from mergebench_core.running.loggers import LoggerSet
+from mergebench_core.running.options import (  # noqa: F401
+    RunOptions,
+    check_device,
+    check_execution,
+    resolve_device,
+    runs_in_process,
+)
+from mergebench_core.running.progress import GridProgress
 from mergebench_core.training.methods import DerivedModelPool, MissingTrainedModel, TrainedModelCache, TrainingMethod
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunOptions:
-    methods: Sequence[str] | None = None
-    """Method names; None runs every installed method."""
-    modelpools: Sequence[str] | None = None
-    """Model pool names; None runs the pools their plugins mark as default."""
-    taskpool: str | None = None
-    """Score with this task pool instead of each model pool's default."""
-    overrides: Sequence[str] = ()
-    config_file: str | Path | None = None
-    seeds: Sequence[int] = (0,)
-    limit: int | None = None
-    device: str = "auto"
-    rerun: bool = False
-    batch_size: int = 256
-    cache_dir: Path = field(default_factory=cache_dir)
-    dtype: str | None = None
-    """Load models in this dtype (pools that support it: float32, bfloat16, float16)."""
-    trust_pickle: bool = False
-    """Allow pools to unpickle checkpoints (arbitrary code); off by default."""
-    tasks: Sequence[str] | None = None
-    """Restrict every pool to the experts and tasks of these tasks (`--tasks digits,rot90`)."""
-    preferences: PreferenceRequest = field(default_factory=PreferenceRequest)
-    """Preference vectors for preference-aware methods; the config file's `preferences:` are added to these."""
-    eval_only: bool = False
-    """Never train: training methods load their cached model or the run is refused before any work."""
-    loggers: Sequence[str] = ()
-    """Registered loggers to switch on besides the JSON lines beside the store (`--logger wandb`)."""
-    jobs: int = 1
-    """Cells run at once, each in its own worker process (`--jobs`)."""
-    cell_timeout: float | None = None
-    """Seconds after which a cell's worker is stopped and the cell stored as failed (`--cell-timeout`)."""
-    isolation: str = "process"
-    """"process": each cell in a fresh worker process (a cell cannot change what later cells see, and a crash or
-    sys.exit fails only its cell); "none": in the driver's process (for a debugger; no timeouts, one job)."""
-    executor: str = "local"
-    """"local" (worker processes on this machine) or "ray" (Ray tasks, `--executor ray`)."""
-    ray_address: str | None = None
-    """An existing Ray cluster to send cells to (`ray.init(address=...)`); None starts or joins a local Ray."""
-    bn_stats: str | None = None
-    """How merges settle batch-norm running statistics (`--bn-stats`: base, mean, recompute); None: the config
-    file's `bn_stats:`, else mean. See `mergebench_core.engine.running_stats`."""
-
-
-@dataclass
-class Cell:
-    method: str
-    method_cls: type[Method]
-    registration: Registration
-    params: Any
-    modelpool: str
-    taskpool: str
-    seed: int
-    preference: Preference | None = None
-
-    @property
-    def label(self) -> str:
-        pref = f" at preference {self.preference.label()}" if self.preference is not None else ""
-        return f"{self.method} on {self.modelpool}{pref}"
-
-
-@dataclass
-class RunReport:
-    results: list[CellResult] = field(default_factory=list)
-    skipped: int = 0
-    not_applicable: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    interrupted: int = 0
-    """Rows left uncomputed because the user pressed Ctrl-C."""
-    unwritten: list[str] = field(default_factory=list)
-    """Why each computed row the store refused was not written, and where it was kept instead."""
-
-    @property
-    def failed(self) -> list[CellResult]:
-        return [r for r in self.results if r.status != "ok"]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def environment_versions() -> dict[str, str]:
-    out = {}
-    for dist in ("mergebench", "torch", "transformers"):
-        v = _version(dist)
-        if v:
-            out[dist] = v
-    return out
 
 
 class Runner:
@@ -158,7 +84,8 @@ class Runner:
         self.not_applicable: list[str] = []
         self.notes: list[str] = []
         self.trained = TrainedModelCache(Path(options.cache_dir) / "trained")
-        self.bn_stats = check_bn_stats(options.bn_stats or DEFAULT_BN_STATS)
+        self.bn_stats = BnStats.parse(options.bn_stats)
+        """The run's rule for batch-norm running statistics (the config file's `bn_stats:` applies in `plan`)."""
         self._roles: dict[str, dict[str, Role]] = {}
 
     # -- pools ------------------------------------------------------------------------------------------------
@@ -194,9 +121,11 @@ class Runner:
             o for o in parse_overrides([f"{reg.name}.{p}" for p in parsed.params])])
         if len(configs) != 1:
             raise ConfigError(f"pool {parsed.unrestricted!r}: a derived pool takes one value per parameter")
-        taskpool = self.taskpool(self._base_taskpool(base))
+        name = self._base_taskpool(base)
+        taskpool = require_task_pool(method_cls, self.taskpool(name) if name else None,
+                                     where=f"to derive pool {parsed.unrestricted!r} from", fix=self._taskpool_fix(base))
         return DerivedModelPool(base, taskpool, method_cls(configs[0]), name=parsed.unrestricted,
-                                cache=self.trained, code_version=_code_version(reg), device=self.device,
+                                cache=self.trained, code_version=code_version(reg), device=self.device,
                                 eval_only=self.options.eval_only, loggers=self.loggers())
 
     def taskpool(self, name: str) -> TaskPool:
@@ -212,17 +141,23 @@ class Runner:
             self._taskpools[name] = pool
         return self._taskpools[name]
 
-    def _base_taskpool(self, pool: ModelPool) -> str:
+    def _base_taskpool(self, pool: ModelPool) -> str | None:
+        """The task pool that scores `pool` (`--taskpool`, else the pool's default); None when neither names one."""
         if self.options.taskpool:
             return self.registry.taskpool(PoolName.parse(self.options.taskpool).base).name
-        if not pool.default_taskpool:
-            raise MergebenchError(f"model pool {pool.name!r} names no default task pool; pass --taskpool")
-        return self.registry.taskpool(pool.default_taskpool).name
+        return self.registry.taskpool(pool.default_taskpool).name if pool.default_taskpool else None
+
+    def _taskpool_fix(self, pool: ModelPool) -> str:
+        installed = ", ".join(sorted(self.registry.taskpools)) or "none installed"
+        return f"model pool {pool.name!r} names no default task pool; pass --taskpool NAME (installed: {installed})"
 
     def taskpool_for(self, modelpool: str) -> str:
         """The task pool that scores `modelpool`, restricted to the same tasks when the model pool is."""
         parsed = PoolName.parse(modelpool)
-        base = self._base_taskpool(self.modelpool(parsed.unrestricted))
+        pool = self.modelpool(parsed.unrestricted)
+        base = self._base_taskpool(pool)
+        if base is None:
+            raise MergebenchError(f"{self._taskpool_fix(pool)}: without one its models cannot be scored")
         return PoolName(base).with_tasks(parsed.tasks)
 
     @property
@@ -241,11 +176,12 @@ class Runner:
     # -- planning ---------------------------------------------------------------------------------------------
     def plan(self) -> list[Cell]:
         """Every cell of the selection, with every check that needs no computation done first: names, parameters,
-        tasks, preferences, applicability, cached models for --eval-only, and resources."""
+        tasks, preferences, applicability, a task pool for methods that read data, cached models for --eval-only,
+        and resources."""
         opts = self.options
         explicit = bool(opts.methods)
         check_device(self.device)
-        self.check_execution()
+        check_execution(opts)
         if opts.limit is not None and opts.limit < 1:
             raise ConfigError(f"--limit {opts.limit}: score at least one example per task (or drop --limit)")
         if opts.batch_size < 1:
@@ -262,7 +198,7 @@ class Runner:
             pool_names = [PoolName.parse(p).with_tasks(list(opts.tasks)) for p in pool_names]
         if "bn_stats" in yaml_cfg:
             configured = yaml_cfg.pop("bn_stats")
-            self.bn_stats = check_bn_stats(opts.bn_stats or str(configured))
+            self.bn_stats = BnStats.parse(opts.bn_stats or str(configured))
         preferences = opts.preferences
         if "preferences" in yaml_cfg:
             preferences = preferences + from_config(yaml_cfg.pop("preferences"))
@@ -271,6 +207,7 @@ class Runner:
         ignoring: set[str] = set()
         for pool_name in pool_names:
             pool = self.modelpool(pool_name)
+            self.check_data(pool_name, [r.obj for r in regs])
             taskpool_name = self.taskpool_for(pool_name)
             tasks = self.taskpool(taskpool_name).tasks
             check_scores(pool, self.taskpool(taskpool_name))
@@ -301,6 +238,14 @@ class Runner:
         if opts.eval_only:
             self.check_trained(cells)
         return cells
+
+    def check_data(self, pool_name: str, methods: Sequence[type[Any]]) -> None:
+        """The runner's guarantee (`running.data_needs`): every method that declares data gets a task pool on
+        `pool_name`, or the run is refused here, before any work, naming the methods and how to give them one."""
+        pool = self.modelpool(PoolName.parse(pool_name).unrestricted)
+        readers = [m for m in methods if needs_data(m)]
+        if readers and self._base_taskpool(pool) is None:
+            raise missing_task_pool(readers, f"for model pool {pool_name!r}", self._taskpool_fix(pool))
 
     def resolve_pool_names(self, names: Sequence[str] | None, pool_cfg: dict[str, Any] | None = None,
                            overrides: Sequence[Any] = ()) -> list[str]:
@@ -347,7 +292,7 @@ class Runner:
                 method = cell.method_cls(cell.params)
                 pref = cell.preference.normalized if cell.preference is not None else None
                 if not method.is_cached(pool, taskpool, taskpool.tasks, seed=cell.seed, preference=pref,
-                                        cache=self.trained, code_version=_code_version(cell.registration)):
+                                        cache=self.trained, code_version=code_version(cell.registration)):
                     missing.append(cell.label + f" (seed {cell.seed})")
         if missing:
             raise MissingTrainedModel("--eval-only: these models were never trained with these settings, and "
@@ -360,30 +305,17 @@ class Runner:
         if opts.executor == "ray":
             from mergebench_core.running.ray_executor import RayExecutor
 
-            return RayExecutor(self, address=opts.ray_address, timeout=opts.cell_timeout)
-        if opts.isolation == "none" or not can_fork():
+            # the workers rebuild each row from its spec with `run_spec`; the options carry the rule in force
+            options = dataclasses.replace(opts, executor="local", bn_stats=self.bn_stats.name)
+            store_path = str(self.store.path) if self.store is not None else None
+            return RayExecutor(run_spec, (options, store_path), gpu=self.device.type == "cuda",
+                               address=opts.ray_address, timeout=opts.cell_timeout)
+        if runs_in_process(opts):
             return InProcessExecutor()
         return ForkExecutor(opts.jobs, opts.cell_timeout)
 
     def check_execution(self) -> None:
-        opts = self.options
-        if opts.executor not in ("local", "ray"):
-            raise ConfigError(f"--executor {opts.executor!r}: use local or ray")
-        if opts.isolation not in ("process", "none"):
-            raise ConfigError(f"--isolation {opts.isolation!r}: use process or none")
-        if opts.jobs < 1:
-            raise ConfigError(f"--jobs {opts.jobs}: run at least one cell at a time")
-        if opts.cell_timeout is not None and opts.cell_timeout <= 0:
-            raise ConfigError(f"--cell-timeout {opts.cell_timeout:g}: give a positive number of seconds")
-        in_process = opts.executor == "local" and (opts.isolation == "none" or not can_fork())
-        if in_process and (opts.jobs > 1 or opts.cell_timeout is not None):
-            why = "--isolation none" if opts.isolation == "none" else "this platform cannot fork worker processes"
-            raise ConfigError(f"--jobs and --cell-timeout need worker processes, and {why}")
-        if opts.executor == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                raise ConfigError("--executor ray needs Ray: pip install 'mergebench[ray]'") from None
+        check_execution(self.options)
 
     def run(self, cells: list[Cell] | None = None) -> RunReport:
         """Every reference row and cell not already in the store, each stored the moment it is known. Reference rows
@@ -446,15 +378,15 @@ class Runner:
         out: dict[str, Any] = {"modelpool": self.modelpool(modelpool).version_info(),
                                "taskpool": self.taskpool(taskpool).version_info()}
         if registration is not None:
-            out["plugin"] = _code_version(registration)
+            out["plugin"] = code_version(registration)
             if has_running_stats(self.pool_roles(modelpool)):  # only there: other pools' keys stay as they were
-                out["bn_stats"] = self.bn_stats
+                out["bn_stats"] = self.bn_stats.name
         return out
 
     def pool_roles(self, modelpool: str) -> dict[str, Role]:
-        """The tensor roles of a pool's models (`mergebench_core.engine.roles`), from its pretrained model and what the pool
-        declares; computed once per pool. Pools without a pretrained model give only what they declare (loading a
-        model of theirs may mean training it)."""
+        """The tensor roles of a pool's models (`mergebench_core.engine.roles`), from its pretrained model and what
+        the pool declares; computed once per pool. Pools without a pretrained model give only what they declare
+        (loading a model of theirs may mean training it)."""
         if modelpool not in self._roles:
             pool = self.modelpool(modelpool)
             try:
@@ -465,10 +397,6 @@ class Runner:
                             modelpool, exc)
                 self._roles[modelpool] = {}
         return self._roles[modelpool]
-
-    def _evaluate(self, taskpool: TaskPool, model: Any, tasks: Sequence[str] | None = None) -> Metrics:
-        return evaluate(taskpool, model, tasks=tasks, limit=self.options.limit, device=self.device,
-                        batch_size=self.options.batch_size, progress=self.progress)
 
     def reference_jobs(self, pool_name: str, taskpool_name: str, seeds: Sequence[int] = (0,)
                        ) -> list[tuple[Job, CellResult | None]]:
@@ -483,7 +411,7 @@ class Runner:
         out = []
         for seed in (seeds or [0]) if getattr(pool, "for_seed", None) is not None else [0]:
             for label in labels:
-                blank = functools.partial(self._reference_blank, pool_name, taskpool_name, label, seed)
+                blank = functools.partial(reference_blank, self, pool_name, taskpool_name, label, seed)
                 stored = None if self.options.rerun else self.store.get(blank().cell_key)  # type: ignore[union-attr]
                 job = Job(f"{label} on {pool_name}" + (f" (seed {seed})" if seed else ""),
                           functools.partial(self.reference, pool_name, taskpool_name, label, seed),
@@ -502,108 +430,20 @@ class Runner:
             rows.append(stored)
         return rows
 
-    def _reference_blank(self, pool_name: str, taskpool_name: str, label: str, seed: int = 0) -> CellResult:
-        return CellResult("reference", label, {}, pool_name, taskpool_name, seed, self.options.limit,
-                          versions=environment_versions(), identity=self.identity(pool_name, taskpool_name))
-
     def reference(self, pool_name: str, taskpool_name: str, label: str, seed: int = 0) -> CellResult:
         """Compute one reference row (in a worker)."""
-        result = self._reference_blank(pool_name, taskpool_name, label, seed)
-        try:
-            pool, taskpool = seeded_pool(self.modelpool(pool_name), seed), self.taskpool(taskpool_name)
-            result.primary_metrics = primary_metrics(taskpool, taskpool.tasks)
-            with measure(self.device) as m:
-                if label == "individual":
-                    result.metrics = {}
-                    for expert in pool.expert_names:
-                        if pool.task_of(expert) in taskpool.tasks:
-                            result.metrics.update(self._evaluate(taskpool, pool.load_model(expert),
-                                                                 [pool.task_of(expert)]))
-                elif label == "best model":  # the model with the best mean test score, as papers report it
-                    scores = [self._evaluate(taskpool, pool.load_model(n)) for n in pool.expert_names]
-                    primary = primary_metrics(taskpool, taskpool.tasks)
-                    best = max(range(len(scores)), key=lambda i: primary_mean(scores[i], primary) or 0.0)
-                    result.metrics = scores[best]
-                    result.extras = {"model": pool.expert_names[best]}
-                else:
-                    name = PRETRAINED if label == "pretrained" else label.removeprefix("model ")
-                    result.metrics = self._evaluate(taskpool, pool.load_model(name))
-            result.eval_seconds = m.seconds
-            result.mean = primary_mean(result.metrics, result.primary_metrics)
-        except Exception as exc:
-            self._fail(result, exc)
-        return result
+        return run_reference(self, pool_name, taskpool_name, label, seed)
 
     def cell_job(self, cell: Cell) -> Job:
-        pref = cell.preference.given if cell.preference is not None else None
         return Job(cell.label, functools.partial(self.run_cell, cell), functools.partial(self._blank, cell),
-                   spec=("method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
-                         pref))
+                   spec=cell.spec())
 
     def _blank(self, cell: Cell) -> CellResult:
-        """The row of a cell before it runs: what produced it, and nothing measured yet."""
-        versions = environment_versions()
-        versions[cell.registration.distribution or cell.registration.plugin] = cell.registration.version
-        pref = cell.preference
-        return CellResult(
-            "method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
-            self.options.limit, preference=list(pref.normalized) if pref is not None else None,
-            versions=versions, task_specific=cell.method_cls.info.task_specific,
-            identity=self.identity(cell.modelpool, cell.taskpool, cell.registration),
-            config={"method": cell.method, "params": params_dict(cell.params), "modelpool": cell.modelpool,
-                    "taskpool": cell.taskpool, "seed": cell.seed, "limit": self.options.limit,
-                    "device": str(self.device),
-                    "preference_given": list(pref.given) if pref is not None else None,
-                    "eval_only": self.options.eval_only,
-                    **({"bn_stats": self.bn_stats} if has_running_stats(self.pool_roles(cell.modelpool)) else {})})
+        return method_blank(self, cell)
 
     def run_cell(self, cell: Cell) -> CellResult:
         """Run one cell (in a worker) and return its row; its normalised score is the driver's to add."""
-        log.info("running %s (%s)", cell.label, params_dict(cell.params))
-        pref = cell.preference
-        result = self._blank(cell)
-        loggers = self.loggers()
-        metrics_logger = loggers.open(self.key(cell), result.config)
-        try:
-            pool, taskpool = seeded_pool(self.modelpool(cell.modelpool), cell.seed), self.taskpool(cell.taskpool)
-            result.versions.update(pool.version_info())
-            result.versions.update(taskpool.version_info())
-            result.primary_metrics = primary_metrics(taskpool, taskpool.tasks)
-            ctx = RunContext(taskpool=taskpool, device=self.device, seed=cell.seed,
-                             preference=pref.normalized if pref is not None else None, tasks=tuple(taskpool.tasks),
-                             eval_only=self.options.eval_only, metrics_logger=metrics_logger, loggers=loggers,
-                             method_version=_code_version(cell.registration),
-                             cache_dir=Path(self.options.cache_dir), progress=self.progress,
-                             log=logging.getLogger(f"mergebench.method.{cell.method}"), bn_stats=self.bn_stats)
-            torch.manual_seed(cell.seed)
-            method = cell.method_cls(cell.params)
-            with measure(self.device) as merge_m:
-                output = method.run(pool, ctx)
-                if cell.method_cls.info.kind == "merge":  # running statistics follow the run's rule, not the method
-                    output.extras.update(settle_running_stats(
-                        output.model, pool, self.bn_stats, self.pool_roles(cell.modelpool), taskpool=taskpool,
-                        tasks=taskpool.tasks, seed=cell.seed, device=self.device,
-                        set_by_engine=isinstance(method, TensorMergeMethod)))
-            result.merge_seconds, result.peak_memory_mb = merge_m.seconds, merge_m.peak_mb
-            result.extras = _jsonable(output.extras)
-            check_finite_weights(output.model)
-            with measure(self.device) as eval_m:
-                result.metrics = self._evaluate(taskpool, output.model)
-            result.eval_seconds = eval_m.seconds
-            result.mean = primary_mean(result.metrics, result.primary_metrics)
-        except Exception as exc:  # the grid goes on; the error is kept with the cell
-            self._fail(result, exc)
-        finally:
-            try:
-                metrics_logger.summary(
-                    {"status": result.status, "error": result.error, "metrics": result.metrics, "mean": result.mean,
-                     "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds,
-                     "peak_memory_mb": result.peak_memory_mb, "versions": result.versions, "extras": result.extras})
-            except Exception as exc:  # a logger's failure is reported, never the cell's
-                log.warning("a logger failed to record the outcome of %s: %s", cell.label, exc)
-            finally:
-                metrics_logger.close()
-        return result
+        return run_method(self, cell)
 
     def _normalized(self, result: CellResult) -> float | None:
         assert self.store is not None
@@ -614,148 +454,14 @@ class Runner:
             return None
         return normalized_mean(result.metrics, ref.metrics, result.primary_metrics)
 
-    @staticmethod
-    def _fail(result: CellResult, exc: BaseException) -> None:
-        log.error("%s on %s failed: %s", result.method, result.modelpool, exc)
-        result.status = "failed"
-        result.error = f"{type(exc).__name__}: {exc}"
-        result.traceback = traceback.format_exc()
 
-
-def seeded_pool(pool: ModelPool, seed: int) -> ModelPool:
-    """The pool a cell of seed `seed` uses: pools whose models are drawn per seed (independent pools trained from
-    pool seed s) implement `for_seed(seed)`; others are the same for every seed."""
-    for_seed = getattr(pool, "for_seed", None)
-    return pool if for_seed is None else for_seed(seed)
-
-
-def primary_mean(metrics: Metrics, primary: dict[str, dict[str, Any]]) -> float | None:
-    """Mean over tasks of each task's primary metric (accuracy unless the task pool declares another)."""
-    values = [v for t in metrics if (v := primary_value(metrics, primary, t)) is not None]
-    return sum(values) / len(values) if values else None
-
-
-def normalized_mean(metrics: Metrics, individual: Metrics, primary: dict[str, dict[str, Any]] | None = None
-                    ) -> float | None:
-    """Mean over tasks of (merged score / the expert's score on the same task), on each task's primary metric."""
-    primary = primary or {}
-    ratios = []
-    for t in metrics:
-        mine, theirs = primary_value(metrics, primary, t), primary_value(individual, primary, t)
-        if mine is not None and theirs:
-            ratios.append(mine / theirs)
-    return sum(ratios) / len(ratios) if ratios else None
-
-
-TOP_LEVEL_SECTIONS = ("method", "preferences", POOL_SECTION, "bn_stats")
-
-
-def check_sections(config: dict[str, Any], path: str | Path | None, methods: Iterable[str]) -> None:
-    """Every top-level key of the config file is `method`, `preferences`, `modelpool` or an installed method: a typo
-    (`mehtod:`, `tiez:`, `modelpol:`) would otherwise be ignored and the run would use defaults."""
-    import difflib
-
-    known = [*TOP_LEVEL_SECTIONS, *methods]
-    for key in config:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(f"config file {str(path)!r}: unknown section {key!r}.{hint} Sections are `method:` "
-                              f"(every selected method), `preferences:`, `modelpool:` (pool parameters), or a "
-                              f"method's name (see `mergebench list`)")
-
-
-def check_device(device: torch.device) -> None:
-    """A device this machine has, before any work (not three failed cells later)."""
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: this machine has no CUDA GPU that torch can use (torch "
-                              f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from "
-                              f"0")
-    elif device.type not in ("cpu", "mps"):
-        raise ConfigError(f"--device {device}: use cpu, cuda or cuda:N")
-
-
-def check_scores(pool: ModelPool, taskpool: TaskPool) -> None:
-    """The task pool must score the pool's experts on their own tasks: a task pool of other tasks (`--taskpool`
-    naming another suite) would fail later inside a model with a shape error."""
-    if pool.relation != "finetuned":
-        return
-    missing = [pool.task_of(e) for e in pool.expert_names if pool.task_of(e) not in taskpool.tasks]
-    if missing:
-        raise ConfigError(f"task pool {taskpool.name!r} cannot score model pool {pool.name!r}: it has no task "
-                          f"{', '.join(repr(t) for t in missing)} (its tasks: {', '.join(taskpool.tasks)}). Drop "
-                          f"--taskpool to use the pool's own ({pool.default_taskpool}), or name a task pool with "
-                          f"these tasks")
-
-
-class NonFiniteResult(MergebenchError):
-    """A method produced NaN or infinite weights; the cell fails instead of storing a meaningless score."""
-
-
-def check_finite_weights(evaluable: Any) -> None:
-    """Refuse a merged model (or ensemble, or per-task models) with a non-finite weight, naming the tensor."""
-    if isinstance(evaluable, Ensemble):
-        models = dict(enumerate(evaluable.models))
-    elif isinstance(evaluable, PerTaskModels):
-        models = dict(evaluable.models)
-    else:
-        models = {"": evaluable}
-    for where, model in models.items():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                place = f" (model {where})" if where != "" else ""
-                raise NonFiniteResult(f"the method produced non-finite weights: {name}{place} has {bad} NaN or "
-                                      f"infinite entries of {tensor.numel()}")
-
-
-class GridProgress:
-    """One log line per finished row, readable in a log file: count, outcome, elapsed time and an estimate of the
-    time left (the mean time per row so far, times the rows left)."""
-
-    def __init__(self, total: int):
-        self.total, self.count, self.start = total, 0, time.monotonic()
-
-    def done(self, label: str, result: CellResult) -> None:
-        self.count += 1
-        elapsed = time.monotonic() - self.start
-        left = elapsed / self.count * (self.total - self.count)
-        outcome = "ok" if result.status == "ok" else f"FAILED ({result.error})"
-        score = f", avg {100 * result.mean:.1f}" if result.mean is not None else ""
-        log.info("[%d/%d] %s: %s%s; elapsed %s, about %s left", self.count, self.total, label, outcome, score,
-                 _duration(elapsed), _duration(left))
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def group_reasons(lines: Sequence[str]) -> list[str]:
-    """'a on p: why' and 'b on p: why' -> 'a, b on p: why', in first-seen order, each line once."""
-    grouped: dict[str, list[str]] = {}
-    for line in lines:
-        method, _, rest = line.partition(" on ")
-        names = grouped.setdefault(rest, [])
-        if method not in names:
-            names.append(method)
-    return [f"{', '.join(names)} on {rest}" for rest, names in grouped.items()]
-
-
-def _code_version(reg: Registration) -> str:
-    return f"{reg.distribution or reg.plugin}=={reg.version}"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    return value
+def run_spec(options: RunOptions, store_path: str | None, spec: Sequence[Any]) -> CellResult:
+    """Compute a row from its description (`Job.spec`) with this process's plugins: what a Ray worker runs. The
+    options are the driver's, with the rules it resolved (the batch-norm rule) written in."""
+    runner = Runner(get_registry(), None, options)
+    if store_path is not None:  # training curves go beside the store's path, on the worker's filesystem
+        runner.logger_set.store_path = Path(store_path)
+    if spec[0] == "reference":
+        _, pool, taskpool, label, *seed = spec  # the seed: for pools whose models depend on it (`for_seed`)
+        return runner.reference(pool, taskpool, label, *seed)
+    return runner.run_cell(cell_from_spec(runner.registry, spec, runner.taskpool(spec[4]).tasks))

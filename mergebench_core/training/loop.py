@@ -1,9 +1,9 @@
 """The one training loop of the core: a training method writes its loss, not a loop.
 
 Optimizer, learning-rate schedule, seeded data order, gradient clipping, periodic evaluation on "val" and metrics
-logging live here once, so every training plugin gets them right, reproducibly, in the same way. A plugin embeds the
-fields of `TrainConfig` in its own Params dataclass (so `method.lr=1e-4` works from the command line), builds the
-config with `TrainConfig.from_params`, and hands `train` a `LossFn`.
+logging live here once, so every training plugin gets them right, reproducibly, in the same way. A training method's
+parameters subclass `training.params.TrainingParams`, whose `train_config()` builds the `TrainConfig`; `train` gets
+that config and a `LossFn`, which reads the cell's preference from its `TrainState`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergebench_core.contract.api import Batch, TaskPool
+from mergebench_core.contract.api import Batch, ModelPool, TaskPool
 from mergebench_core.data.batches import shuffled_batches
 from mergebench_core.errors import MergebenchError
 from mergebench_core.data.evaluation import evaluate
@@ -84,7 +84,9 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, params: Any) -> TrainConfig:
-        """The TrainConfig fields present on any dataclass instance (a plugin's Params); the rest keep defaults."""
+        """The TrainConfig fields present on any dataclass instance; the rest keep defaults. This matches by name, so
+        it cannot tell a misspelt field from a loss's own: parameters that subclass `TrainingParams` have
+        `train_config()` instead. Kept for Params written before that."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name in names})
 
@@ -116,11 +118,45 @@ class TrainState:
     """For the tasks' heads: `taskpool.logits(model, task, inputs)`."""
     config: TrainConfig
     extras: dict[str, Any] = field(default_factory=dict)
-    """Per-run values the caller passes in (a preference vector, the model pool); the loss may also keep state across
-    steps here."""
+    """Values the loss keeps across steps (a snapshot of θ₀, a reference point). For losses written before
+    `preference` and `modelpool` existed, it also holds them: "preference" ({task: weight} or None), "modelpool"."""
     report: dict[str, Any] = field(default_factory=dict)
     """JSON-serialisable values the loss wants kept with the result (counters, last values): `TrainResult.report`,
     and the cell's extras for a training method."""
+    preference: tuple[float, ...] | None = None
+    """The cell's preference over `tasks`, in their order (non-negative, summing to 1); None when the cell has none.
+    `task_weights()` gives it as a tensor, uniform when None."""
+    modelpool: ModelPool | None = None
+    """The pool being trained from (its experts, e.g. as a reference point of the loss)."""
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(self.tasks)
+        given = self.extras.get("preference")
+        if self.preference is None and given is not None:  # a caller of the older form: {task: weight} in extras
+            missing = [t for t in self.tasks if t not in given]
+            if missing:
+                raise MergebenchError(f"the preference {dict(given)} has no weight for task(s) {missing}; give one "
+                                      f"weight per task of {list(self.tasks)}")
+            self.preference = tuple(given[t] for t in self.tasks)
+        if self.preference is not None:
+            self.preference = tuple(float(v) for v in self.preference)
+            if len(self.preference) != len(self.tasks) or not all(math.isfinite(v) and v >= 0
+                                                                   for v in self.preference):
+                raise MergebenchError(f"the preference {list(self.preference)} must be one finite, non-negative "
+                                      f"weight per task of {list(self.tasks)}")
+        self.extras.setdefault("preference", dict(zip(self.tasks, self.preference))
+                               if self.preference is not None else None)
+        if self.modelpool is None:
+            self.modelpool = self.extras.get("modelpool")
+        self.extras.setdefault("modelpool", self.modelpool)
+
+    def task_weights(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+        """The preference as a tensor over `tasks` (in their order), 1/m for each of m tasks when the cell has none.
+        float64 by default: it holds the preference exactly as the cell gave it, so a loss that reads single weights
+        (`.tolist()`) computes with the same numbers as from the preference itself."""
+        m = len(self.tasks)
+        values = self.preference if self.preference is not None else [1.0 / m] * m
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 LossOutput = Union[Tensor, tuple[Tensor, Mapping[str, float]]]
@@ -185,12 +221,13 @@ def train(model: nn.Module, taskpool: TaskPool, tasks: Sequence[str], loss_fn: L
           seed: int, device: torch.device | str = "cpu", parameters: Iterable[nn.Parameter] | None = None,
           log_metrics: Callable[[int, Mapping[str, float]], None] | None = None,
           progress: Callable[..., Iterator[Any]] | None = None, extras: Mapping[str, Any] | None = None,
-          ) -> TrainResult:
+          preference: Sequence[float] | None = None, modelpool: ModelPool | None = None) -> TrainResult:
     """Train `model` in place on `tasks` by minimising `loss_fn`, one batch of every task per step; the model ends
     in evaluation mode on `device`.
 
     Everything random follows from `seed`: the data order of task i, the generator in `TrainState`, and the global
     RNG (forked and restored, so dropout is reproducible and callers' RNG streams are left as they were).
+    `preference` (one weight per task) and `modelpool` reach the loss as `TrainState.preference` and `.modelpool`.
     """
     device = torch.device(device)
     tasks = tuple(tasks)
@@ -208,7 +245,7 @@ def train(model: nn.Module, taskpool: TaskPool, tasks: Sequence[str], loss_fn: L
                                    generator=torch.Generator().manual_seed(derive_seed(seed, "data", i)))
                for i, t in enumerate(tasks)}
     state = TrainState(0, tasks, device, torch.Generator(device=device).manual_seed(derive_seed(seed, "loss")),
-                       taskpool, config, dict(extras or {}))
+                       taskpool, config, dict(extras or {}), preference=preference, modelpool=modelpool)
     steps: Iterable[int] = range(1, config.steps + 1)
     if progress is not None:
         steps = progress(steps, desc="train", total=config.steps)

@@ -30,9 +30,11 @@ from mergebench_core.contract.api import PRETRAINED, MergeOutput, Method, Method
 from mergebench_core.contract.config import params_dict
 from mergebench_core.errors import MergebenchError
 from mergebench_core.locks import build_lock
+from mergebench_core.running.data_needs import require_task_pool
 from mergebench_core.running.loggers import LoggerSet
 from mergebench_core.engine.tensors import SafetensorsSource, StateDictSource, TensorSource, load_state_dict
 from mergebench_core.training.loop import Batch, TrainConfig, TrainState, train
+from mergebench_core.training.params import TrainingParams
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,11 @@ class MissingTrainedModel(MergebenchError):
 
 
 class TrainingMethod(Method):
-    """A method that trains from the pool's pretrained model. Subclasses set `name`, `Params` (with the fields of
-    `TrainConfig` they want settable, e.g. `steps`, `lr`) and implement `loss`."""
+    """A method that trains from the pool's pretrained model. Subclasses set `name` and implement `loss`; `Params` is
+    `TrainingParams` or a subclass adding the loss's own fields. (A Params that is not a `TrainingParams` still works:
+    its fields named as `TrainConfig`'s are read by name.)"""
 
+    Params: ClassVar[type] = TrainingParams
     info: ClassVar[MethodInfo] = MethodInfo(kind="training", data="labeled", task_vectors=True)
     produces: ClassVar[Literal["model", "pool"]] = "model"
     code_version: ClassVar[str] = "1"
@@ -59,6 +63,8 @@ class TrainingMethod(Method):
         """The scalar to minimise for one step, from one batch per task (`state.taskpool` scores them)."""
 
     def train_config(self) -> TrainConfig:
+        if isinstance(self.params, TrainingParams):
+            return self.params.train_config()
         return TrainConfig.from_params(self.params)
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter] | None:
@@ -103,29 +109,27 @@ class TrainingMethod(Method):
                 + (f", preference {list(preference)}" if preference is not None else "")
                 + f") was never trained with these parameters (no {cache.path(recipe)}); run without --eval-only "
                 f"to train it")
-        state_extras = {"preference": dict(zip(tasks, preference)) if preference is not None else None,
-                        "modelpool": pool}
         with build_lock(cache.path(recipe), f"{self.name} on {pool.name} ({', '.join(tasks)})"):
             cached = cache.load(recipe)  # another process may have trained it while this one waited
             if cached is not None:
                 model.load_state_dict(cached)
                 return model.eval(), info | {"trained_now": False}
             result = train(model, taskpool, list(tasks), self.loss, self.train_config(), seed=seed, device=device,
-                           parameters=self.trainable(model), log_metrics=log_metrics, extras=state_extras)
+                           parameters=self.trainable(model), log_metrics=log_metrics, preference=preference,
+                           modelpool=pool)
             cache.save(recipe, model.state_dict())
         return model.eval(), info | {"trained_now": True, "train": dataclasses.asdict(result)}
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        if ctx.taskpool is None:
-            raise MergebenchError(f"training method {self.name!r} needs a task pool with train data")
+        taskpool = require_task_pool(self, ctx.taskpool)  # the runner's guarantee; here for callers of the Python API
         cache = TrainedModelCache(Path(ctx.cache_dir) / "trained")
         if self.produces == "pool":
-            derived = DerivedModelPool(pool, ctx.taskpool, self, name=f"{pool.name}+{self.name}", cache=cache,
+            derived = DerivedModelPool(pool, taskpool, self, name=f"{pool.name}+{self.name}", cache=cache,
                                        code_version=ctx.method_version, device=ctx.device, seed=ctx.seed,
                                        eval_only=ctx.eval_only, loggers=ctx.loggers)
             models = {pool.task_of(e): derived.load_model(e) for e in derived.expert_names}
             return MergeOutput(PerTaskModels(models), extras={"experts": derived.built})
-        model, info = self.obtain(pool, ctx.taskpool, list(ctx.tasks) or ctx.taskpool.tasks, seed=ctx.seed,
+        model, info = self.obtain(pool, taskpool, list(ctx.tasks) or taskpool.tasks, seed=ctx.seed,
                                   preference=ctx.preference, cache=cache, code_version=ctx.method_version,
                                   device=ctx.device, eval_only=ctx.eval_only, log_metrics=ctx.log_metrics)
         return MergeOutput(model, extras=info)

@@ -26,22 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.training.methods import TrainingMethod
 from mergebench_core.training.loop import Batch, TrainState, task_losses
+from mergebench_core.training.methods import TrainingMethod
+from mergebench_core.training.params import TrainingParams
 
 REFERENCES = ("zero", "experts")
 
 
 @dataclass
-class Params:
-    steps: int = 200
-    lr: float = 3e-4
-    batch_size: int = 64
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    grad_clip: float = 0.0
+class Params(TrainingParams):
     reference: str = "zero"
     """The reference point z: "zero" (z_t = 0) or "experts" (z_t = task t's expert's train loss)."""
     reference_examples: int = 512
@@ -50,6 +43,7 @@ class Params:
     """μ: 0 for the plain max; μ > 0 for the smooth Tchebycheff μ · log Σ_t exp(r_t (L_t − z_t) / μ)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
         if self.reference_examples < 1:
@@ -83,7 +77,7 @@ class Chebyshev(TrainingMethod):
              ) -> tuple[Tensor, dict[str, float]]:
         losses = task_losses(model, batches, state)
         tasks = list(losses)
-        weights = state.extras.get("preference") or {t: 1.0 / len(tasks) for t in tasks}
+        weights = dict(zip(state.tasks, state.task_weights().tolist()))
         stacked = torch.stack([losses[t] for t in tasks])
         z = None
         if self.params.reference == "experts":
@@ -96,7 +90,10 @@ class Chebyshev(TrainingMethod):
 
     def expert_losses(self, state: TrainState, tasks: Sequence[str]) -> Tensor:
         """z_t: the mean cross-entropy of task t's expert on its first `reference_examples` train examples."""
-        pool = state.extras["modelpool"]
+        pool = state.modelpool
+        if pool is None:
+            raise ValueError("chebyshev.reference=experts scores each task's expert, and the training state has no "
+                             "model pool: train through TrainingMethod.obtain or pass modelpool to train()")
         expert_of = {pool.task_of(e): e for e in pool.expert_names}
         z = []
         for task in tasks:

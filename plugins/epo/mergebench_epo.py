@@ -49,8 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from mergebench_core import MethodInfo, hookimpl
-from mergebench_core.training.methods import TrainingMethod
 from mergebench_core.training.loop import Batch, TrainState, task_losses
+from mergebench_core.training.methods import TrainingMethod
+from mergebench_core.training.params import TrainingParams
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +59,14 @@ BALANCE, DESCENT = "balance", "descent"
 
 
 @dataclass
-class Params:
-    steps: int = 200
-    lr: float = 3e-4
-    batch_size: int = 64
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    grad_clip: float = 0.0
+class Params(TrainingParams):
     eps: float = 1e-4
     """Non-uniformity μ_r = KL(l̂ ‖ 1/m) above which a step balances rather than descends (authors' default)."""
     relax: bool = False
     """Descent mode without the constraint that keeps the balance (the authors' "relaxed" descent)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps}")
 
@@ -230,7 +224,7 @@ class EPO(TrainingMethod):
              ) -> tuple[Tensor, dict[str, float]]:
         losses = task_losses(model, batches, state)
         tasks = list(losses)
-        weights = state.extras.get("preference") or {t: 1.0 / len(tasks) for t in tasks}
+        weights = dict(zip(state.tasks, state.task_weights().tolist()))
         r = check_preference([weights[t] for t in tasks], len(tasks))
         stats: dict[str, Any] = state.report.setdefault(
             "epo", {"balance_steps": 0, "descent_steps": 0, "fallbacks": 0, "mu": math.nan})

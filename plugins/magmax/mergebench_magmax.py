@@ -1,21 +1,20 @@
 """MagMax (Marczak et al., "MagMax: Leveraging Model Merging for Seamless Continual Learning", ECCV 2024): for every
-entry, keep the task-vector value of largest magnitude across tasks, θ = θ_0 + λ·τ_max.
+entry, keep the task-vector value of largest magnitude across tasks, θ = θ_0 + λ·τ_max. A preset of the core's
+task-vector pipeline (`mergebench_core.engine.presets.magmax`: combine "max", no election).
 
-Defaults and conventions, from the authors' release (github.com/danielm1405/magmax):
-- λ = `scaling_factor` = 0.5, the coefficient its eight-dataset script (`merge_8datasets.py`) uses for MagMax, and
-  FusionBench's default. (λ = 1 would apply the selected entries at full strength; 0.5 is what was evaluated.)
-- Ties in magnitude go to the later expert in pool order (the release folds the task vectors in order and replaces
-  the running choice when |τ_t| ≥ |current|), so equal magnitudes of opposite sign take the later one's sign.
+From the authors' release (github.com/danielm1405/magmax): λ = `scaling_factor` = 0.5, the coefficient of its
+eight-dataset script (`merge_8datasets.py`) and FusionBench's default; ties in magnitude go to the later expert in
+pool order (the release replaces the running choice when |τ_t| ≥ |current|), so equal magnitudes of opposite sign
+take the later one's sign.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from mergebench_core import MethodInfo, TaskVectorMethod, hookimpl
-from mergebench_core.engine.pipeline import max_magnitude
+from mergebench_core import MethodInfo, hookimpl
+from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod
+from mergebench_core.engine.presets import magmax
 
 
 @dataclass
@@ -24,16 +23,15 @@ class Params:
     """λ applied to the selected maximum-magnitude task vector."""
 
 
-class MagMax(TaskVectorMethod):
+class MagMax(TaskVectorPipelineMethod):
     """Adds the entry-wise largest-magnitude task vector to the pretrained model."""
 
     name = "magmax"
     Params = Params
     info = MethodInfo(kind="merge", data="none")
-    blockwise = True  # element-wise: large tensors stream in blocks
 
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        return base.to(torch.float32) + self.params.scaling_factor * max_magnitude(taus)
+    def pipeline(self) -> Pipeline:
+        return magmax(self.params.scaling_factor)
 
 
 @hookimpl

@@ -1,5 +1,6 @@
 """Task arithmetic: θ = θ_0 + λ Σ_t (θ_t − θ_0) (Ilharco et al., "Editing models with task arithmetic", ICLR 2023).
 
+A preset of the core's task-vector pipeline (`mergebench_core.engine.presets`): no drop, trim or election.
 λ = 0.3 is FusionBench's default for the CLIP eight-task benchmark.
 """
 
@@ -7,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from mergebench_core import MethodInfo, TaskVectorMethod, hookimpl
+from mergebench_core import MethodInfo, hookimpl
+from mergebench_core.engine.pipeline import Pipeline, TaskVectorPipelineMethod
+from mergebench_core.engine.presets import task_arithmetic
 
 
 @dataclass
@@ -18,16 +19,15 @@ class Params:
     """λ, the weight of the summed task vectors."""
 
 
-class TaskArithmetic(TaskVectorMethod):
+class TaskArithmetic(TaskVectorPipelineMethod):
     """Adds the scaled sum of task vectors to the pretrained model."""
 
     name = "task_arithmetic"
     Params = Params
     info = MethodInfo(kind="merge", data="none")
-    blockwise = True  # element-wise: large tensors stream in blocks
 
-    def merge_task_vectors(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        return base.to(torch.float32) + self.params.scaling_factor * taus.sum(0)
+    def pipeline(self) -> Pipeline:
+        return task_arithmetic(self.params.scaling_factor)
 
 
 @hookimpl

@@ -35,34 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.fusion.alignment import collect_activations
-from mergebench_core.fusion.levels import (
-    IMPORTANCES,
-    Targets,
-    cannot_fuse,
-    capture_level,
-    features_last,
-    hungarian_targets,
-    kmeans_targets,
-    match_to_inputs,
-    neuron_importance,
-)
-from mergebench_core.pools.states import load_states
-from mergebench_core.data.statistics import StatsCache
+from mergebench_core import MergebenchError, MethodInfo, RunContext, hookimpl
+from mergebench_core.fusion.level_fusion import LevelFusion, LevelFusionParams, LevelStep
+from mergebench_core.fusion.levels import Targets, features_last, hungarian_targets, kmeans_targets, match_to_inputs
 
 OPTIMIZERS = ("adam", "sgd")
 TARGETS = ("kmeans", "hungarian")
 
 
 @dataclass
-class Params:
-    num_fusion_samples: int = 512
-    """Train inputs per task used for targets and training (`val_fraction` of them held out)."""
+class Params(LevelFusionParams):
     targets: str = "kmeans"
     """Target neurons: "kmeans" (clusters over all models' neurons) or "hungarian" (pairs with the first model's)."""
-    importance: str = "uniform"
-    """Neuron importance: "uniform" or "activation"."""
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -81,23 +65,15 @@ class Params:
     align_residual: bool = False
     """Match a residual level's targets to its input features (the reference's align_skip_connections)."""
     kmeans_restarts: int = 1
+    choices = {"targets": TARGETS, "optimizer": OPTIMIZERS}
+    at_least = {"num_fusion_samples": 2, "weight_decay": 0, "epochs": 0, "batch_size": 1, "patience": 1,
+                "kmeans_restarts": 1}
+    above = {"lr": 0.0, "kd_temperature": 0.0}
 
     def __post_init__(self) -> None:
-        checks = [(self.targets in TARGETS, f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}"),
-                  (self.importance in IMPORTANCES,
-                   f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}"),
-                  (self.optimizer in OPTIMIZERS,
-                   f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
-                  (self.num_fusion_samples >= 2, "num_fusion_samples must be at least 2"),
-                  (self.lr > 0 and self.weight_decay >= 0, "lr must be positive and weight_decay non-negative"),
-                  (self.epochs >= 0 and self.batch_size >= 1 and self.patience >= 1,
-                   "epochs must be non-negative, batch_size and patience at least 1"),
-                  (0 < self.val_fraction < 1, "val_fraction must be between 0 and 1"),
-                  (self.kd_temperature > 0, "kd_temperature must be positive"),
-                  (self.kmeans_restarts >= 1, "kmeans_restarts must be at least 1")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        super().__post_init__()
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         for name in ("optimizer_per_level", "lr_per_level", "epochs_per_level"):
             values = getattr(self, name)
             if values is not None:
@@ -126,68 +102,38 @@ def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-class ALF(Method):
+class ALF(LevelFusion):
     """Gradient-based level-by-level fusion: each fused level trained to reproduce K-means target neurons."""
 
     name = "alf"
     Params = Params
     info = MethodInfo(kind="fusion", data="unlabeled", stochastic=True)
 
-    @classmethod
-    def cannot_run_on(cls, pool: ModelPool) -> str | None:
-        return cannot_fuse(pool, levels=True) or super().cannot_run_on(pool)
-
-    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        reason = self.cannot_run_on(pool)
-        if reason is not None:
-            raise MergebenchError(f"alf cannot fuse this pool: {reason}")
-        if ctx.taskpool is None:
-            raise MergebenchError("alf needs the task pool's train inputs")
+    def start(self, levels: list[str], ctx: RunContext) -> None:
         p = self.params
-        spec = pool.permutation_spec()
-        names = pool.expert_names
-        load_states(pool, names)
-        levels = [lv.module for lv in spec.levels]
-        optimizers = p.per_level("optimizer", len(levels), levels)
-        lrs = p.per_level("lr", len(levels), levels)
-        epochs = p.per_level("epochs", len(levels), levels)
-        tasks = list(ctx.tasks or ctx.taskpool.tasks)
-        cache = StatsCache.for_context(ctx)
-        models = [pool.load_model(n) for n in names]
-        for m in models:
-            spec.validate_model(m)
-        outputs = [collect_activations(m, ctx.taskpool, tasks, levels, n_examples=p.num_fusion_samples,
-                                       cache=cache, model_identity=pool.identity(n), feature_axes=spec.feature_axes)
-                   for m, n in zip(models, names)]
-        fused = pool.load_model(names[0])
-        gen = ctx.generator()
-        report: dict[str, Any] = {}
-        for i, level in enumerate(ctx.track(spec.levels, desc="alf levels")):
-            last = i == len(levels) - 1
-            module = fused.get_submodule(level.module)
-            axis = spec.feature_axis(level.module)
-            inputs, _ = capture_level(fused, level.module, ctx.taskpool, tasks, n_examples=p.num_fusion_samples)
-            acts = [out[level.module] for out in outputs]
-            importance = [neuron_importance(a, p.importance) for a in acts]
-            kd = last and p.kd_on_head
-            if kd:
-                probs = torch.stack([F.softmax(a.double() / p.kd_temperature, -1) for a in acts]).mean(0)
-                targets = Targets(probs, [torch.arange(a.shape[1]) for a in acts])
-            elif p.targets == "hungarian" or last:
-                targets = hungarian_targets(acts, importance, identity=last)
-            else:
-                targets = kmeans_targets(acts, importance, acts[0].shape[1], restarts=p.kmeans_restarts,
-                                         generator=gen)
-            if level.residual and p.align_residual and not last:
-                targets = match_to_inputs(targets, features_last(inputs, axis))
-            weights = _unit_weights(targets, importance)
-            report[level.module] = train_level(module, inputs, targets.values, axis, weights, kd=kd,
-                                               temperature=p.kd_temperature, optimizer=optimizers[i], lr=lrs[i],
-                                               weight_decay=p.weight_decay, epochs=epochs[i],
-                                               batch_size=p.batch_size, patience=p.patience,
-                                               val_fraction=p.val_fraction, generator=gen)
-        return MergeOutput(fused.eval(), extras={"reference": names[0], "levels": report,
-                                                 "num_fusion_samples": p.num_fusion_samples})
+        self.optimizers = p.per_level("optimizer", len(levels), levels)
+        self.lrs = p.per_level("lr", len(levels), levels)
+        self.epochs = p.per_level("epochs", len(levels), levels)
+        self.generator = ctx.generator()
+
+    def fit_level(self, step: LevelStep) -> dict[str, Any]:
+        p, acts, i = self.params, step.acts, step.index
+        kd = step.last and p.kd_on_head
+        if kd:
+            probs = torch.stack([F.softmax(a.double() / p.kd_temperature, -1) for a in acts]).mean(0)
+            targets = Targets(probs, [torch.arange(a.shape[1]) for a in acts])
+        elif p.targets == "hungarian" or step.last:
+            targets = hungarian_targets(acts, step.importance, identity=step.last)
+        else:
+            targets = kmeans_targets(acts, step.importance, acts[0].shape[1], restarts=p.kmeans_restarts,
+                                     generator=self.generator)
+        if step.level.residual and p.align_residual and not step.last:
+            targets = match_to_inputs(targets, features_last(step.inputs, step.axis))
+        weights = _unit_weights(targets, step.importance)
+        return train_level(step.module, step.inputs, targets.values, step.axis, weights, kd=kd,
+                           temperature=p.kd_temperature, optimizer=self.optimizers[i], lr=self.lrs[i],
+                           weight_decay=p.weight_decay, epochs=self.epochs[i], batch_size=p.batch_size,
+                           patience=p.patience, val_fraction=p.val_fraction, generator=self.generator)
 
 
 def _unit_weights(targets: Targets, importance: list[torch.Tensor]) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from mergebench_core import Ensemble, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext
 from mergebench_core import hookimpl
+from mergebench_core.engine.averaging import normalized
 
 
 @dataclass
@@ -42,7 +43,7 @@ def load_ensemble(pool: ModelPool, ctx: RunContext, weights: list[float] | None)
     models = [pool.load_model(n) for n in ctx.track(names, desc="loading experts", total=len(names))]
     extras = {"models": list(names)}
     if weights is not None:
-        extras["weights"] = [float(w) / float(sum(weights)) for w in weights]
+        extras["weights"] = normalized(weights)
     return MergeOutput(Ensemble(models, None if weights is None else [float(w) for w in weights]), extras=extras)
 
 

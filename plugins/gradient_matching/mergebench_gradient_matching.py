@@ -5,6 +5,7 @@ With diagonal Hessian estimates H_0 of the pretrained model and H_t of each expe
     H̄ = α Σ_t s_t H_t + s_0 H_0 + δ₀
     θ = θ_0 + α Σ_t ((s_t H_t + s_0 H_0 + δ₀) / H̄) ⊙ (θ_t − θ_0)
 With H_t = 0 this is task arithmetic with λ = α; with H_0 = δ₀ = 0 it is a Fisher-weighted average of the experts.
+Floating tensors with no Hessian (buffers) get task arithmetic, the H = 0 case of the same formula.
 
 Defaults and where they come from (the authors' merging script and README):
 - `scaling_factor` α = 1.0 and `delta_0` δ₀ = 1e-12 ("a small value like 1e-12 works well"). δ₀ is in the units
@@ -27,15 +28,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.data.statistics import StatsCache, cached_fisher
+from mergebench_core import PRETRAINED, MergebenchError, MethodInfo, hookimpl
+from mergebench_core.data.statistic_merge import StatisticMerge, StatisticParams, StatisticRun
+from mergebench_core.engine.averaging import mean_tensor
 
 
 @dataclass
-class Params:
+class Params(StatisticParams):
     scaling_factor: float = 1.0
     """α, the scale of every task vector (and of the experts' Hessians in H̄)."""
     scaling_factor_pt: float | None = None
@@ -44,73 +48,61 @@ class Params:
     """s_t per expert (in pool order); None: each task's training-set size."""
     delta_0: float = 1e-12
     """δ₀, the prior precision added everywhere (weight decay over data size in theory)."""
-    n_examples: int = 256
-    """Training examples per task for each Hessian estimate."""
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.delta_0 < 0 or self.n_examples < 1:
-            raise ValueError("delta_0 must be non-negative and n_examples positive")
+    at_least = {"delta_0": 0.0}
 
 
-def gradient_matching_merge(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-                            h0: Mapping[str, torch.Tensor], hts: Sequence[Mapping[str, torch.Tensor]], *,
-                            alpha: float, s0: float, sts: Sequence[float], delta0: float) -> dict[str, torch.Tensor]:
-    """The merge formula above for every tensor with Hessians; other float tensors get task arithmetic (H = 0)."""
-    merged: dict[str, torch.Tensor] = {}
-    for key, b in base.items():
-        if not b.is_floating_point():
-            merged[key] = b
-            continue
-        b64 = b.double()
-        taus = [e[key].double() - b64 for e in experts]
-        if key in h0:
-            prior = s0 * h0[key].double() + delta0
-            local = [s * ht[key].double() for s, ht in zip(sts, hts)]
-            h_bar = alpha * sum(local) + prior
-            update = sum(((lt + prior) / h_bar) * tau for lt, tau in zip(local, taus))
-        else:
-            update = sum(taus)
-        merged[key] = (b64 + alpha * update).to(b.dtype)
-    return merged
-
-
-class GradientMatching(Method):
+class GradientMatching(StatisticMerge):
     """Task arithmetic preconditioned by the experts' and the pretrained model's Hessian diagonals."""
 
     name = "gradient_matching"
     Params = Params
     info = MethodInfo(kind="merge", data="labeled", task_vectors=True)
 
-    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        if ctx.taskpool is None or not pool.has_pretrained:
-            raise MergebenchError("gradient matching needs a task pool and a pool with a pretrained model")
-        p, taskpool = self.params, ctx.taskpool
-        cache = StatsCache.for_context(ctx)
-        experts = pool.expert_names
-        tasks = [pool.task_of(e) for e in experts]
+    def statistic(self, run: StatisticRun, model: nn.Module, expert: str, task: str) -> dict[str, torch.Tensor]:
+        return run.fisher(expert, task, "sampled")
 
-        def hessian(name: str, task: str) -> dict[str, torch.Tensor]:
-            return cached_fisher(cache, pool, name, taskpool, task, n_examples=p.n_examples, seed=ctx.seed,
-                                 labels="sampled", batch_size=p.batch_size, device=ctx.device, progress=ctx.track)
-
-        hts = [hessian(e, t) for e, t in zip(experts, tasks)]
-        per_task_h0 = [hessian(PRETRAINED, t) for t in dict.fromkeys(tasks)]
-        h0 = {k: torch.stack([h[k] for h in per_task_h0]).mean(0) for k in per_task_h0[0]}
+    def prepare(self, run: StatisticRun, model: nn.Module, stats: list[Mapping[str, torch.Tensor]]
+                ) -> dict[str, Any]:
+        p = self.params
+        per_task_h0 = [run.fisher(PRETRAINED, t, "sampled") for t in dict.fromkeys(run.tasks)]
+        self.h0 = {k: mean_tensor([h[k] for h in per_task_h0]) for k in per_task_h0[0]}
         if p.scaling_factors_ft is not None:
-            if len(p.scaling_factors_ft) != len(experts):
+            if len(p.scaling_factors_ft) != len(run.experts):
                 raise MergebenchError(f"scaling_factors_ft has {len(p.scaling_factors_ft)} values for "
-                                      f"{len(experts)} experts")
-            sts = [float(s) for s in p.scaling_factors_ft]
+                                      f"{len(run.experts)} experts")
+            self.sts = [float(s) for s in p.scaling_factors_ft]
         else:
-            sts = [float(taskpool.num_examples(t, "train") or p.n_examples) for t in tasks]
-        s0 = float(p.scaling_factor_pt) if p.scaling_factor_pt is not None else sum(sts) / len(sts)
-        merged = gradient_matching_merge(pool.state_dict(PRETRAINED), [pool.state_dict(e) for e in experts], h0,
-                                         hts, alpha=p.scaling_factor, s0=s0, sts=sts, delta0=p.delta_0)
-        model = pool.load_model(PRETRAINED)
-        model.load_state_dict(merged)
-        return MergeOutput(model, extras={"scaling_factor_pt": s0, "scaling_factors_ft": dict(zip(experts, sts)),
-                                          "stats_cache": {"hits": cache.hits, "misses": cache.misses}})
+            self.sts = [float(run.taskpool.num_examples(t, "train") or p.n_examples) for t in run.tasks]
+        self.s0 = float(p.scaling_factor_pt) if p.scaling_factor_pt is not None else sum(self.sts) / len(self.sts)
+        return {"scaling_factor_pt": self.s0, "scaling_factors_ft": dict(zip(run.experts, self.sts))}
+
+    def base_state(self, run: StatisticRun) -> dict[str, torch.Tensor]:
+        return run.pool.state_dict(PRETRAINED)
+
+    def merge_tensor(self, key: str, tensors: list[torch.Tensor], hts: list[torch.Tensor],
+                     base: torch.Tensor | None) -> torch.Tensor:
+        assert base is not None
+        b64 = base.double()
+        prior = self.s0 * self.h0[key].double() + self.params.delta_0
+        local = [s * ht.double() for s, ht in zip(self.sts, hts)]
+        h_bar = self.params.scaling_factor * sum(local) + prior
+        update = sum(((lt + prior) / h_bar) * (e.double() - b64) for lt, e in zip(local, tensors))
+        return (b64 + self.params.scaling_factor * update).to(base.dtype)
+
+    def rest(self, key: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+        """No Hessian: task arithmetic with λ = α (the formula with H = 0)."""
+        assert base is not None
+        b64 = base.double()
+        return (b64 + self.params.scaling_factor * sum(e.double() - b64 for e in tensors)).to(base.dtype)
+
+
+def gradient_matching_merge(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+                            h0: Mapping[str, torch.Tensor], hts: Sequence[Mapping[str, torch.Tensor]], *,
+                            alpha: float, s0: float, sts: Sequence[float], delta0: float) -> dict[str, torch.Tensor]:
+    """The merge formula above for every tensor with Hessians; other float tensors get task arithmetic (H = 0)."""
+    method = GradientMatching(Params(scaling_factor=alpha, delta_0=delta0))
+    method.h0, method.s0, method.sts = dict(h0), float(s0), [float(s) for s in sts]
+    return method.merge_states(list(experts), list(hts), base=base)[0]
 
 
 @hookimpl

@@ -33,52 +33,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
-from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.fusion.alignment import collect_activations
+from mergebench_core import MethodInfo, ModelPool, hookimpl
+from mergebench_core.fusion.level_fusion import LevelFusion, LevelFusionParams, LevelStep
 from mergebench_core.fusion.levels import (
-    IMPORTANCES,
     LINEAR_LEVELS,
     Targets,
-    cannot_fuse,
-    capture_level,
     fit_linear_level,
     hungarian_targets,
     kmeans_targets,
     linear_projection,
-    neuron_importance,
 )
-from mergebench_core.pools.states import load_states
-from mergebench_core.data.statistics import StatsCache
+
+Params = LevelFusionParams
+"""HF fusion's parameters: the fusion samples and the neuron importance, which every level fusion has."""
 
 
 @dataclass
-class Params:
-    num_fusion_samples: int = 512
-    """Inputs (from the start of each task's train split) on which levels are matched and fitted."""
-    importance: str = "uniform"
-    """Neuron importance: "uniform" or "activation" (mean absolute activation)."""
-
-    def __post_init__(self) -> None:
-        if self.num_fusion_samples < 1:
-            raise ValueError(f"num_fusion_samples must be at least 1, got {self.num_fusion_samples}")
-        if self.importance not in IMPORTANCES:
-            raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
-
-
-@dataclass
-class KFParams(Params):
+class KFParams(LevelFusionParams):
     restarts: int = 3
     """K-means runs per level (the first from the first model's neurons); the lowest cost wins."""
     max_iter: int = 100
     """Lloyd iterations per run at most."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.restarts < 1 or self.max_iter < 1:
-            raise ValueError("restarts and max_iter must be at least 1")
+    at_least = {"restarts": 1, "max_iter": 1}
 
 
 def non_linear_levels(pool: ModelPool) -> list[str]:
@@ -91,62 +67,31 @@ def non_linear_levels(pool: ModelPool) -> list[str]:
             if not isinstance(modules.get(lv.module), LINEAR_LEVELS)]
 
 
-class LinearFusion(Method):
+class LinearFusion(LevelFusion):
     """Level by level: target neurons from the base models, then the least-squares fit of each fused level."""
 
     name = "linear_fusion"
     Params = Params
-    info = MethodInfo(kind="fusion", data="unlabeled")
-    targets_label = ""
 
     @classmethod
     def cannot_run_on(cls, pool: ModelPool) -> str | None:
-        reason = cannot_fuse(pool, levels=True)
+        reason = super().cannot_run_on(pool)
         if reason is None:
             odd = non_linear_levels(pool)
             if odd:
                 reason = (f"{cls.name} fits every level in closed form, so each level must be one nn.Linear or "
                           f"nn.Conv2d, and pool {pool.name!r} has levels {', '.join(odd)}; use alf (gradient-based "
                           f"fusion per level) on this pool")
-        return reason or super().cannot_run_on(pool)
+        return reason
 
-    def targets(self, acts: list[torch.Tensor], importance: list[torch.Tensor], module: nn.Module,
-                inputs: torch.Tensor, last: bool, ctx: RunContext, level: str, n_examples: int) -> Targets:
+    def targets(self, step: LevelStep) -> Targets:
         raise NotImplementedError
 
-    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        reason = self.cannot_run_on(pool)
-        if reason is not None:
-            raise MergebenchError(f"{self.name} cannot fuse this pool: {reason}")
-        if ctx.taskpool is None:
-            raise MergebenchError(f"{self.name} needs the task pool's train inputs")
-        spec = pool.permutation_spec()
-        names = pool.expert_names
-        load_states(pool, names)  # one architecture, or a clear error
-        tasks = list(ctx.tasks or ctx.taskpool.tasks)
-        n = self.params.num_fusion_samples
-        cache = StatsCache.for_context(ctx)
-        models = [pool.load_model(name) for name in names]
-        for m in models:
-            spec.validate_model(m)
-        points = [lv.module for lv in spec.levels]
-        outputs = [collect_activations(m, ctx.taskpool, tasks, points, n_examples=n, cache=cache,
-                                       model_identity=pool.identity(name), feature_axes=spec.feature_axes)
-                   for m, name in zip(models, names)]
-        fused = pool.load_model(names[0])
-        report: dict[str, Any] = {}
-        for i, level in enumerate(ctx.track(spec.levels, desc=f"{self.name} levels")):
-            module = fused.get_submodule(level.module)
-            inputs, _ = capture_level(fused, level.module, ctx.taskpool, tasks, n_examples=n)
-            acts = [out[level.module] for out in outputs]
-            importance = [neuron_importance(a, self.params.importance) for a in acts]
-            targets = self.targets(acts, importance, module, inputs, i == len(spec.levels) - 1, ctx, level.module,
-                                   n * len(tasks))
-            residual = fit_linear_level(module, inputs, targets.values, level=level.module,
-                                        n_examples=n * len(tasks))
-            report[level.module] = {"fit_residual": round(residual, 6), "matching_cost": round(targets.cost, 6)}
-        return MergeOutput(fused.eval(), extras={"reference": names[0], "levels": report,
-                                                 "num_fusion_samples": n})
+    def fit_level(self, step: LevelStep) -> dict[str, Any]:
+        targets = self.targets(step)
+        residual = fit_linear_level(step.module, step.inputs, targets.values, level=step.level.module,
+                                    n_examples=step.n_examples)
+        return {"fit_residual": round(residual, 6), "matching_cost": round(targets.cost, 6)}
 
 
 class HFFusion(LinearFusion):
@@ -154,12 +99,12 @@ class HFFusion(LinearFusion):
 
     name = "hf_fusion"
     Params = Params
-    info = MethodInfo(kind="fusion", data="unlabeled")
 
-    def targets(self, acts, importance, module, inputs, last, ctx, level, n_examples):
-        projections = None if last else [linear_projection(module, inputs, a, level=level, n_examples=n_examples)
-                                         for a in acts]
-        return hungarian_targets(acts, importance, projections, identity=last)
+    def targets(self, step: LevelStep) -> Targets:
+        projections = None if step.last else [
+            linear_projection(step.module, step.inputs, a, level=step.level.module, n_examples=step.n_examples)
+            for a in step.acts]
+        return hungarian_targets(step.acts, step.importance, projections, identity=step.last)
 
 
 class KFFusion(LinearFusion):
@@ -169,10 +114,10 @@ class KFFusion(LinearFusion):
     Params = KFParams
     info = MethodInfo(kind="fusion", data="unlabeled", stochastic=True)
 
-    def targets(self, acts, importance, module, inputs, last, ctx, level, n_examples):
-        width = module.weight.shape[0]
-        return kmeans_targets(acts, importance, width, restarts=self.params.restarts, max_iter=self.params.max_iter,
-                              generator=ctx.generator(), identity=last)
+    def targets(self, step: LevelStep) -> Targets:
+        width = step.module.weight.shape[0]
+        return kmeans_targets(step.acts, step.importance, width, restarts=self.params.restarts,
+                              max_iter=self.params.max_iter, generator=step.ctx.generator(), identity=step.last)
 
 
 @hookimpl

@@ -13,7 +13,7 @@ exact (`solver` = "emd": POT's `ot.emd`, network simplex) or entropic (`solver` 
 regularisation `sinkhorn_reg` times the largest cost). The other model's units are replaced by the barycentric map
 diag(1/ν) Tᵀ applied to every axis that carries them (for equal widths and uniform marginals an exact plan is a
 permutation, so the model's function is unchanged), and the fused model is the uniform average of the reference and
-every aligned model (the reference code averages the same way).
+every aligned model (the reference code averages the same way), in float64 (`AlignToFirst`'s rule).
 
 Conventions and defaults: the reference is the pool's first model; `importance` = "uniform" [the paper's default];
 "activation" uses each unit's mean absolute activation as its mass. Models of one architecture only (equal widths):
@@ -27,18 +27,18 @@ from typing import Any
 
 import torch
 
-from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.fusion.alignment import PermutationSpec, apply_transport, unit_activations, unit_vectors
-from mergebench_core.fusion.levels import IMPORTANCES, cannot_fuse, missing_points, neuron_importance
-from mergebench_core.pools.states import load_states
-from mergebench_core.data.statistics import StatsCache
+from mergebench_core import hookimpl
+from mergebench_core.fusion.align_to_first import AlignToFirst
+from mergebench_core.fusion.alignment import PermutationSpec, apply_transport, unit_vectors
+from mergebench_core.fusion.fusion_run import FusionParams
+from mergebench_core.fusion.levels import IMPORTANCES, neuron_importance
 
 COSTS = ("weight", "activation")
 SOLVERS = ("emd", "sinkhorn")
 
 
 @dataclass
-class Params:
+class Params(FusionParams):
     cost: str = "weight"
     """Ground cost between units: "weight" (incoming weights) or "activation" (activations on train inputs)."""
     solver: str = "emd"
@@ -47,18 +47,8 @@ class Params:
     """Sinkhorn's regularisation, relative to the largest ground cost."""
     importance: str = "uniform"
     """Marginals: "uniform" or "activation" (each unit's mean absolute activation)."""
-    num_fusion_samples: int = 512
-    """Train inputs per task for activation costs and importance."""
-
-    def __post_init__(self) -> None:
-        for field, value, allowed in (("cost", self.cost, COSTS), ("solver", self.solver, SOLVERS),
-                                      ("importance", self.importance, IMPORTANCES)):
-            if value not in allowed:
-                raise ValueError(f"{field} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.sinkhorn_reg <= 0:
-            raise ValueError(f"sinkhorn_reg must be positive, got {self.sinkhorn_reg}")
-        if self.num_fusion_samples < 1:
-            raise ValueError(f"num_fusion_samples must be at least 1, got {self.num_fusion_samples}")
+    choices = {"cost": COSTS, "solver": SOLVERS, "importance": IMPORTANCES}
+    above = {"sinkhorn_reg": 0.0}
 
 
 def transport_plan(cost: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, solver: str = "emd",
@@ -130,64 +120,18 @@ def align(spec: PermutationSpec, reference: dict[str, torch.Tensor], other: dict
     return apply_transport(spec, other, maps), report
 
 
-class OTFusion(Method):
+class OTFusion(AlignToFirst):
     """Transport every model onto the first with optimal-transport plans, then average."""
 
     name = "otfusion"
     Params = Params
-    info = MethodInfo(kind="fusion", data="none")
+    report_key = "transport"
+    activation_values = {"cost": ("activation",), "importance": ("activation",)}
+    data_free_hint = "otfusion.cost=weight with otfusion.importance=uniform"
 
-    @classmethod
-    def cannot_run_on(cls, pool: ModelPool) -> str | None:
-        return cannot_fuse(pool) or super().cannot_run_on(pool)
-
-    @classmethod
-    def unsuitable_for(cls, pool: ModelPool, params: Params) -> str | None:
-        reason = super().unsuitable_for(pool, params)
-        if reason is None and (params.cost == "activation" or params.importance != "uniform"):
-            reason = _no_points(pool)
-        return reason
-
-    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        reason = self.cannot_run_on(pool)
-        if reason is not None:
-            raise MergebenchError(f"otfusion cannot fuse this pool: {reason}")
-        spec = pool.permutation_spec()
-        names = pool.expert_names
-        states = load_states(pool, names)
-        needs_acts = self.params.cost == "activation" or self.params.importance != "uniform"
-        acts: dict[str, dict[str, torch.Tensor]] = {}
-        if needs_acts:
-            reason = _no_points(pool)
-            if reason is not None:
-                raise MergebenchError(f"otfusion with activation costs or importance: {reason}")
-            if ctx.taskpool is None:
-                raise MergebenchError("otfusion with activation costs needs the task pool's train inputs")
-            tasks = list(ctx.tasks or ctx.taskpool.tasks)
-            cache = StatsCache.for_context(ctx)
-            acts = {n: unit_activations(spec, pool.load_model(n), ctx.taskpool, tasks,
-                                        n_examples=self.params.num_fusion_samples, cache=cache,
-                                        model_identity=pool.identity(n)) for n in names}
-        reference = states[names[0]]
-        aligned = [reference]
-        report = {}
-        for name in ctx.track(names[1:], desc="optimal transport"):
-            moved, report[name] = align(spec, reference, states[name], self.params,
-                                        acts.get(names[0]), acts.get(name))
-            aligned.append(moved)
-        fused = {k: torch.stack([s[k].double() for s in aligned]).mean(0).to(v.dtype) if v.is_floating_point() else v
-                 for k, v in reference.items()}
-        model = pool.load_model(names[0])
-        model.load_state_dict(fused)
-        return MergeOutput(model, extras={"reference": names[0], "transport": report})
-
-
-def _no_points(pool: ModelPool) -> str | None:
-    missing = missing_points(pool.permutation_spec())
-    if missing:
-        return (f"pool {pool.name!r} names no activation point for permutations {missing}; its permutation spec "
-                f"needs PermutationSpec.points, or use otfusion.cost=weight with otfusion.importance=uniform")
-    return None
+    def align(self, spec: PermutationSpec, reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
+              acts_ref: Any, acts_other: Any, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], Any]:
+        return align(spec, reference, other, self.params, acts_ref, acts_other)
 
 
 @hookimpl

@@ -8,7 +8,7 @@ under expert t on its task's training data. Off-diagonal entries of each G_t are
 α = `reduce_non_diagonal_ratio`, which interpolates between that closed form (α = 1) and a per-input-feature
 weighted average (α = 0). Every other floating tensor (biases, norms, embeddings) is the plain average; a
 convolution whose patches cannot be unfolded (grouped, 3-D, transposed) is averaged too, with a warning and a count
-in the result's extras (`fallback_tensors`). Batch-norm running statistics follow the run's `bn_stats` rule.
+in the result's extras (`fallback_tensors`: the statistic merges' fallback rule). Batch-norm running statistics follow the run's `bn_stats` rule.
 
 Defaults and where they come from:
 - `n_examples` = 256: FusionBench's `num_regmean_examples` for CLIP (the paper uses up to 1,000).
@@ -24,31 +24,29 @@ import logging
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
-from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.engine.roles import Fallbacks
-from mergebench_core.data.statistics import StatsCache, cached_linear_grams, gram_convolutions, linear_layers, weight_is_transposed
+from mergebench_core import hookimpl
+from mergebench_core.data.statistic_merge import StatisticMerge, StatisticParams, StatisticRun
+from mergebench_core.data.statistics import gram_convolutions, linear_layers, weight_is_transposed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Params:
-    n_examples: int = 256
-    """Training examples per expert over which each layer's input Gram matrix is averaged."""
+class Params(StatisticParams):
     reduce_non_diagonal_ratio: float = 0.95
     """α: off-diagonal Gram entries are multiplied by it (1: exact regression, 0: diagonal-weighted average)."""
     exclude_param_names_regex: list[str] = field(default_factory=list)
     """Tensors whose names match any pattern keep the pretrained value."""
-    batch_size: int = 64
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.reduce_non_diagonal_ratio <= 1.0:
             raise ValueError(f"reduce_non_diagonal_ratio must be in [0, 1], got {self.reduce_non_diagonal_ratio}")
-        if self.n_examples < 1:
-            raise ValueError("n_examples must be positive")
 
 
 def reduce_non_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -83,63 +81,63 @@ def excluded(name: str, patterns: Sequence[str]) -> bool:
     return any(re.match(p, name) for p in patterns)
 
 
-def regmean_merge(states: Sequence[Mapping[str, torch.Tensor]], grams: Sequence[Mapping[str, torch.Tensor]],
-                  ratio: float, exclude: Sequence[str] = (), keep: Mapping[str, torch.Tensor] | None = None,
-                  transposed: Collection[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Merge `states`: Linear weights (modules named in `grams`) by RegMean, other floats by the mean, excluded
-    tensors from `keep` (default: the first state). Modules in `transposed` store their weight (in, out) (`Conv1D`,
-    see `mergebench_core.data.statistics.weight_is_transposed`). Returns the merged dict and the names merged by regression."""
-    keep = keep if keep is not None else states[0]
-    merged: dict[str, torch.Tensor] = {}
-    regressed = []
-    for key, ref in states[0].items():
-        module = key.rpartition(".")[0]  # "" for a model that is itself a Linear
-        if excluded(key, exclude) or not ref.is_floating_point():
-            merged[key] = keep[key]
-        elif key.rpartition(".")[2] == "weight" and module in grams[0]:
-            merged[key] = regmean_weight([s[key] for s in states], [g[module] for g in grams], ratio,
-                                         transposed=module in transposed)
-            regressed.append(key)
-        else:
-            merged[key] = torch.stack([s[key].float() for s in states]).mean(0).to(ref.dtype)
-    return merged, regressed
+def weight_key(module: str) -> str:
+    """The state-dict key of a module's weight ("weight" for a model that is itself one layer)."""
+    return f"{module}.weight" if module else "weight"
 
 
-class RegMean(Method):
+class RegMean(StatisticMerge):
     """Merge every Linear layer and convolution by least squares on the experts' own layer inputs; average the
     rest."""
 
     name = "regmean"
     Params = Params
-    info = MethodInfo(kind="merge", data="labeled")
+    covered_extra = "regressed"
+    transposed: Collection[str] = ()
+    """Modules that store their weight (in, out) (`Conv1D`, see `statistics.weight_is_transposed`)."""
 
-    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        if ctx.taskpool is None:
-            raise MergebenchError("regmean needs a task pool for its training inputs")
-        p = self.params
-        cache = StatsCache.for_context(ctx)
-        experts = pool.expert_names
-        base_name = PRETRAINED if pool.has_pretrained else experts[0]
-        model = pool.load_model(base_name)
-        convs, refused = gram_convolutions(model)
-        grams = [cached_linear_grams(cache, pool, e, ctx.taskpool, pool.task_of(e), n_examples=p.n_examples,
-                                     batch_size=p.batch_size, device=ctx.device, progress=ctx.track,
-                                     convolutions=bool(convs))
-                 for e in experts]
-        transposed = {n for n, m in linear_layers(model).items() if weight_is_transposed(m)}
-        fallbacks = Fallbacks(self.name)
-        for name, why in refused.items():
-            key = f"{name}.weight" if name else "weight"
-            if not excluded(key, p.exclude_param_names_regex):
-                fallbacks.add(key, "mean", why.split(" (")[0], why[len(why.split(" (")[0]):])
-        merged, regressed = regmean_merge([pool.state_dict(e) for e in experts], grams,
-                                          p.reduce_non_diagonal_ratio, p.exclude_param_names_regex,
-                                          keep=pool.state_dict(base_name), transposed=transposed)
-        model.load_state_dict(merged)
-        extras = {"regressed": regressed, "stats_cache": {"hits": cache.hits, "misses": cache.misses}}
-        if fallbacks:
-            extras["fallback_tensors"] = dict(fallbacks.counts)
-        return MergeOutput(model, extras=extras)
+    def statistic(self, run: StatisticRun, model: nn.Module, expert: str, task: str) -> dict[str, torch.Tensor]:
+        return run.grams(expert, task, convolutions=bool(gram_convolutions(model)[0]))
+
+    def prepare(self, run: StatisticRun, model: nn.Module, stats: list[Mapping[str, torch.Tensor]]
+                ) -> dict[str, Any]:
+        self.transposed = {n for n, m in linear_layers(model).items() if weight_is_transposed(m)}
+        return {}
+
+    def base_state(self, run: StatisticRun) -> dict[str, torch.Tensor]:
+        return run.pool.state_dict(run.base_name)
+
+    def entry(self, key: str, statistic: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        module, _, local = key.rpartition(".")  # module "" for a model that is itself a Linear
+        return statistic.get(module) if local == "weight" else None
+
+    def kept(self, key: str) -> bool:
+        return excluded(key, self.params.exclude_param_names_regex)
+
+    def refused(self, model: nn.Module) -> dict[str, tuple[str, str]]:
+        """Convolutions whose input patches are not unfolded (grouped, 3-D, transposed): averaged and counted."""
+        refused = {}
+        for name, why in gram_convolutions(model)[1].items():
+            reason = why.split(" (")[0]
+            refused[weight_key(name)] = (reason, why[len(reason):])
+        return refused
+
+    def merge_tensor(self, key: str, tensors: list[torch.Tensor], grams: list[torch.Tensor],
+                     base: torch.Tensor | None) -> torch.Tensor:
+        return regmean_weight(tensors, grams, self.params.reduce_non_diagonal_ratio,
+                              transposed=key.rpartition(".")[0] in self.transposed)
+
+
+def regmean_merge(states: Sequence[Mapping[str, torch.Tensor]], grams: Sequence[Mapping[str, torch.Tensor]],
+                  ratio: float, exclude: Sequence[str] = (), keep: Mapping[str, torch.Tensor] | None = None,
+                  transposed: Collection[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Merge `states`: Linear weights (modules named in `grams`) by RegMean, other floats by the mean, excluded
+    tensors from `keep` (default: the first state). Modules in `transposed` store their weight (in, out) (`Conv1D`,
+    see `mergebench_core.data.statistics.weight_is_transposed`). Returns the merged dict and the names merged by
+    regression."""
+    method = RegMean(Params(reduce_non_diagonal_ratio=ratio, exclude_param_names_regex=list(exclude)))
+    method.transposed = set(transposed)
+    return method.merge_states(states, grams, base=keep)
 
 
 @hookimpl

@@ -23,56 +23,42 @@ Defaults (FusionBench's CLIP configuration, as for RegMean): `n_examples` = 256,
 
 from __future__ import annotations
 
-from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
-from mergebench_core.engine.roles import Fallbacks
+from mergebench_core import MergeOutput, hookimpl
+from mergebench_core.data.statistic_merge import StatisticRun
 from mergebench_core.data.statistics import forward_order, gram_convolutions, linear_input_grams, weight_is_transposed
-from mergebench_regmean import Params, excluded, regmean_merge, regmean_weight
+from mergebench_regmean import Params, RegMean, regmean_weight, weight_key
 
 
-class RegMeanPlusPlus(Method):
+class RegMeanPlusPlus(RegMean):
     """RegMean with each layer's Gram matrices taken from the merged model's own activations, layer by layer."""
 
     name = "regmean_pp"
     Params = Params
-    info = MethodInfo(kind="merge", data="labeled")
 
-    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        if ctx.taskpool is None:
-            raise MergebenchError("regmean_pp needs a task pool for its training inputs")
-        p, taskpool = self.params, ctx.taskpool
-        experts = pool.expert_names
-        tasks = [pool.task_of(e) for e in experts]
-        states = [pool.state_dict(e) for e in experts]
-        base_name = PRETRAINED if pool.has_pretrained else experts[0]
+    def merge(self, run: StatisticRun) -> MergeOutput:
+        p, taskpool = self.params, run.taskpool
+        states = [run.pool.state_dict(e) for e in run.experts]
+        model = run.pool.load_model(run.base_name)
         # start from the plain average (RegMean with no Linear layers), then replace Linear weights in forward order
-        merged, _ = regmean_merge(states, [{} for _ in states], p.reduce_non_diagonal_ratio,
-                                  p.exclude_param_names_regex, keep=pool.state_dict(base_name))
-        model = pool.load_model(base_name)
+        merged, _ = self.merge_states(states, [{} for _ in states], base=run.pool.state_dict(run.base_name),
+                                      refused=self.refused(model), fallbacks=run.fallbacks)
         model.load_state_dict(merged)
-        model.to(ctx.device)
-        convs, refused = gram_convolutions(model)
-        fallbacks = Fallbacks(self.name)
-        for name, why in refused.items():
-            key = f"{name}.weight" if name else "weight"
-            if not excluded(key, p.exclude_param_names_regex):
-                fallbacks.add(key, "mean", why.split(" (")[0], why[len(why.split(" (")[0]):])
-        order = forward_order(model, taskpool, tasks[0], convolutions=bool(convs))
+        model.to(run.ctx.device)
+        convs = bool(gram_convolutions(model)[0])
+        order = forward_order(model, taskpool, run.tasks[0], convolutions=convs)
         regressed = []
-        for layer in ctx.track(order, desc="regmean++ layers", total=len(order)):
-            key = f"{layer}.weight" if layer else "weight"
-            if excluded(key, p.exclude_param_names_regex) or key not in states[0]:
+        for layer in run.ctx.track(order, desc="regmean++ layers", total=len(order)):
+            key = weight_key(layer)
+            if self.kept(key) or key not in states[0]:
                 continue  # a weight tied to another tensor (an LM head tied to the embedding) is merged as that one
             grams = [linear_input_grams(model, taskpool, t, p.n_examples, batch_size=p.batch_size,
-                                        device=ctx.device, modules=[layer], convolutions=bool(convs))[layer]
-                     for t in tasks]
+                                        device=run.ctx.device, modules=[layer], convolutions=convs)[layer]
+                     for t in run.tasks]
             weight = regmean_weight([s[key] for s in states], grams, p.reduce_non_diagonal_ratio,
                                     transposed=weight_is_transposed(model.get_submodule(layer)))
-            model.get_submodule(layer).weight.data.copy_(weight.to(ctx.device))
+            model.get_submodule(layer).weight.data.copy_(weight.to(run.ctx.device))
             regressed.append(key)
-        extras: dict[str, object] = {"regressed_in_order": regressed}
-        if fallbacks:
-            extras["fallback_tensors"] = dict(fallbacks.counts)
-        return MergeOutput(model.cpu(), extras=extras)
+        return MergeOutput(model.cpu(), extras={"regressed_in_order": regressed})
 
 
 @hookimpl

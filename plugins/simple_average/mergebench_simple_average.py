@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MethodInfo, TensorMergeMethod, hookimpl
+from mergebench_core.engine.averaging import mean_tensor
 
 
 @dataclass
@@ -24,7 +25,7 @@ class SimpleAverage(TensorMergeMethod):
     blockwise = True  # element-wise: large tensors stream in blocks
 
     def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([e.to(torch.float32) for e in experts]).mean(0)
+        return mean_tensor(experts)
 
 
 @hookimpl

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench_core import MergebenchError, MergeStream, MethodInfo, TensorMergeMethod, hookimpl
+from mergebench_core.engine.averaging import normalized, weighted_sum
 
 
 @dataclass
@@ -38,10 +39,7 @@ def resolve_weights(weights: list[float] | None, n: int, normalize: bool) -> lis
         return [1.0 / n] * n
     if len(weights) != n:
         raise MergebenchError(f"weights has {len(weights)} entries but there are {n} experts; give one per expert")
-    if normalize:
-        total = float(sum(weights))
-        return [float(w) / total for w in weights]
-    return [float(w) for w in weights]
+    return normalized(weights) if normalize else [float(w) for w in weights]
 
 
 class WeightedAverage(TensorMergeMethod):
@@ -58,10 +56,7 @@ class WeightedAverage(TensorMergeMethod):
         self.extras["weights"] = self._weights
 
     def merge_tensor(self, key: str, base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros(experts[0].shape, dtype=torch.float32, device=experts[0].device)
-        for w, e in zip(self._weights, experts):
-            out += w * e.to(torch.float32)
-        return out
+        return weighted_sum(experts, self._weights)
 
 
 @hookimpl

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from mergebench_core import PRETRAINED, RunContext
 from mergebench_core.data.evaluation import evaluate
-from mergebench_fisher import FisherMerging, Params, fisher_merge
+from mergebench_fisher import FisherMerging, Params
+
+
+def fisher_merge(states, fishers, **params):
+    """Fisher merging of hand-built state dicts and Fishers (no pool): the merged state and the model weights w_t."""
+    method = FisherMerging(Params(**params))
+    extras = method.prepare(SimpleNamespace(experts=list(range(len(states)))), None, fishers)
+    merged, _ = method.merge_states(states, fishers)
+    return merged, list(extras["model_weights"].values())
 
 
 def _states():
@@ -57,3 +67,12 @@ def test_runs_on_the_embedded_pool_and_reuses_the_cache(digits_pools, tmp_path):
         return sum(v["accuracy"] for v in m.values()) / len(m)
 
     assert mean_acc(out.model) > mean_acc(pool.load_model(PRETRAINED))
+
+
+def test_params_are_validated():
+    import pytest
+
+    with pytest.raises(ValueError, match="labels must be one of sampled, empirical, got 'true'"):
+        Params(labels="true")
+    with pytest.raises(ValueError, match="min_fisher must be at least 0.0"):
+        Params(min_fisher=-1)

@@ -87,7 +87,7 @@ def test_a_pool_without_a_permutation_spec_is_refused(seeds_pools, tmp_path):
 
 
 def test_params_are_validated_and_the_method_is_registered():
-    with pytest.raises(ValueError, match="matching must be one of 'weight', 'activation'"):
+    with pytest.raises(ValueError, match="matching must be one of weight, activation, got 'soft'"):
         Params(matching="soft")
     with pytest.raises(ValueError, match="num_fusion_samples"):
         Params(num_fusion_samples=0)

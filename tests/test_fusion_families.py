@@ -17,7 +17,7 @@ from mergebench_core.fusion.align_to_first import AlignToFirst, permuted
 from mergebench_core.fusion.alignment import Level, PermutationSpec, mlp_permutation_spec
 from mergebench_core.fusion.fusion_run import FusionParams
 from mergebench_core.fusion.level_fusion import LevelFusion, LevelFusionParams
-from mergebench_core.fusion.levels import StateDictPool
+from mergebench_core.pools.states import StateDictPool
 
 
 class MLP(nn.Module):

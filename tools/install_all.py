@@ -5,10 +5,18 @@ pools) — the main job's needs, without the CLIP and text pools' transformers/d
 distribution marked optional (`[tool.mergebench] optional = true` in its pyproject.toml). Installs are editable
 unless `--no-editable` (CI installs wheels). New distributions under plugins/, modelpools/ or taskpools/ are picked
 up without editing any list. Any other argument is passed to pip.
+
+torch: PyPI's default torch wheel is a CUDA build (several GB with its nvidia packages), which a machine without a GPU
+never uses. `--torch auto` (the default) therefore installs the CPU build first when torch is not installed yet and
+no NVIDIA GPU is visible; `--torch cpu` always does, `--torch any` leaves the choice to pip (the test environment does:
+its constraints file pins the build).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -16,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("plugins", "modelpools", "taskpools")
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_CHOICES = ("auto", "cpu", "any")
 
 
 def is_optional(dist: Path) -> bool:
@@ -32,14 +42,51 @@ def distributions(include_optional: bool = False) -> list[Path]:
     return found
 
 
-def main(argv: list[str]) -> int:
-    everything = "--all" in argv
-    editable = "--no-editable" not in argv
-    passed = [a for a in argv if a not in ("--all", "--no-editable")]
-    args = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *passed]
+def gpu_visible() -> bool:
+    """An NVIDIA driver on this machine (its tool on PATH, or its kernel module loaded)."""
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia")
+
+
+def torch_installed() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def plan(argv: list[str], *, gpu: bool, has_torch: bool) -> list[list[str]]:
+    """The pip commands to run, in order (a pure function of the arguments and the machine, so it can be tested)."""
+    torch_choice = "auto"
+    rest: list[str] = []
+    args = iter(argv)
+    for a in args:
+        if a == "--torch" or a.startswith("--torch="):
+            torch_choice = a.partition("=")[2] or next(args, "")
+            if torch_choice not in TORCH_CHOICES:
+                raise SystemExit(f"install_all.py: --torch must be one of {', '.join(TORCH_CHOICES)}, "
+                                 f"got {torch_choice!r}")
+        else:
+            rest.append(a)
+    everything = "--all" in rest
+    editable = "--no-editable" not in rest
+    passed = [a for a in rest if a not in ("--all", "--no-editable")]
+    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *passed]
+    commands = []
+    if torch_choice == "cpu" or (torch_choice == "auto" and not gpu and not has_torch):
+        commands.append([*pip, "torch", "--index-url", CPU_TORCH_INDEX])
+    main = list(pip)
     for dist in distributions(everything):
-        args += ["-e", str(dist)] if editable else [str(dist)]
-    return subprocess.call(args)
+        main += ["-e", str(dist)] if editable else [str(dist)]
+    commands.append(main)
+    return commands
+
+
+def main(argv: list[str]) -> int:
+    for command in plan(argv, gpu=gpu_visible(), has_torch=torch_installed()):
+        if "--index-url" in command:
+            print("install_all.py: no NVIDIA GPU here, so torch's CPU build first (--torch any to let pip choose)",
+                  file=sys.stderr)
+        code = subprocess.call(command)
+        if code:
+            return code
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from torch import nn
 from mergebench_core import ModelPool, TaskPool, hookimpl
 from mergebench_core import registry as registry_module
 from mergebench_core.cli import main
+from mergebench_core.contract.checked_params import CheckedParams
 from mergebench_core.contract.config import parse_overrides
 from mergebench_core.errors import ConfigError, PluginError
 from mergebench_core.pools.params import canonical_filter, canonical_names, canonical_params, format_value
@@ -27,6 +28,17 @@ class ScaleParams:
 
 
 BUILT: list = []
+
+
+@dataclass(frozen=True)
+class BoundedParams(CheckedParams):
+    """Frozen, as pool parameters are, with bounds declared beside the fields."""
+
+    scale: float = 1.0
+    steps: int = 10
+    above = {"scale": 0.0}
+    at_least = {"steps": 1}
+    at_most = {"scale": 10.0, "steps": 10**6}
 
 
 class ScalePool(ModelPool):
@@ -55,6 +67,24 @@ class ScalePool(ModelPool):
         return {"scale_params": repr(self.params)}
 
 
+BUILD_ATTEMPTS: list = []
+
+
+class FragilePool(ScalePool):
+    """Builds its models on first use, and that build fails above scale 5 (in bounds, like a recipe that diverges)."""
+
+    def load_model(self, name):
+        BUILD_ATTEMPTS.append(name)
+        if self.params.scale > 5:
+            raise RuntimeError("the experts diverged")
+        torch.manual_seed(0)
+        model = nn.Linear(2, 2)
+        with torch.no_grad():
+            if name != "_pretrained_":
+                model.weight += self.params.scale * (1.0 if name == "t0" else -1.0)
+        return model
+
+
 class ScaleTasks(TaskPool):
     @property
     def tasks(self):
@@ -74,6 +104,7 @@ def plugin(params=ScaleParams):
     def register_modelpools(register):
         register("scaled", ScalePool, "a pool with parameters", params=params)
         register("plain", lambda: ScalePool(ScaleParams()), "a pool without parameters")
+        register("bounded", FragilePool, "a pool with bounded parameters", params=BoundedParams)
 
     @hookimpl
     def register_taskpools(register):
@@ -207,3 +238,39 @@ def test_list_shows_each_pools_parameters_with_defaults(registry, capsys):
     assert main(["list"]) in (0, 1)
     out = capsys.readouterr().out
     assert "scaled: scale: float = 1.0, shift: int = 0, tag: str = a" in out
+
+
+def test_declared_bounds_refuse_values_a_pool_cannot_run_with(registry):
+    assert canonical_names(registry, "bounded(scale=10,steps=1000000)") == ["bounded(scale=10.0,steps=1000000)"]
+    for given, message in (("scale=1e308", "scale must be at most 10.0, got 1e+308"),
+                           ("scale=nan", "scale must be greater than 0.0, got nan"),
+                           ("scale=inf", "scale must be at most 10.0, got inf"),
+                           ("steps=1000000000000", "steps must be at most 1000000, got 1000000000000"),
+                           ("steps=0", "steps must be at least 1, got 0")):
+        with pytest.raises(ConfigError) as refused:
+            canonical_names(registry, f"bounded({given})")
+        assert f"model pool 'bounded': {message}. Parameters of bounded: scale: float = 1.0 (0 < scale <= 10), " \
+               f"steps: int = 10 (1 <= steps <= 1000000)" in str(refused.value)
+
+
+def test_a_pool_out_of_bounds_or_that_cannot_build_is_refused_before_any_cell(registry, tmp_path, monkeypatch,
+                                                                             capsys):
+    monkeypatch.setenv("MERGEBENCH_STORE", str(tmp_path / "r.sqlite"))
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "-m", "task_arithmetic", "--isolation", "none", "--seed", "0,1"]
+    assert main([*args, "-p", "bounded(scale=1e308)"]) == 2
+    assert "scale must be at most 10.0, got 1e+308" in capsys.readouterr().err
+    BUILD_ATTEMPTS.clear()
+    assert main([*args, "-p", "bounded(scale=6)"]) == 2
+    err = capsys.readouterr().err
+    assert "model pool 'bounded(scale=6.0)' (seed 0) cannot be built: RuntimeError: the experts diverged" in err
+    assert "Nothing was run or stored" in err
+    assert BUILD_ATTEMPTS == ["_pretrained_"]  # one attempt, not one per reference row, cell and seed
+    assert not (tmp_path / "r.sqlite").exists()
+    assert main([*args, "-p", "bounded(scale=5)"]) == 0  # a pool that builds runs as before
+
+
+def test_list_shows_declared_bounds(registry, capsys):
+    assert main(["list"]) in (0, 1)
+    assert "bounded: scale: float = 1.0 (0 < scale <= 10), steps: int = 10 (1 <= steps <= 1000000)" in \
+        capsys.readouterr().out

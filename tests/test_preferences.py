@@ -8,12 +8,15 @@ import pytest
 
 from mergebench_core.cli import main
 from mergebench_core.errors import ConfigError
+from mergebench_core.preferences import vectors
 from mergebench_core.preferences.vectors import (
     PreferenceRequest,
     from_config,
+    largest_simplex,
     parse_simplex,
     parse_vector,
     simplex_grid,
+    simplex_size,
     validate,
 )
 from mergebench_core.results.store import ResultStore, cell_key
@@ -54,7 +57,7 @@ def test_malformed_vectors_are_refused(vector, message):
         validate(vector, ["digits", "rot90"])
 
 
-@pytest.mark.parametrize("text", ["simplex:1", "simplex:x", "grid:3", "simplex"])
+@pytest.mark.parametrize("text", ["simplex:1", "simplex:x", "grid:3", "simplex", "simplex:²", "simplex:" + "9" * 5000])
 def test_malformed_grids_are_refused(text):
     with pytest.raises(ConfigError, match="simplex:K with K ≥ 2"):
         parse_simplex(text)
@@ -65,6 +68,36 @@ def test_config_preferences_take_vectors_and_grids():
     assert request.vectors == ((0.7, 0.3), (0.2, 0.8)) and request.simplex == (2,)
     with pytest.raises(ConfigError):
         from_config({"a": 1})
+
+
+@pytest.mark.parametrize(("tasks", "k"), [(1, 2), (2, 5), (3, 5), (4, 9), (8, 3)])
+def test_a_grid_is_counted_without_being_made(tasks, k):
+    assert simplex_size(tasks, k) == len(simplex_grid(tasks, k)) == math.comb(k - 1 + tasks - 1, tasks - 1)
+
+
+def test_a_grid_over_the_cap_is_refused_before_any_vector_is_made(monkeypatch):
+    def never(*_args):
+        raise AssertionError("the grid was generated")
+
+    monkeypatch.setattr(vectors, "simplex_grid", never)
+    with pytest.raises(ConfigError) as refused:
+        PreferenceRequest(simplex=(1000,)).expand([f"t{i}" for i in range(8)])
+    message = str(refused.value)
+    assert f"name {math.comb(1006, 7):,} vectors" in message and "simplex:1000 gives" in message
+    assert "more than the cap of 10,000" in message and "MERGEBENCH_MAX_PREFERENCES" in message
+    assert "the largest grid that fits is simplex:9 (6,435 vectors)" in message  # C(15, 7); simplex:10 is 11,440
+
+
+def test_the_cap_counts_every_vector_and_an_environment_variable_moves_it(monkeypatch):
+    three = ["a", "b", "c"]
+    assert largest_simplex(3, 10) == 4 and largest_simplex(3, 15) == 5 and largest_simplex(30, 10) is None
+    monkeypatch.setenv("MERGEBENCH_MAX_PREFERENCES", "15")
+    assert len(PreferenceRequest(simplex=(5,)).expand(three)) == 15
+    with pytest.raises(ConfigError, match=r"name 16 vectors .*1 vector\(s\) given one by one.*simplex:4 \(10 vectors"):
+        PreferenceRequest(vectors=((1.0, 1.0, 1.0),), simplex=(5,)).expand(three)
+    monkeypatch.setenv("MERGEBENCH_MAX_PREFERENCES", "lots")
+    with pytest.raises(ConfigError, match="MERGEBENCH_MAX_PREFERENCES='lots' is not a whole number"):
+        PreferenceRequest(simplex=(2,)).expand(three)
 
 
 def test_the_cell_key_changes_with_the_preference():
@@ -81,6 +114,7 @@ def test_the_cell_key_changes_with_the_preference():
     ([*TWO, "--preference", "0,0"], "all zeros"),
     ([*TWO, "--preference", "a,b"], "is not a number"),
     ([*TWO, "--preferences", "simplex:1"], "simplex:K"),
+    (["--preferences", "simplex:1000"], "the preferences over 8 task(s) name 202,614,233,457,493,000 vectors"),
     (["--tasks", "digits,rot900"], "no task 'rot900'. Did you mean 'rot90'"),
     (["--tasks", "digits,digits"], "names a task twice"),
 ])

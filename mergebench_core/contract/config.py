@@ -3,6 +3,13 @@
 Overrides are dotlist items. `method.x=v` sets `x` on every selected method that has a parameter `x` (and is an
 error if none has); `ties.x=v` sets it on one method. A comma outside brackets makes a sweep:
 `method.scaling_factor=0.1,0.3` gives one configuration per value (the product over swept parameters).
+
+A config file is data, not a program: interpolations (`${...}`) are refused rather than resolved, because nested
+ones let a 1.5 KB file expand into gigabytes, and a resolved-size cap would only be checked after omegaconf had
+built the expansion. YAML aliases (`*name`, `<<: *name`) are refused for the same reason (omegaconf copies what they
+share), and so is a file over `MAX_CONFIG_BYTES`. `${oc.env:NAME}` would put the environment into stored parameters
+without a word; a run that wants it names the variables it allows in `MERGEBENCH_CONFIG_ENV=NAME,...`, and then a
+value written exactly `${oc.env:NAME}` is that variable's text.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +26,11 @@ from typing import Any
 from mergebench_core.errors import ConfigError, normalize_name
 
 COMMON = "method"
+CONFIG_ENV = "MERGEBENCH_CONFIG_ENV"
+"""Comma-separated names of the environment variables a config file may read with `${oc.env:NAME}`."""
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file names methods, pools and a few dozen values: a megabyte is far beyond any real one."""
+_ENV_REF = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,21 +80,80 @@ def parse_overrides(items: Sequence[str]) -> list[Override]:
 
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
-    """Read a config file: `method:` holds common values, `<method name>:` holds one method's values."""
+    """Read a config file: `method:` holds common values, `<method name>:` holds one method's values. Nothing in it
+    is resolved: interpolations and aliases are refused (see the module's docstring), environment references only
+    for the variables `MERGEBENCH_CONFIG_ENV` allows."""
     if path is None:
         return {}
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(p)!r} is {size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a config "
+                          f"file may hold; it should name methods, pools and their values only")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: {exc}") from None
+    _refuse_aliases(text, str(p))
     from omegaconf import OmegaConf
 
     try:
-        data = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+        data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except Exception as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping (method: {{...}} or <method>: {{...}})")
+    data = _without_interpolations(data, f"config file {str(p)!r}", "", allowed_env())
     return {normalize_name(str(k)): v for k, v in data.items()}
+
+
+def allowed_env() -> frozenset[str]:
+    """The environment variables config files may read (`MERGEBENCH_CONFIG_ENV`; none unless set)."""
+    return frozenset(n.strip() for n in os.environ.get(CONFIG_ENV, "").split(",") if n.strip())
+
+
+def _refuse_aliases(text: str, where: str) -> None:
+    """Walk the YAML events (linear in the text, nothing built) and refuse the first alias."""
+    import yaml
+
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(f"config file {where!r}, line {event.start_mark.line + 1}: the YAML alias "
+                                  f"*{event.anchor} is refused, because aliases let a small file expand into a huge "
+                                  f"one; write the values out where they are used")
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {where!r} is not valid YAML: {exc}") from None
+
+
+def _without_interpolations(value: Any, where: str, key: str, env: frozenset[str]) -> Any:
+    """`value` with every allowed `${oc.env:NAME}` replaced by the variable's text; any other `${` is refused with
+    the key that holds it."""
+    if isinstance(value, dict):
+        return {k: _without_interpolations(v, where, f"{key}.{k}" if key else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_interpolations(v, where, f"{key}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    ref = _ENV_REF.fullmatch(value.strip())
+    if ref and ref.group(1) in env:
+        name = ref.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{where}, key {key!r}: reads environment variable {name}, which is not set; set it "
+                              f"or write the value itself")
+        if "${" in os.environ[name]:
+            raise ConfigError(f"{where}, key {key!r}: environment variable {name} holds an interpolation "
+                              f"({os.environ[name]!r}); it must hold the value itself")
+        return os.environ[name]
+    if "oc.env" in value:
+        name = ref.group(1) if ref else "..."
+        raise ConfigError(f"{where}, key {key!r}: {value!r} would read the environment into a parameter, which "
+                          f"mergebench does not do unless asked; write the value itself, or allow the variable with "
+                          f"{CONFIG_ENV}={name}")
+    raise ConfigError(f"{where}, key {key!r}: {value!r} is an interpolation, and config files are not resolved "
+                      f"(nested interpolations can expand a small file into gigabytes); write the value itself")
 
 
 def field_types(params_cls: type) -> dict[str, str]:
@@ -150,6 +223,13 @@ def instantiate_params(owner: str, params_cls: type, base: Mapping[str, Any], do
     """`params_cls` with `base` (YAML values) and then `dotlist` (`k=v` strings) merged over its defaults, typed and
     checked by omegaconf. Every way a value can be refused (omegaconf's type check, the dataclass's own
     `__post_init__`) becomes one `ConfigError` naming `owner`; `kind` ("method", "model pool") says what it is."""
+    for item in dotlist:
+        if "${" in item:
+            key, _, value = item.partition("=")
+            raise ConfigError(f"{kind} {owner!r}: parameter {key.strip()!r} = {value.strip()!r} is an interpolation, "
+                              f"which mergebench does not resolve in parameters; write the value itself (a shell "
+                              f"expands $NAME on a command line)")
+    base = _without_interpolations(dict(base), f"{kind} {owner!r}", "", allowed_env())
     if not base and not dotlist:  # the defaults: no need to import omegaconf (a fifth of a second at start-up)
         try:
             return params_cls()

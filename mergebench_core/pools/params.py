@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mergebench_core.contract.api import ModelPool, Registration
+from mergebench_core.contract.checked_params import declared_bounds
 from mergebench_core.contract.config import Override, field_types, instantiate_params, unknown_parameter_error
 from mergebench_core.errors import ConfigError
 from mergebench_core.pools.views import PoolName
@@ -44,7 +45,8 @@ _KIND = "model pool"
 def check_training_recipe(lr: float, steps: int, batch_size: int, seed: int | None = None) -> None:
     """The checks every pool whose parameters are a training recipe needs, in one place: a finite positive learning
     rate, at least one step of at least one example, a non-negative seed. Raises ValueError (reported as a bad pool
-    parameter)."""
+    parameter). Kept for pools written before bounds were declared: a pool's parameter dataclass should now declare
+    its bounds, upper ones included, as a `CheckedParams` (`mergebench list` then shows them)."""
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr}")
     if steps < 1 or batch_size < 1:
@@ -88,10 +90,11 @@ def canonical_params(params: Any) -> tuple[str, ...]:
 
 
 def describe_params(params_cls: type) -> str:
-    """`lr: float = 0.0003, steps: int = 200` (for `mergebench list`)."""
-    defaults, types = params_cls(), field_types(params_cls)
-    return ", ".join(f"{f.name}: {types[f.name]} = {format_value(getattr(defaults, f.name))}"
-                     for f in dataclasses.fields(params_cls))
+    """`lr: float = 0.0003 (0 < lr <= 10), steps: int = 200 (1 <= steps <= 1000000)` (for `mergebench list` and
+    errors): each field's type and default, and its bounds where the dataclass declares them (`CheckedParams`)."""
+    defaults, types, bounds = params_cls(), field_types(params_cls), declared_bounds(params_cls)
+    return ", ".join(f"{f.name}: {types[f.name]} = {format_value(getattr(defaults, f.name))}" +
+                     (f" ({bounds[f.name]})" if f.name in bounds else "") for f in dataclasses.fields(params_cls))
 
 
 def pool_params(reg: Registration, given: Sequence[str], common: Mapping[str, Any] | None = None,
@@ -128,7 +131,10 @@ def pool_params(reg: Registration, given: Sequence[str], common: Mapping[str, An
     out = []
     for combo in itertools.product(*[values for _, values in swept]):
         dotlist = [f"{k}={v}" for k, v in zip(keys, combo)] + [item.strip() for item in given]
-        out.append(instantiate_params(reg.name, reg.params, base, dotlist, types, kind=_KIND))
+        try:
+            out.append(instantiate_params(reg.name, reg.params, base, dotlist, types, kind=_KIND))
+        except ConfigError as exc:  # say what the pool accepts, so the fix is in the message
+            raise ConfigError(f"{exc}. Parameters of {reg.name}: {describe_params(reg.params)}") from None
     return out
 
 

@@ -23,6 +23,7 @@ from mergebench_core.contract.api import PRETRAINED, ModelPool, Registration, Ta
 from mergebench_core.contract.config import build_params, check_overrides_used, load_yaml, params_dict, parse_overrides
 from mergebench_core.contract.registry import Registry, get_registry
 from mergebench_core.engine.bn_stats import BnStats
+from mergebench_core.engine.pool_sources import pool_source
 from mergebench_core.engine.roles import Role, declared_roles, has_running_stats, model_roles
 from mergebench_core.errors import ConfigError, MergebenchError
 from mergebench_core.pools.params import POOL_TARGET, canonical_names, check_pool_settings, make_pool, pool_section
@@ -237,7 +238,26 @@ class Runner:
         self.check_resources(dict.fromkeys((c.modelpool, c.taskpool) for c in cells))
         if opts.eval_only:
             self.check_trained(cells)
+        self.check_builds(cells)
         return cells
+
+    def check_builds(self, cells: Sequence[Cell]) -> None:
+        """Build every plain pool the cells use (for each cell seed a pool draws per seed) now, in the planning
+        process: a pool that cannot build is one refusal before any cell, not the same failing build retried and
+        stored once per reference row and cell. Derived pools train in their cells and are not built here."""
+        for pool_name, seed in dict.fromkeys((PoolName.parse(c.modelpool).pool, c.seed) for c in cells):
+            pool = seeded_pool(self.modelpool(pool_name), seed)
+            first = PRETRAINED if pool.has_pretrained else pool.expert_names[0]
+            try:
+                pool_source(pool, first)  # file pools build their folder and read one header; others load it
+            except MergebenchError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the pool's build raises, nothing may run on it
+                log.debug("building %s failed", pool_name, exc_info=True)
+                raise ConfigError(f"model pool {pool_name!r} (seed {seed}) cannot be built: {type(exc).__name__}: "
+                                  f"{exc}. Nothing was run or stored. Check its parameters (`mergebench list` shows "
+                                  f"each pool's parameters and bounds), or run again with -vv for the traceback") \
+                    from exc
 
     def check_data(self, pool_name: str, methods: Sequence[type[Any]]) -> None:
         """The runner's guarantee (`running.data_needs`): every method that declares data gets a task pool on

@@ -47,7 +47,7 @@ from mergebench_core.engine.tensors import load_state_dict, save_state_dict
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
 from mergebench_core.pools.folder import SafetensorsFolderPool
-from mergebench_core.pools.params import check_training_recipe
+from mergebench_core.contract.checked_params import CheckedParams
 
 __all__ = ["GENERATOR_FILE", "POOL_NAME", "TASKPOOL_NAME", "DigitsModelPool", "DigitsPoolParams", "DigitsTaskPool",
            "Encoder", "Recipe", "build", "ensure_built", "is_built", "make_pool", "zero_shot_logits",
@@ -103,7 +103,7 @@ class Recipe:
 
 
 @dataclass(frozen=True)
-class DigitsPoolParams:
+class DigitsPoolParams(CheckedParams):
     """The parameters of `digits-mlp_TA8`: how its experts are fine-tuned. The pretrained encoder, the zero-shot heads
     and the data do not change, so `digits_TA8` scores every variant; the defaults are the registered pool's."""
 
@@ -117,8 +117,11 @@ class DigitsPoolParams:
     """The fine-tuning seed (the experts' batch order): 0 gives the registered experts; pool seeds are independent of
     the cell's `--seed`."""
 
-    def __post_init__(self) -> None:
-        check_training_recipe(self.lr, self.steps, self.batch_size, self.seed)
+    # Bounds a training recipe can run within (`mergebench list` shows them): past lr 10 Adam only diverges, and a
+    # million steps of this MLP is already hours, so larger values are typos, not experiments.
+    above = {"lr": 0.0}
+    at_least = {"steps": 1, "batch_size": 1, "seed": 0}
+    at_most = {"lr": 10.0, "steps": 10**6, "batch_size": 10**5, "seed": 2**32 - 1}
 
     def recipe(self) -> Recipe:
         return dataclasses.replace(Recipe(), finetune_lr=self.lr, finetune_steps=self.steps,

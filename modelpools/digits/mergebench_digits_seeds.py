@@ -52,7 +52,7 @@ from mergebench_core.fusion.alignment import PermutationSpec
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
 from mergebench_core.pools.folder import SafetensorsFolderPool
-from mergebench_core.pools.params import check_training_recipe
+from mergebench_core.contract.checked_params import CheckedParams
 
 __all__ = ["MLPClassifier", "SeedsRecipe", "DigitsSeedsModelPool", "DigitsFullTaskPool", "POOLS", "build",
            "ensure_built", "model_names", "train_subsets"]
@@ -344,16 +344,16 @@ def _params_class(arch: str) -> type:
     (`ARCH_DEFAULTS`), so the defaults give the registered pools. The pool seed is not one of them: it is the cell's
     `--seed` (`for_seed`)."""
     defaults = ARCH_DEFAULTS[arch]
-
-    def __post_init__(self: Any) -> None:
-        check_training_recipe(self.lr, self.steps, self.batch_size)
-
+    # Bounds a recipe can run within (`mergebench list` shows them): past lr 10 Adam only diverges, and a million
+    # steps is already hours, so larger values are typos, not experiments.
+    bounds = {"above": {"lr": 0.0}, "at_least": {"steps": 1, "batch_size": 1},
+              "at_most": {"lr": 10.0, "steps": 10**6, "batch_size": 10**5}}
     cls = dataclasses.make_dataclass(
         f"{arch.capitalize()}SeedsPoolParams",
         [("lr", float, dataclasses.field(default=defaults["lr"])),
          ("steps", int, dataclasses.field(default=defaults["steps"])),
          ("batch_size", int, dataclasses.field(default=defaults["batch_size"]))],
-        frozen=True, namespace={"__post_init__": __post_init__})
+        bases=(CheckedParams,), frozen=True, namespace=bounds)
     cls.__module__ = __name__
     cls.__doc__ = f"Training of each model of the digits-{arch}_* pools: Adam's (peak) learning rate, steps, batch size."
     return cls

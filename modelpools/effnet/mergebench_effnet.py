@@ -61,7 +61,7 @@ from mergebench_core.engine.tensors import load_state_dict, read_pickle_checkpoi
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
 from mergebench_core.pools.folder import SafetensorsFolderPool
-from mergebench_core.pools.params import check_training_recipe
+from mergebench_core.contract.checked_params import CheckedParams
 
 __all__ = [
     "POOL_NAME",
@@ -96,7 +96,7 @@ VERSION = 2  # bump when the build code changes in a way the recipes do not show
 
 
 @dataclass(frozen=True)
-class EffnetParams:
+class EffnetParams(CheckedParams):
     """How the experts are fine-tuned (the pool's parameters; their hash names the experts' cache folder)."""
 
     lr: float = 1e-3
@@ -108,8 +108,11 @@ class EffnetParams:
     seed: int = 0
     """Seeds every expert's batch order."""
 
-    def __post_init__(self) -> None:
-        check_training_recipe(self.lr, self.steps, self.batch_size, self.seed)
+    # Bounds a recipe can run within (`mergebench list` shows them): past lr 10 Adam only diverges, and a million
+    # steps of this CNN is days on a CPU, so larger values are typos, not experiments.
+    above = {"lr": 0.0}
+    at_least = {"steps": 1, "batch_size": 1, "seed": 0}
+    at_most = {"lr": 10.0, "steps": 10**6, "batch_size": 10**5, "seed": 2**32 - 1}
 
 
 def pool_name(params: EffnetParams) -> str:

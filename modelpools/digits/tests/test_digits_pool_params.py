@@ -104,8 +104,21 @@ def test_an_unknown_pool_parameter_is_exit_2_with_a_suggestion(cli_env, capsys):
     assert not (cli_env / "results.sqlite").exists()
 
 
+def test_pool_parameters_out_of_bounds_are_exit_2_before_any_build(cli_env, digits_root, capsys):
+    for pool, message in (("digits-mlp_TA8(lr=1e308)", "lr must be at most 10.0, got 1e+308"),
+                          ("digits-mlp_TA8(steps=1000000000000)", "steps must be at most 1000000"),
+                          ("digits-mlp_TA8(batch_size=0)", "batch_size must be at least 1, got 0"),
+                          ("digits-mlp_seeds(lr=-1)", "lr must be greater than 0.0, got -1.0")):
+        assert main(["run", "-m", "task_arithmetic", "-p", pool]) == 2
+        assert message in capsys.readouterr().err
+    assert not (cli_env / "results.sqlite").exists()
+    assert not (digits_root / dataclasses.replace(Recipe(), finetune_lr=1e308).digest()).exists()  # never built
+
+
 def test_list_shows_the_pool_parameters(cli_env, capsys):
     main(["list"])
     out = capsys.readouterr().out
-    assert "digits-mlp_TA8: lr: float = 0.0003, steps: int = 200, batch_size: int = 64, seed: int = 0" in out
-    assert "digits-mlp_seeds: lr: float = 0.002, steps: int = 600, batch_size: int = 64" in out
+    assert ("digits-mlp_TA8: lr: float = 0.0003 (0 < lr <= 10), steps: int = 200 (1 <= steps <= 1000000), "
+            "batch_size: int = 64 (1 <= batch_size <= 100000), seed: int = 0 (0 <= seed <= 4294967295)") in out
+    assert ("digits-mlp_seeds: lr: float = 0.002 (0 < lr <= 10), steps: int = 600 (1 <= steps <= 1000000), "
+            "batch_size: int = 64 (1 <= batch_size <= 100000)") in out

@@ -24,6 +24,17 @@ TASKS = ("digits", "parity")  # one view of the images: the base embeds 1,200 tr
 TINY = me.EffnetParams(steps=2, batch_size=4)
 
 
+def test_the_recipe_is_bounded_where_it_is_declared():
+    """Values a build cannot finish with are refused when the parameters are made (lr=1e308 was accepted once)."""
+    for changes, message in (({"lr": 1e308}, "lr must be at most 10.0"), ({"lr": 0.0}, "lr must be greater than"),
+                             ({"steps": 10**12}, "steps must be at most 1000000"),
+                             ({"batch_size": 10**6}, "batch_size must be at most 100000"),
+                             ({"seed": -1}, "seed must be at least 0")):
+        with pytest.raises(ValueError, match=message):
+            me.EffnetParams(**changes)
+    assert me.EffnetParams(lr=10.0, steps=10**6, batch_size=10**5).lr == 10.0  # the bounds are inclusive
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tmp_path_factory.mktemp("effnet-cache")

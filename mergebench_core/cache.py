@@ -1,5 +1,5 @@
-"""One content-addressed cache for everything mergebench computes once and reuses: data statistics, trained models,
-and (next) the mergeability plugin's features.
+"""One content-addressed cache for everything mergebench computes once and reuses: data statistics, activations,
+trained models, and the mergeability plugin's features.
 
 Each entry is a named set of tensors plus a small JSON manifest, found by a JSON key, in one safetensors file. The
 file is named by a hash of the key, and it also holds the key itself, the manifest, and a digest of everything in it
@@ -17,6 +17,10 @@ once), a temporary name in the entry's folder, fsync, then a rename, so a reader
 new one. Non-finite values are refused before anything is written, and every write error (disk full, a read-only
 folder) says which path failed. Reads take no lock, so a read-only shared cache works.
 
+The lock files live apart, under `locks/` in the cache's folder (`lock_file`): deleting one on release is not safe
+with `filelock` (see `locks`), so they stay, and keeping them in one place leaves the entries' folders with entries
+only.
+
 `ContentCache` is the whole mechanism; `StatsCache` (`data.statistics`) and `TrainedModelCache` (`training.methods`)
 are thin clients that choose the key and the file name.
 """
@@ -27,7 +31,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +41,15 @@ import torch
 
 from mergebench_core.engine.tensors import StreamingSafetensorsWriter
 from mergebench_core.errors import MergebenchError
-from mergebench_core.locks import build_lock, lock_path, unique_temp
+from mergebench_core.locks import build_lock, unique_temp
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "2"
 """The layout of an entry's metadata. Format 1 (no digest) entries are rebuilt on first read."""
+
+LOCKS_FOLDER = "locks"
+"""The folder below a cache's root that holds the lock files of its entries."""
 
 FORMAT_FIELD, KEY_FIELD, MANIFEST_FIELD, DIGEST_FIELD = (
     "mergebench.cache_format", "mergebench.key", "mergebench.manifest", "mergebench.digest")
@@ -119,6 +126,7 @@ class ContentCache:
         self.hits = 0
         self.misses = 0
         self._reported: set[tuple[Path, int, int]] = set()
+        self._verified: set[tuple[Path, int, int]] = set()
 
     def entry_name(self, key: Key, digest: str) -> str:
         """The entry's path below `root`, without the suffix (a subclass may group entries in folders)."""
@@ -126,6 +134,23 @@ class ContentCache:
 
     def entry_path(self, key: Key) -> Path:
         return self.root / f"{self.entry_name(key, key_digest(key))}.safetensors"
+
+    def lock_file(self, path: Path) -> Path:
+        """The lock file of the entry at `path`: the entry's path below `root`, under `locks/`, plus `.lock`."""
+        try:
+            relative = Path(path).relative_to(self.root)
+        except ValueError:
+            raise ValueError(f"{path} is not an entry of the cache at {self.root}") from None
+        return self.root / LOCKS_FOLDER / relative.with_name(f"{relative.name}.lock")
+
+    def is_valid(self, key: Key, what: str = "cache entry") -> bool:
+        """Whether `get(key)` would return the entry: it exists, is stored under `key` in this format, and its data
+        matches its digest. Planning asks this before running anything (`--eval-only`), so a damaged or old file
+        counts as missing there, not later. A file state once verified is not read again by this object."""
+        path = self.entry_path(key)
+        if _file_state(path) in self._verified:
+            return True
+        return self.get(key, what) is not None
 
     def get(self, key: Key, what: str = "cache entry") -> Entry | None:
         """The entry stored under `key`, or None when there is none or it cannot be trusted (logged, naming the
@@ -152,6 +177,7 @@ class ContentCache:
         if content_digest(key_json, manifest_json, tensors) != meta[DIGEST_FIELD]:
             self._report(path, what, "its data does not match its digest (damaged on disk)")
             return None
+        self._verified.add(_file_state(path))
         return Entry(tensors, manifest)
 
     def put(self, key: Key, entry: Entry, what: str = "cache entry") -> Path:
@@ -180,6 +206,7 @@ class ContentCache:
                 tmp.unlink()
             raise CacheWriteError(_write_failure(what, path, exc)) from exc
         _fsync_folder(path.parent)
+        self._verified.add(_file_state(path))
         return path
 
     def get_or_build(self, key: Key, build: Callable[[], Entry], what: str = "cache entry") -> Entry:
@@ -203,26 +230,40 @@ class ContentCache:
     @contextmanager
     def lock(self, path: Path, what: str) -> Iterator[None]:
         """`locks.build_lock` for the entry at `path`; failing to take it (a read-only folder) names the lock file."""
+        with self.locked([path], what):
+            yield
+
+    @contextmanager
+    def locked(self, paths: Sequence[Path], what: str) -> Iterator[None]:
+        """Hold the locks of several entries at once, for a build that makes them together (one forward pass, many
+        activations). They are taken in sorted order, so two processes wanting overlapping sets cannot deadlock."""
         with ExitStack() as stack:
-            try:
-                stack.enter_context(build_lock(path, what))
-            except OSError as exc:
-                raise CacheWriteError(_write_failure(f"the lock of {what}", lock_path(path), exc)) from exc
+            for path in sorted(set(paths)):
+                lock_file = self.lock_file(path)
+                try:
+                    stack.enter_context(build_lock(path, what, lock_file=lock_file))
+                except OSError as exc:
+                    raise CacheWriteError(_write_failure(f"the lock of {what}", lock_file, exc)) from exc
             yield
 
     def _report(self, path: Path, what: str, problem: str) -> None:
         """Warn once per state of the file (its mtime and size): a caller that looks before and after taking the
         lock does not repeat the warning."""
-        try:
-            stat = path.stat()
-            seen = (path, stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            seen = (path, 0, 0)
+        seen = _file_state(path)
         if seen in self._reported:
             log.debug("%s at %s: %s (already reported)", what, path, problem)
             return
         self._reported.add(seen)
         log.warning("cached %s at %s is not used: %s; rebuilding it", what, path, problem)
+
+
+def _file_state(path: Path) -> tuple[Path, int, int]:
+    """`path` with its mtime and size: a file rewritten since (rebuilt, damaged by hand) is a new state."""
+    try:
+        stat = path.stat()
+        return (path, stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return (path, 0, 0)
 
 
 def _metadata_problem(meta: Mapping[str, str], key_json: str) -> str:

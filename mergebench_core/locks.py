@@ -11,6 +11,11 @@ so two processes building the same entry at once compute it once, and a reader n
 locks are the maintained `filelock` package's (`fcntl` on POSIX): a process that dies releases its lock, so there
 are no stale locks to clean up by hand. A cache that is already built is read without any lock, so a read-only
 shared cache works.
+
+A lock file is never deleted on release. With `fcntl` locks that would be unsafe: a process waiting on the old file
+takes the lock of an unlinked file just as a newcomer creates a new file at the same path and locks that one, and
+both build at once. So the lock files stay; the content cache (`mergebench_core.cache`) keeps its own in one
+`locks/` folder, so that the folders of its entries hold entries only.
 """
 
 from __future__ import annotations
@@ -43,12 +48,16 @@ def unique_temp(target: str | os.PathLike[str]) -> Path:
 
 
 @contextmanager
-def build_lock(target: str | os.PathLike[str], what: str = "") -> Iterator[None]:
+def build_lock(target: str | os.PathLike[str], what: str = "",
+               lock_file: str | os.PathLike[str] | None = None) -> Iterator[None]:
     """Hold the lock that guards building `target`; waits as long as another process's build takes, saying so
-    once after `WAIT_NOTICE_SECONDS`. The lock is released when the block ends or the process dies."""
+    once after `WAIT_NOTICE_SECONDS`. The lock is released when the block ends or the process dies.
+
+    The lock lives in `lock_file` when given (every process building `target` must then name the same one), else in
+    `lock_path(target)`."""
     from filelock import FileLock, Timeout
 
-    path = lock_path(target)
+    path = Path(lock_file) if lock_file is not None else lock_path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     try:

@@ -238,24 +238,39 @@ def collect_activations(model: nn.Module, taskpool: TaskPool, tasks: Sequence[st
         return StatsKey(str(model_identity), f"{taskpool.name}/{task}", f"activations-{split}-{point}{axis}",
                         n_examples, seed)
 
+    def run(task: str, todo: Sequence[str]) -> dict[str, torch.Tensor]:
+        return _run_points(model, taskpool, task, todo, split, n_examples, batch_size, axes)
+
     per_task: list[dict[str, torch.Tensor]] = []
     for task in tasks:
-        found: dict[str, torch.Tensor] = {}
-        for p in points:
-            stored = cache.load(key(task, p)) if cache is not None else None
-            if stored is not None:
-                found[p] = stored["activations"]
+        if cache is None:
+            per_task.append(run(task, points))
+            continue
+        keys = {p: key(task, p) for p in points}
+        found = _load_activations(cache, keys)
         todo = [p for p in points if p not in found]
-        if cache is not None:
-            cache.hits += len(points) - len(todo)
-            cache.misses += len(todo)
-        if todo:
-            for p, t in _run_points(model, taskpool, task, todo, split, n_examples, batch_size, axes).items():
-                found[p] = t
-                if cache is not None:
-                    cache.save(key(task, p), {"activations": t})
+        if todo:  # built under the entries' locks, as every cache entry is: once across processes
+            with cache.locked([cache.path(keys[p]) for p in todo], f"activations of {model_identity} on {task}"):
+                found |= _load_activations(cache, {p: keys[p] for p in todo})  # another process may have built them
+                todo = [p for p in points if p not in found]
+                if todo:
+                    for p, t in run(task, todo).items():
+                        found[p] = t
+                        cache.save(keys[p], {"activations": t})
+        cache.hits += len(points) - len(todo)
+        cache.misses += len(todo)
         per_task.append(found)
     return {p: torch.cat([t[p] for t in per_task]) for p in points}
+
+
+def _load_activations(cache: StatsCache, keys: Mapping[str, StatsKey]) -> dict[str, torch.Tensor]:
+    """{point: activations} for the points whose entry is in `cache` and can be trusted."""
+    found = {}
+    for p, k in keys.items():
+        stored = cache.load(k)
+        if stored is not None:
+            found[p] = stored["activations"]
+    return found
 
 
 def _run_points(model: nn.Module, taskpool: TaskPool, task: str, points: Sequence[str], split: str,

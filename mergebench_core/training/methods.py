@@ -29,7 +29,6 @@ from mergebench_core.cache import ContentCache, Entry, Key, key_digest
 from mergebench_core.contract.api import PRETRAINED, MergeOutput, Method, MethodInfo, ModelPool, PerTaskModels, RunContext, TaskPool
 from mergebench_core.contract.config import params_dict
 from mergebench_core.errors import MergebenchError
-from mergebench_core.locks import build_lock
 from mergebench_core.running.data_needs import require_task_pool
 from mergebench_core.running.loggers import LoggerSet
 from mergebench_core.engine.tensors import SafetensorsSource, StateDictSource, TensorSource, load_state_dict
@@ -109,7 +108,7 @@ class TrainingMethod(Method):
                 + (f", preference {list(preference)}" if preference is not None else "")
                 + f") was never trained with these parameters (no {cache.path(recipe)}); run without --eval-only "
                 f"to train it")
-        with build_lock(cache.path(recipe), f"{self.name} on {pool.name} ({', '.join(tasks)})"):
+        with cache.lock(cache.path(recipe), f"{self.name} on {pool.name} ({', '.join(tasks)})"):
             cached = cache.load(recipe)  # another process may have trained it while this one waited
             if cached is not None:
                 model.load_state_dict(cached)
@@ -146,7 +145,7 @@ class TrainingMethod(Method):
                       preference: Sequence[float] | None, cache: TrainedModelCache, code_version: str) -> bool:
         recipe = self.recipe(pool, taskpool, tasks, seed=self.seed_for(seed, tasks), preference=preference,
                              code_version=code_version)
-        return cache.path(recipe).is_file()
+        return cache.holds(recipe)
 
     @classmethod
     def cannot_run_on(cls, pool: ModelPool) -> str | None:
@@ -179,6 +178,11 @@ class TrainedModelCache(ContentCache):
 
     def path(self, recipe: Mapping[str, Any]) -> Path:
         return self.entry_path(self.recipe_key(recipe))
+
+    def holds(self, recipe: Mapping[str, Any]) -> bool:
+        """Whether `load(recipe)` would return a model: a file that exists but is of another recipe, of an older
+        format or damaged is not a trained model (it would be refused on loading), so it is not one here either."""
+        return self.is_valid(self.recipe_key(recipe), _describe(recipe))
 
     def load(self, recipe: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
         """The trained state dict of `recipe`, or None when it was never trained or its file cannot be trusted."""
@@ -230,7 +234,8 @@ class DerivedModelPool(ModelPool):
                                   preference=None, code_version=self.code_version)
 
     def is_built(self, expert: str) -> bool:
-        return self.cache.path(self._recipe(expert)).is_file()
+        """Whether `expert` is trained and its cached file can be used (`TrainedModelCache.holds`)."""
+        return self.cache.holds(self._recipe(expert))
 
     def _file(self, expert: str) -> Path:
         path = self.cache.path(self._recipe(expert))

@@ -1,43 +1,44 @@
-"""Where the stability analysis keeps computed features between runs.
+"""The stability analysis's features in the core's content-addressed cache (`mergebench_core.cache`).
 
-A seam, not a design: the core is to get one content-addressed cache (key stored and verified, a digest of the
-data, a lock, an atomic write) for statistics, trained models and features alike. Until then this small class keeps
-the features, and everything else reaches it only through `get(key, compute)` (`run_experiment(...,
-features_cache=...)` takes any object with that method), so replacing it is a change here and in `running`'s
-default, nowhere else.
+A feature (a Gram matrix of task vectors, a gradient distance) is stored as one float64 tensor, which holds every
+Python float bit for bit, so a cached feature equals the computed one exactly. Being a `ContentCache` client, an
+entry is found by its key, which is stored in it and checked; its data is checked against its digest on every read;
+it is built once across processes under its lock and written atomically. A damaged or hand-edited entry is logged
+and recomputed, never used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 
-def _digest(key: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+from mergebench_core.cache import ContentCache, Entry, Key
+from mergebench_core.paths import cache_dir
+
+Feature = Any
+"""A float, or a (nested) list of floats."""
 
 
-class FeatureCache:
-    """JSON files under `root`, named by a hash of what determines their content."""
+class FeatureCache(ContentCache):
+    """Features under `<cache dir>/mergeability`, each entry named `<what>-<hash of the key>.safetensors`, where
+    `what` is the key's own field naming the feature."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    @classmethod
+    def default(cls) -> FeatureCache:
+        """The cache every run shares: `$MERGEBENCH_CACHE/mergeability`."""
+        return cls(Path(cache_dir()) / "mergeability")
 
-    def get(self, key: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
-        path = self.root / f"{_digest(key)}.json"
-        if path.is_file():
-            try:
-                stored = json.loads(path.read_text())
-                if stored.get("key") == json.loads(json.dumps(key, sort_keys=True, default=str)):
-                    return stored["value"]
-            except (OSError, ValueError):
-                pass
-        value = compute()
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "value": value}, sort_keys=True, default=str))
-        tmp.replace(path)
-        return value
+    def entry_name(self, key: Key, digest: str) -> str:
+        return f"{key.get('what', 'feature')}-{digest}"
+
+    def feature(self, key: Key, compute: Callable[[], Feature]) -> Feature:
+        """The feature under `key`: from the cache, or `compute()`d once and stored. A value JSON cannot hold in the key
+        (a version object) is keyed by its str, as the features' keys always were."""
+        key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        what = f"mergeability feature {key.get('what', '')}".rstrip()
+        entry = self.get_or_build(key, lambda: Entry({"value": torch.tensor(compute(), dtype=torch.float64)}), what)
+        return entry.tensors["value"].tolist()

@@ -54,7 +54,13 @@ def weight_features(gram: Sequence[Sequence[float]], index: Sequence[int]) -> di
 
 
 def average_state(pool: ModelPool, members: Sequence[str]) -> dict[str, torch.Tensor]:
-    """θ₀ + mean τ = the members' mean on floating-point tensors; the pretrained model's other buffers."""
+    """θ₀ + mean τ = the members' mean on floating-point tensors; the pretrained model's other buffers.
+
+    Not `mergebench_core.engine.averaging.mean_state`, on purpose: this sums the members one after the other in
+    float32 (a running sum, then one division), while `mean_state` stacks them and reduces with `torch.mean`, whose
+    summation order differs. For three or more members the two can differ in the last bit, and the gradient distance
+    taken at this point is a stored feature, so changing the order would change stored numbers. It also reads one
+    member's state dict at a time instead of holding all of them."""
     base = pool.state_dict(PRETRAINED)
     sums: dict[str, torch.Tensor] = {}
     for m in members:

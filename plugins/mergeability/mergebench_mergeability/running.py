@@ -15,7 +15,6 @@ import numpy as np
 
 from mergebench_core import PRETRAINED, MergebenchError, TaskPool
 from mergebench_core.data.evaluation import primary_value
-from mergebench_core.paths import cache_dir
 from mergebench_core.results.store import CellResult
 from mergebench_mergeability.cache import FeatureCache
 from mergebench_mergeability.experiment import Draw, Experiment, Plan, plan_experiment
@@ -152,7 +151,7 @@ def run_experiment(exp: Experiment, runner: Any, plan: Plan | None = None, *, an
     draws, selections, cells = plan.draws, plan.selections, plan.cells
     if runner.store is None:
         raise MergebenchError("the runner has no results store")
-    features_cache = features_cache or FeatureCache(cache_dir() / "mergeability")
+    features_cache = features_cache or FeatureCache.default()
 
     summaries = []
     grams: dict[str, list[list[float]]] = {}
@@ -178,8 +177,8 @@ def run_experiment(exp: Experiment, runner: Any, plan: Plan | None = None, *, an
             if individual is not None else {}
         key = {"what": "task_vector_gram", "pretrained": derived.identity(PRETRAINED),
                "experts": [derived.identity(e) for e in experts], "version": FEATURES_VERSION}
-        grams[recipe] = features_cache.get(key, lambda derived=derived, experts=experts:
-                                           task_vector_gram(derived, experts))
+        grams[recipe] = features_cache.feature(key, lambda derived=derived, experts=experts:
+                                               task_vector_gram(derived, experts))
         norms = [math.sqrt(max(grams[recipe][i][i], 0.0)) for i in range(len(experts))]
         per_expert = {f"{derived.task_of(e)}{_suffix(recipe)}": {"task": derived.task_of(e),
                                                                   "accuracy": accs.get(derived.task_of(e)),
@@ -239,7 +238,7 @@ def analyze_groups(result: ExperimentResult, runner: Any, grams: Mapping[str, li
             key = {"what": "gradient_l2_distance", "pretrained": derived.identity(PRETRAINED),
                    "members": [derived.identity(m) for m in members], "tasks": list(group),
                    "examples": grad_examples, "taskpool": taskpool.version_info(), "version": FEATURES_VERSION}
-            row["gradient_l2_distance"] = features_cache.get(key, compute)
+            row["gradient_l2_distance"] = features_cache.feature(key, compute)
             feats[group_label(group)] = {f: row[f] for f in FEATURES}
     for method in exp.methods:
         xs, ys = [], []

@@ -46,7 +46,7 @@ def seed_value(text: str, given: str | None = None) -> int:
     try:
         seed = int(text)
     except ValueError:
-        raise MergebenchError(f"{where}: {text!r} is not an integer; write --seed 0 or --seed 0,1,2") from None
+        raise MergebenchError(f"--seed {text!r} is not an integer; write --seed 0 or --seed 0,1,2") from None
     if seed < 0:
         raise MergebenchError(f"{where}: seed {seed} is negative; seeds are integers >= 0")
     return seed

@@ -38,7 +38,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 extra = "default"
             rows.append([name, f"{reg.distribution} {reg.version}".strip(), extra, reg.description])
         print(f"{title}:")
-        print(tabulate(rows, headers=["name", "provided by", "", "description"], tablefmt="simple")
+        print(tabulate(rows, headers=["name", "provided by", _third_column(title), "description"], tablefmt="simple")
               if rows else "  (none installed)")
         print()
         if title == "Model pools":
@@ -67,6 +67,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  {line}")
         return 1
     return 0
+
+
+def _third_column(title: str) -> str:
+    """The header of a table's third column: a method's kind and needs; for the rest, whether it is the default."""
+    return "kind" if title == "Methods" else "default"
 
 
 def _command_problems(registry: Registry, core: Collection[str]) -> tuple[list[str], list[str]]:

@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import mergebench_core.contract.registry as registry_module
-from mergebench_core.cli.arguments import split_names
+from mergebench_core.cli.arguments import seed_value, split_names
+from mergebench_core.cli.merge_output import StagedOutput
 from mergebench_core.cli.progress import progress_bar
 from mergebench_core.contract.config import build_params, check_overrides_used, parse_overrides
 from mergebench_core.errors import MergebenchError
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from mergebench_core.engine.merging import checkpoint_task_names, file_merge_refusal, merge_sources
-    from mergebench_core.engine.tensors import SafetensorsSource, StreamingSafetensorsWriter, copy_side_files
+    from mergebench_core.engine.checkpoint_files import copy_side_files
+    from mergebench_core.engine.data_free import merge_sources
+    from mergebench_core.engine.file_merges import FiniteOnlySink, checkpoint_task_names, file_merge_refusal
+    from mergebench_core.engine.safetensors_reader import SafetensorsSource
+    from mergebench_core.engine.safetensors_writer import StreamingSafetensorsWriter
 
+    block_entries = block_entries_of(args.block_mb)
+    seed = seed_value(str(args.seed).strip())
     registry = registry_module.get_registry()
     method_cls = registry.method(args.method)
     refusal = file_merge_refusal(method_cls)
@@ -38,32 +45,54 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if per_task and out.suffix == ".safetensors":
         raise MergebenchError(f"{method_cls.name} builds one model per task: give --out a folder, which will hold "
                               f"{', '.join(f'{n}.safetensors' for n in chosen)}")
+    folder = out.suffix != ".safetensors"
+    output = StagedOutput(out, folder=folder, parents=args.parents)  # refuses a bad --out before any work
     base = SafetensorsSource(args.base) if args.base else None
     experts = [SafetensorsSource(args.models[names.index(n)]) for n in chosen]
     out_files = [out / f"{n}.safetensors" for n in chosen] if per_task else \
-        [out if out.suffix == ".safetensors" else out / "model.safetensors"]
+        [out / "model.safetensors" if folder else out]
     ref = base or experts[0]
     layout = [(k, ref.shape(k), ref.dtype(k)) for k in ref.keys()]
     metadata = {"format": "pt", "mergebench_method": method_cls.name,
                 "mergebench_params": json.dumps(configs[0].__dict__, default=str)}
-    writers = [StreamingSafetensorsWriter(f, layout, dict(metadata, **({"mergebench_task": n} if per_task else {})))
-               for f, n in zip(out_files, chosen)]
-    try:
-        merge_sources(method, base, experts, sink=writers if per_task else writers[0], seed=args.seed,
-                      progress=progress_bar, device=_merge_device(args.device), prefetch=args.prefetch,
-                      block_entries=max(1, int(args.block_mb * (1 << 20)) // 4), bn_stats=args.bn_stats)
-        for w in writers:
-            w.commit()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    if out.suffix != ".safetensors" and base is not None and base.path.is_dir():
-        for line in copy_side_files(base.path, out):  # configs and tokenizers travel with the weights
-            print(f"not copied: {line}", file=sys.stderr)
+    with output:
+        writers = [StreamingSafetensorsWriter(output.path(f), layout,
+                                              dict(metadata, **({"mergebench_task": n} if per_task else {})))
+                   for f, n in zip(out_files, chosen)]
+        sinks = [FiniteOnlySink(w, method_cls.name, f) for w, f in zip(writers, out_files)]
+        try:
+            merge_sources(method, base, experts, sink=sinks if per_task else sinks[0], seed=seed,
+                          progress=progress_bar, device=_merge_device(args.device), prefetch=args.prefetch,
+                          block_entries=block_entries, bn_stats=args.bn_stats)
+            for w in writers:
+                w.commit()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        finally:
+            for src in ([base] if base is not None else []) + experts:
+                src.close()
+        if folder and base is not None and base.path.is_dir():
+            for line in copy_side_files(base.path, output.path(out)):  # configs and tokenizers travel along
+                print(f"not copied: {line}", file=sys.stderr)
     what = ", ".join(str(f) for f in out_files) if per_task else str(out_files[0])
     print(f"wrote {what} ({method_cls.name}, {len(experts)} models)")
     return 0
+
+
+MIN_BLOCK_MB, MAX_BLOCK_MB = 1.0, float(1 << 20)
+"""`--block-mb` bounds: below 1 MiB per model the per-block overhead dominates (0.001 ran 30x slower), and 1 TiB
+is already more than any single tensor; outside them the value is a typo, not a tuning choice."""
+
+
+def block_entries_of(block_mb: float) -> int:
+    """float32 entries per model in one block for `--block-mb`, refusing values outside a sane range."""
+    if not (math.isfinite(block_mb) and MIN_BLOCK_MB <= block_mb <= MAX_BLOCK_MB):
+        raise MergebenchError(f"--block-mb {block_mb:g}: the block size must be a number of MiB from "
+                              f"{MIN_BLOCK_MB:.0f} to {MAX_BLOCK_MB:.0f} (1 TiB); the default 16 suits a CPU, "
+                              f"64 to 256 a GPU")
+    return int(block_mb * (1 << 20)) // 4
 
 
 def _merge_device(name: str) -> str:
@@ -85,10 +114,12 @@ def add_parser(sub: Any) -> None:
     merge.add_argument("--models", nargs="+", required=True, help="the expert checkpoints")
     merge.add_argument("--out", required=True, help="output .safetensors file, or a folder (methods with one model "
                        "per task, emr and tall_masks, write <task>.safetensors into it)")
+    merge.add_argument("--parents", action="store_true",
+                       help="create --out's missing parent folders (only once the merge has succeeded)")
     merge.add_argument("--task-names", action="append", metavar="A,B,...",
                        help="a name per model, in order (default: each model's file or folder name); they name "
                             "per-task outputs and are what slerp.models=[a,b] refers to")
-    merge.add_argument("--seed", type=int, default=0)
+    merge.add_argument("--seed", default="0", help="the seed of stochastic methods: an integer >= 0 (default 0)")
     merge.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto: where blocks are "
                        "merged; the inputs are read on the host either way")
     merge.add_argument("--block-mb", type=float, default=16.0, metavar="MIB",

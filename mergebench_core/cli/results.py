@@ -13,6 +13,7 @@ import mergebench_core.contract.registry as registry_module
 from mergebench_core.cli.arguments import split_names
 from mergebench_core.errors import MergebenchError
 from mergebench_core.paths import default_store
+from mergebench_core.results.latex import FLOATS
 from mergebench_core.results.leaderboard import FORMATS, render
 
 
@@ -38,11 +39,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         return 0
     if args.pareto:
         from mergebench_core.preferences.pareto import render_pareto
+        from mergebench_core.results.tables import select_methods
 
+        wanted = select_methods(split_names(args.method), [r.method for r in results if r.kind != "reference"])
+        if wanted is not None:  # as `plot pareto` does: the references stay, other methods go
+            results = [r for r in results if r.kind == "reference" or r.method in wanted]
         text = render_pareto(results, args.format)
     else:
         text = render(results, args.format, columns=split_names(args.columns), per_seed=args.per_seed,
-                      history=args.history)
+                      history=args.history, methods=split_names(args.method), mark_costs=args.mark_costs,
+                      latex_float=args.latex_float)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
         print(f"wrote {args.out}", file=sys.stderr)
@@ -139,6 +145,13 @@ def add_parser(sub: Any) -> None:
                     help="the table's columns, in order: tasks (every task), a task's name, avg, norm, merge, mem, "
                          "eval; or only removals from the default, e.g. --columns=-merge,-mem")
     lb.add_argument("--per-seed", action="store_true", help="one row per seed instead of mean ± std over seeds")
+    lb.add_argument("--method", "-m", action="append", metavar="NAME,...",
+                    help="only these methods' rows, comma-separated; reference rows stay (with --pareto: only "
+                         "these methods' fronts)")
+    lb.add_argument("--mark-costs", action="store_true",
+                    help="also mark the best merge time, memory and eval time, smallest first")
+    lb.add_argument("--latex-float", choices=FLOATS, default="table*",
+                    help="latex: table* (default) spans both columns of a two-column paper, table fits one")
     lb.add_argument("--out", help="write the output to this file instead of printing it (e.g. board.html)")
     lb.set_defaults(func=cmd_leaderboard)
 

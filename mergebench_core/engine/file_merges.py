@@ -1,5 +1,5 @@
-"""What `mergebench merge` needs beyond the engine: whether a method can merge checkpoint files at all, and one
-name per input checkpoint."""
+"""What `mergebench merge` needs beyond the engine: whether a method can merge checkpoint files at all, one name
+per input checkpoint, and the check that keeps NaN and inf out of the files it writes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from mergebench_core.contract.api import Method
 from mergebench_core.engine.data_free import TensorMergeMethod
+from mergebench_core.engine.safetensors_writer import StreamingSafetensorsWriter
 from mergebench_core.errors import MergebenchError
 
 
@@ -59,3 +62,44 @@ def checkpoint_task_names(paths: Sequence[str | Path], given: Sequence[str] | No
         raise MergebenchError(f"the models' names are not distinct ({', '.join(names)}); name them with "
                               f"--task-names a,b,...")
     return names
+
+
+class NonFiniteOutputError(MergebenchError):
+    """A merge produced NaN or inf: the output would load but compute garbage, so it is never written."""
+
+
+class FiniteOnlySink:
+    """Hands merged tensors to `sink` (a file writer) after checking each for NaN and inf, blocks and later
+    corrections (`patch`) included.
+
+    `mergebench run` refuses a merged model with a non-finite weight; a file merge must refuse it too, and it has to
+    do so before the bytes reach the file, since the whole model never sits in memory to be checked afterwards.
+    """
+
+    def __init__(self, sink: StreamingSafetensorsWriter, method: str, where: str | Path):
+        self.sink, self.method, self.where = sink, method, str(where)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._check(key, tensor)
+        self.sink.write(key, tensor)
+
+    def write_block(self, key: str, start: int, values: torch.Tensor) -> None:
+        self._check(key, values)
+        self.sink.write_block(key, start, values)
+
+    def patch(self, key: str, index: torch.Tensor | None, values: torch.Tensor) -> None:
+        self._check(key, values)
+        self.sink.patch(key, index, values)
+
+    def _check(self, key: str, values: torch.Tensor) -> None:
+        if not values.is_floating_point() or values.numel() == 0:
+            return
+        lo, hi = torch.aminmax(values.detach())  # both finite exactly when every entry is (see check_finite)
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return
+        bad = int((~torch.isfinite(values)).sum())
+        raise NonFiniteOutputError(
+            f"method {self.method!r} produced {bad} non-finite values (NaN or inf) in tensor {key!r} of "
+            f"{self.where}, so nothing was written. The inputs are finite (they are checked as they are read): "
+            f"lower the parameters that scale the merge (e.g. method.scaling_factor), or merge checkpoints stored in "
+            f"a wider dtype (float16 overflows above 65504)")

@@ -4,6 +4,8 @@ memory the caller owns."""
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +21,13 @@ class SafetensorsSource:
 
     The header of each file is parsed and checked up front (so a truncated or corrupt file is reported by name
     before any work starts); tensor data is read only when asked for, one tensor at a time.
+
+    At most `max_open_files` of its files are open at once (the least recently read is closed first): a checkpoint
+    split into thousands of shards, times the models of a merge, would otherwise exhaust the process's descriptors.
     """
+
+    max_open_files: int = 16
+    """Files kept open per source; a merge reads a shard's tensors one after another, so a few suffice."""
 
     def __init__(self, path: str | os.PathLike[str], name: str | None = None):
         self.path = Path(path)
@@ -28,7 +36,8 @@ class SafetensorsSource:
         self._where: dict[str, Path] = {}
         self._meta: dict[str, dict] = {}
         self._data_start: dict[Path, int] = {}
-        self._fds: dict[Path, int] = {}
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._lock = threading.RLock()  # a prefetch thread may read while another closes a file to open the next
         for f in self.files:
             header, self._data_start[f] = parse_header(f)
             for key, meta in header.items():
@@ -71,15 +80,21 @@ class SafetensorsSource:
             return
         offset = self._data_start[f] + self._meta[key]["data_offsets"][0] + start * out.element_size()
         try:
-            pread_exact(self._fd(f), memoryview(out.view(-1).view(torch.uint8).numpy()), offset)
+            with self._lock:
+                pread_exact(self._fd(f), memoryview(out.view(-1).view(torch.uint8).numpy()), offset)
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {key!r} from {f}: {exc}") from exc
 
     def _fd(self, f: Path) -> int:
-        """The file's descriptor, opened on first use and kept until `close`."""
+        """The file's descriptor, opened on first use and kept until `close` or until `max_open_files` others have
+        been read since. Call with the lock held, and read before releasing it: the descriptor may be closed then."""
         fd = self._fds.get(f)
-        if fd is None:
-            fd = self._fds[f] = os.open(f, os.O_RDONLY)
+        if fd is not None:
+            self._fds.move_to_end(f)
+            return fd
+        while len(self._fds) >= max(1, self.max_open_files):
+            os.close(self._fds.popitem(last=False)[1])
+        fd = self._fds[f] = os.open(f, os.O_RDONLY)
         return fd
 
     def read_slices(self, key: str, starts: Sequence[int], out: torch.Tensor) -> None:
@@ -102,17 +117,30 @@ class SafetensorsSource:
         begin = self._data_start[f] + self._meta[key]["data_offsets"][0]
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         try:
-            fd = self._fd(f)
-            for i, start in enumerate(starts):
-                if os.preadv(fd, [buf[i * nbytes:(i + 1) * nbytes]], begin + start * size) != nbytes:
-                    self.read_into(key, out[i], start)  # a short read: the careful path retries or names the error
+            with self._lock:
+                fd = self._fd(f)
+                for i, start in enumerate(starts):
+                    if os.preadv(fd, [buf[i * nbytes:(i + 1) * nbytes]], begin + start * size) != nbytes:
+                        self.read_into(key, out[i], start)  # a short read: the careful path retries or says why
         except OSError as exc:
             raise CheckpointError(f"cannot read tensor {key!r} from {f}: {exc}") from exc
 
     def close(self) -> None:
-        fds, self._fds = self._fds, {}
+        """Close the open files; a later read opens them again."""
+        with self._lock:
+            fds, self._fds = self._fds, OrderedDict()
         for fd in fds.values():
             os.close(fd)
+
+    def __getstate__(self) -> dict:
+        """Descriptors and the lock belong to this process; a copy (another worker) opens its own files."""
+        state = dict(self.__dict__)
+        state["_fds"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def __del__(self) -> None:
         try:

@@ -176,7 +176,8 @@ def test_every_method_run_skips_inapplicable_ones_but_named_ones_fail(cli_env, m
     assert main(["run", "-p", "tiny"]) == 1  # explodes fails; needs_three is not applicable and not run
     assert "not run: needs_three on tiny: needs 3 experts, the pool has 2" in capsys.readouterr().err
     assert {r.method for r in stored(cli_env)} == {"pretrained", "individual", "explodes"}
-    assert main(["run", "-p", "tiny", "-m", "needs_three"]) == 0  # named explicitly: the user asked for it
+    assert main(["run", "-p", "tiny", "-m", "needs_three"]) == 2  # named: refused before any work, with the reason
+    assert "needs_three on tiny: needs 3 experts, the pool has 2" in capsys.readouterr().err
 
 
 def test_a_failing_cell_is_stored_and_the_grid_goes_on(cli_env, with_third_party, capsys):

@@ -154,7 +154,7 @@ def test_each_level_is_fitted_on_the_input_of_the_fused_model_built_so_far(tmp_p
     assert torch.equal(fc2_input, torch.ones(20, 4))  # relu(fused fc1) = relu(0·x + 1), not the reference's input
     assert out.extras["levels"] == {"fc1": {"last": False, "rows": 20}, "fc2": {"last": True, "rows": 20}}
     assert out.extras["reference"] == "a" and out.extras["num_fusion_samples"] == 20
-    with pytest.raises(MergebenchError, match="records_inputs needs the task pool's train inputs"):
+    with pytest.raises(MergebenchError, match="records_inputs needs unlabeled inputs of its tasks .* RunContext"):
         method.run(pool, RunContext(cache_dir=tmp_path))
     with pytest.raises(ValueError, match="importance must be one of uniform, activation"):
         LevelFusionParams(importance="deeplift")

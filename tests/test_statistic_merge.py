@@ -122,7 +122,8 @@ def test_a_method_that_keeps_tensors_and_declares_a_base_state():
 
 
 def test_the_preamble_refuses_runs_without_data_or_with_the_wrong_pool(tmp_path):
-    with pytest.raises(MergebenchError, match="constant_statistic needs a task pool for its training data"):
+    with pytest.raises(MergebenchError, match="constant_statistic needs labeled training examples .* pass a "
+                                              "RunContext with a taskpool"):  # the runner's rule, `data_needs`
         ConstantStatistic().run(ToyPool(), RunContext(cache_dir=tmp_path))
 
     class OnTaskVectors(ConstantStatistic):

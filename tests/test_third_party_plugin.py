@@ -26,8 +26,8 @@ def readme_block(title: str) -> str:
 @pytest.fixture(scope="module")
 def installed_plugin(tmp_path_factory):
     pkg = tmp_path_factory.mktemp("mergebench-median")
-    (pkg / "pyproject.toml").write_text(readme_block("pyproject.toml"))
-    (pkg / "mergebench_median.py").write_text(readme_block("mergebench_median.py"))
+    (pkg / "pyproject.toml").write_text(readme_block("mergebench-median/pyproject.toml"))
+    (pkg / "mergebench_median.py").write_text(readme_block("mergebench-median/mergebench_median.py"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", str(pkg)], check=True)
     yield pkg
@@ -58,6 +58,7 @@ def test_installed_plugin_is_listed_run_and_merges(installed_plugin, session_cac
 
 
 def test_readme_example_is_small():
-    code_lines = [line for line in readme_block("mergebench_median.py").splitlines() if line.strip()]
+    code_lines = [line for line in readme_block("mergebench-median/mergebench_median.py").splitlines() if line.strip()]
     assert len(code_lines) <= 22  # "a complete plugin in about 20 lines"
-    assert textwrap.dedent(readme_block("pyproject.toml")).count("[project.entry-points.mergebench]") == 1
+    pyproject = textwrap.dedent(readme_block("mergebench-median/pyproject.toml"))
+    assert pyproject.count("[project.entry-points.mergebench]") == 1

@@ -21,7 +21,7 @@ from mergebench_core.errors import MergebenchError
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergebench_core.engine.checkpoint_files import copy_side_files
     from mergebench_core.engine.data_free import merge_sources
-    from mergebench_core.engine.file_merges import FiniteOnlySink, checkpoint_task_names, file_merge_refusal
+    from mergebench_core.engine.file_merges import CheckpointFiles, FiniteOnlySink, checkpoint_task_names
     from mergebench_core.engine.safetensors_reader import SafetensorsSource
     from mergebench_core.engine.safetensors_writer import StreamingSafetensorsWriter
 
@@ -29,16 +29,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     seed = seed_value(str(args.seed).strip())
     registry = registry_module.get_registry()
     method_cls = registry.method(args.method)
-    refusal = file_merge_refusal(method_cls)
-    if refusal:
-        raise MergebenchError(refusal)
     overrides = parse_overrides(args.overrides)
     check_overrides_used(overrides, {method_cls.name: method_cls.Params})
     configs = build_params(method_cls.name, method_cls.Params, None, overrides)
     if len(configs) != 1:
         raise MergebenchError("`mergebench merge` takes one value per parameter; sweeps belong to `mergebench run`")
-    method = method_cls(configs[0])
     names = checkpoint_task_names(args.models, split_names(args.task_names))
+    refusal = method_cls.refusal(CheckpointFiles(names, has_base=args.base is not None), configs[0])
+    if refusal:
+        raise MergebenchError(f"{method_cls.name} cannot merge these files: {refusal}")
+    method = method_cls(configs[0])
     chosen = method.select_experts(names)  # e.g. slerp.models=[a,b] picks two of the files by name
     per_task = method_cls.info.task_specific
     out = Path(args.out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
@@ -83,6 +84,11 @@ class ModelPool(ABC):
     relation: PoolRelation = "finetuned"
     """"finetuned": experts fine-tuned from one pretrained model (task vectors exist). "independent": models trained
     from different random initialisations, with no pretrained model; they must be aligned before they are fused."""
+    files_only: ClassVar[bool] = False
+    """True for checkpoint files given to `mergebench merge`: tensors only, no modules to load and no task pool, so
+    only methods that declare `Method.merges_files` can run on them."""
+    how_to_add_pretrained: str = "choose a pool that names the pretrained model the experts were fine-tuned from"
+    """What a task-vector method's refusal tells the user when the pool has no pretrained model."""
 
     @property
     @abstractmethod
@@ -266,6 +272,9 @@ class Method(ABC):
     name: ClassVar[str]
     Params: ClassVar[type]
     info: ClassVar[MethodInfo] = MethodInfo()
+    merges_files: ClassVar[bool] = False
+    """True when the method merges tensor by tensor from the weights alone, so it also runs on checkpoint files
+    (`mergebench merge`); `TensorMergeMethod` sets it."""
 
     def __init__(self, params: Any | None = None):
         self.params = params if params is not None else self.Params()
@@ -280,24 +289,79 @@ class Method(ABC):
         return cls.info.task_vectors
 
     @classmethod
-    def cannot_run_on(cls, pool: ModelPool) -> str | None:
-        """Why the method can never run on `pool`, whatever its parameters (a task-vector method on independently
-        trained models), or None. Such a cell is refused before any work, even when the user names the method."""
-        if cls.needs_task_vectors() and (pool.relation == "independent" or not pool.has_pretrained):
-            return (f"it works on task vectors θ_t − θ_0, and pool {pool.name!r} holds independently trained models "
-                    f"with no shared pretrained model; align and fuse them instead (a fusion method such as "
-                    f"git_rebasin)")
-        return None
+    def refusal(cls, pool: ModelPool, params: Any) -> str | None:
+        """Why this method cannot run on `pool` with `params`, phrased as what to change; None when it can.
+
+        The one question the harness asks before running a method: `mergebench run` leaves a refused cell out of a
+        sweep over every method (listing it under "not run") and refuses it, before any work, when the user names
+        the method; `mergebench merge` asks it of the checkpoint files. Overrides return
+        `super().refusal(pool, params)` when they find nothing wrong themselves, so that the checks of the bases
+        (task vectors, fusion, files) still apply.
+
+        The default also asks the two older questions, `unsuitable_for` and `cannot_run_on`, so that plugins
+        written before this one still refuse what they refused.
+        """
+        token = _ASKING_OLDER.set(True)
+        try:
+            return cls.unsuitable_for(pool, params)
+        finally:
+            _ASKING_OLDER.reset(token)
+
+    # The two older questions work both ways round: a plugin that overrides them is heard by `refusal` (which asks
+    # them, flagged by _ASKING_OLDER, down to the base checks), and code that still calls them gets `refusal`'s
+    # whole answer, overrides in newer subclasses included.
 
     @classmethod
     def unsuitable_for(cls, pool: ModelPool, params: Any) -> str | None:
-        """Why this method should not run on `pool` with `params`, or None when it can.
+        """Older name for `refusal`, kept for plugins that override or call it."""
+        if _ASKING_OLDER.get():
+            return cls.cannot_run_on(pool)
+        return cls.refusal(pool, params)
 
-        `mergebench run` over every installed method skips such cells (SLERP on an eight-expert pool) and lists
-        them; a method the user names explicitly still runs (and fails with its own clear error if it must).
-        Overrides should return `super().unsuitable_for(pool, params)` when they find nothing wrong themselves.
-        """
-        return cls.cannot_run_on(pool)
+    @classmethod
+    def cannot_run_on(cls, pool: ModelPool) -> str | None:
+        """Older name for `refusal` with the default parameters, kept for plugins that override or call it."""
+        if _ASKING_OLDER.get():
+            return task_vector_refusal(cls, pool) or file_refusal(cls, pool)
+        return cls.refusal(pool, cls.Params())
+
+
+_ASKING_OLDER: ContextVar[bool] = ContextVar("mergebench_asking_older_refusals", default=False)
+"""Set while `Method.refusal` asks a method's older questions, so that their defaults end at the base checks
+instead of asking `refusal` again."""
+
+
+def task_vector_refusal(method: type[Method], pool: ModelPool) -> str | None:
+    """A task-vector method on a pool with no shared pretrained model: there is no θ_0 to subtract."""
+    if not method.needs_task_vectors():
+        return None
+    if pool.relation == "independent":
+        return (f"it works on task vectors θ_t − θ_0, and pool {pool.name!r} holds independently trained models "
+                f"with no shared pretrained model; align and fuse them instead (a fusion method such as "
+                f"git_rebasin)")
+    if not pool.has_pretrained:
+        return (f"it works on task vectors θ_t − θ_0, and pool {pool.name!r} has no pretrained model; "
+                f"{pool.how_to_add_pretrained}")
+    return None
+
+
+def file_refusal(method: type[Method], pool: ModelPool) -> str | None:
+    """Checkpoint files (`ModelPool.files_only`) hold tensors and nothing else: no modules, no data, no task pool.
+    Data-free tensor-by-tensor methods declare `merges_files = True`; every other kind is refused with its reason."""
+    if method.merges_files or not getattr(pool, "files_only", False):  # getattr: duck-typed pools of older tests
+        return None
+    info, name = method.info, method.name
+    elsewhere = f"use `mergebench run --method {name} --modelpool ...`"
+    if info.kind == "ensemble":
+        return (f"method {name!r} is an output ensemble: it keeps every expert and averages their predictions when "
+                f"they are scored, so there is no merged checkpoint to write. Score it with "
+                f"`mergebench run --method {name} --modelpool ...`")
+    if info.data != "none":
+        return (f"method {name!r} needs {info.data} data from a task pool, which checkpoint files do not carry; "
+                f"{elsewhere}")
+    if info.kind == "training":
+        return f"method {name!r} trains models rather than merging them; {elsewhere}"
+    return f"method {name!r} works on a whole model pool, not tensor by tensor, so it cannot merge files; {elsewhere}"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from mergebench_core.data.statistics import StatsCache, cached_fisher, cached_li
 from mergebench_core.engine.averaging import mean_tensor
 from mergebench_core.engine.roles import Fallbacks
 from mergebench_core.errors import MergebenchError
+from mergebench_core.running.data_needs import require_task_pool
 
 FALLBACK_RULE = "mean"
 """How a tensor the statistic cannot handle is merged, and the key it is counted under in `fallback_tensors`."""
@@ -62,14 +63,11 @@ class StatisticRun:
     @classmethod
     def open(cls, method: Method, pool: ModelPool, ctx: RunContext) -> StatisticRun:
         """The run of `method` on `pool`, or a clear error when the pool or the context cannot serve it."""
-        reason = method.cannot_run_on(pool)
+        reason = method.refusal(pool, method.params)
         if reason is not None:
             raise MergebenchError(f"{method.name} cannot run on pool {pool.name!r}: {reason}")
-        if ctx.taskpool is None:
-            raise MergebenchError(f"{method.name} needs a task pool for its training data (its statistics are "
-                                  f"computed on each task's train split); run it with --taskpool, or pass "
-                                  f"RunContext(taskpool=...)")
-        return cls(method.name, pool, ctx, ctx.taskpool, method.params, StatsCache.for_context(ctx),
+        taskpool = require_task_pool(method, ctx.taskpool)  # the runner's guarantee; here for the Python API
+        return cls(method.name, pool, ctx, taskpool, method.params, StatsCache.for_context(ctx),
                    Fallbacks(method.name))
 
     @property

@@ -39,6 +39,7 @@ class TensorMergeMethod(Method):
     """A data-free method computed tensor by tensor; runs on pools (`mergebench run`) and files (`merge`)."""
 
     requires_base: ClassVar[bool] = True
+    merges_files: ClassVar[bool] = True
     blockwise: ClassVar[bool] = False
     """True when each output entry depends only on the inputs at the same entry (an element-wise method): large
     tensors then reach `merge_tensor` in flat blocks of at most `MergeStream.block_entries` entries per model, and

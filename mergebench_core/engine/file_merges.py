@@ -8,30 +8,39 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from mergebench_core.contract.api import Method
-from mergebench_core.engine.data_free import TensorMergeMethod
+from mergebench_core.contract.api import Method, ModelPool, file_refusal
 from mergebench_core.engine.safetensors_writer import StreamingSafetensorsWriter
 from mergebench_core.errors import MergebenchError
 
 
+class CheckpointFiles(ModelPool):
+    """The checkpoint files given to `mergebench merge`, as the pool a method's `refusal` is asked about: tensors
+    only (`files_only`), with a pretrained model when `--base` names one. The engine reads the files itself; this
+    pool never loads a module."""
+
+    files_only = True
+    how_to_add_pretrained = "give the pretrained checkpoint the experts were fine-tuned from with --base"
+
+    def __init__(self, names: Sequence[str], has_base: bool):
+        self.name = "the checkpoint files"
+        self.has_pretrained = has_base
+        self._names = list(names)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self._names)
+
+    def load_model(self, name: str) -> nn.Module:
+        raise MergebenchError("checkpoint files hold tensors, not modules: `mergebench merge` streams them through "
+                              "the tensor engine (`merge_sources`)")
+
+
 def file_merge_refusal(method_cls: type[Method]) -> str | None:
-    """Why `mergebench merge` cannot run `method_cls` on checkpoint files, or None when it can."""
-    if issubclass(method_cls, TensorMergeMethod):
-        return None
-    info, name = method_cls.info, method_cls.name
-    if info.kind == "ensemble":
-        return (f"method {name!r} is an output ensemble: it keeps every expert and averages their predictions when "
-                f"they are scored, so there is no merged checkpoint to write. Score it with "
-                f"`mergebench run --method {name} --modelpool ...`")
-    if info.data != "none":
-        return (f"method {name!r} needs {info.data} data from a task pool, which checkpoint files do not carry; "
-                f"use `mergebench run --method {name} --modelpool ...`")
-    if info.kind == "training":
-        return (f"method {name!r} trains models rather than merging them; use `mergebench run --method {name} "
-                f"--modelpool ...`")
-    return (f"method {name!r} works on a whole model pool, not tensor by tensor, so it cannot merge files; use "
-            f"`mergebench run --method {name} --modelpool ...`")
+    """Why `mergebench merge` can never run `method_cls` on checkpoint files, or None when it can. Kept for callers of
+    the older API; `mergebench merge` asks `method_cls.refusal(CheckpointFiles(...), params)`."""
+    return file_refusal(method_cls, CheckpointFiles([], has_base=True))
 
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")

@@ -78,16 +78,13 @@ class AlignToFirst(Method):
         return {}
 
     @classmethod
-    def cannot_run_on(cls, pool: ModelPool) -> str | None:
-        """No parameter makes up for a missing spec: the cell is refused even when the user names the method."""
-        return cannot_fuse(pool) or super().cannot_run_on(pool)
-
-    @classmethod
-    def unsuitable_for(cls, pool: ModelPool, params: Any) -> str | None:
-        reason = super().unsuitable_for(pool, params)
+    def refusal(cls, pool: ModelPool, params: Any) -> str | None:
+        """A pool without a spec (or with one model) cannot be fused; one whose spec names no activation points
+        cannot give activations, which only the activation-based settings of `params` read."""
+        reason = cannot_fuse(pool)
         if reason is None and cls.uses_activations(params):
             reason = cls.no_points(pool)
-        return reason
+        return reason or super().refusal(pool, params)
 
     @classmethod
     def no_points(cls, pool: ModelPool) -> str | None:

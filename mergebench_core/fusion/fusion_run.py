@@ -19,6 +19,7 @@ from mergebench_core.contract.checked_params import CheckedParams
 from mergebench_core.errors import MergebenchError
 from mergebench_core.fusion.alignment import PermutationSpec
 from mergebench_core.pools.states import load_states
+from mergebench_core.running.data_needs import require_task_pool
 
 
 @dataclass
@@ -44,15 +45,13 @@ class FusionStart:
 
 def open_fusion(method: Method, pool: ModelPool, ctx: RunContext, *, needs_data: bool) -> FusionStart:
     """The checks above, as `MergebenchError`s that say what to change; then what the fusion starts from."""
-    reason = method.cannot_run_on(pool)
+    reason = method.refusal(pool, method.params)
     if reason is not None:
         raise MergebenchError(f"{method.name} cannot fuse this pool: {reason}")
     spec = pool.permutation_spec()
-    assert spec is not None  # cannot_run_on refuses pools without one
-    if needs_data and ctx.taskpool is None:
-        raise MergebenchError(f"{method.name} needs the task pool's train inputs (its activations are taken on "
-                              f"them); run it with --taskpool, or pass RunContext(taskpool=...)")
+    assert spec is not None  # the refusal covers pools without one
+    taskpool = require_task_pool(method, ctx.taskpool) if needs_data else ctx.taskpool  # the runner's guarantee
     names = pool.expert_names
     states = load_states(pool, names)  # one architecture, or a clear error
-    tasks = list(ctx.tasks or ctx.taskpool.tasks) if ctx.taskpool is not None else []
-    return FusionStart(spec, names, states, ctx.taskpool, tasks)
+    tasks = list(ctx.tasks or taskpool.tasks) if taskpool is not None else []
+    return FusionStart(spec, names, states, taskpool, tasks)

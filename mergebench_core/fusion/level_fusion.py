@@ -68,8 +68,8 @@ class LevelFusion(Method):
     info: ClassVar[MethodInfo] = MethodInfo(kind="fusion", data="unlabeled")
 
     @classmethod
-    def cannot_run_on(cls, pool: ModelPool) -> str | None:
-        return cannot_fuse(pool, levels=True) or super().cannot_run_on(pool)
+    def refusal(cls, pool: ModelPool, params: Any) -> str | None:
+        return cannot_fuse(pool, levels=True) or super().refusal(pool, params)
 
     def start(self, levels: list[str], ctx: RunContext) -> None:
         """Settings and checks that depend on the pool's levels (names in forward order), before any model loads."""

@@ -114,14 +114,14 @@ class Runner:
                             if issubclass(r.obj, TrainingMethod) and r.obj.produces == "pool")
             raise ConfigError(f"pool {parsed.unrestricted!r}: method {reg.name!r} does not re-train experts, so it "
                               f"cannot derive a pool; methods that can: {', '.join(makers) or 'none installed'}")
-        reason = method_cls.cannot_run_on(base)
-        if reason:
-            raise ConfigError(f"pool {parsed.unrestricted!r} cannot be derived: {reg.name} cannot run on "
-                              f"{base.name}: {reason}")
         configs = build_params(reg.name, method_cls.Params, None, [
             o for o in parse_overrides([f"{reg.name}.{p}" for p in parsed.params])])
         if len(configs) != 1:
             raise ConfigError(f"pool {parsed.unrestricted!r}: a derived pool takes one value per parameter")
+        reason = method_cls.refusal(base, configs[0])
+        if reason:
+            raise ConfigError(f"pool {parsed.unrestricted!r} cannot be derived: {reg.name} cannot run on "
+                              f"{base.name}: {reason}")
         name = self._base_taskpool(base)
         taskpool = require_task_pool(method_cls, self.taskpool(name) if name else None,
                                      where=f"to derive pool {parsed.unrestricted!r} from", fix=self._taskpool_fix(base))
@@ -215,11 +215,9 @@ class Runner:
             prefs = preferences.expand(tasks) if preferences else []
             for reg in regs:
                 for params in build_params(reg.name, reg.obj.Params, yaml_cfg, overrides):
-                    impossible = reg.obj.cannot_run_on(pool)
-                    reason = impossible or (None if explicit else reg.obj.unsuitable_for(pool, params))
-                    if reason:
-                        line = f"{reg.name} on {pool_name}: {reason}"
-                        (refused if explicit and impossible else self.not_applicable).append(line)
+                    reason = reg.obj.refusal(pool, params)
+                    if reason:  # named: refused before any work; swept over: listed under "not run"
+                        (refused if explicit else self.not_applicable).append(f"{reg.name} on {pool_name}: {reason}")
                         continue
                     aware = reg.obj.info.preference_aware
                     if prefs and not aware:

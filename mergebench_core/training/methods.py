@@ -148,10 +148,10 @@ class TrainingMethod(Method):
         return cache.holds(recipe)
 
     @classmethod
-    def cannot_run_on(cls, pool: ModelPool) -> str | None:
+    def refusal(cls, pool: ModelPool, params: Any) -> str | None:
         if not pool.has_pretrained:
             return f"it trains from a pretrained model, and pool {pool.name!r} has none"
-        return super().cannot_run_on(pool)
+        return super().refusal(pool, params)
 
 
 class TrainedModelCache(ContentCache):

@@ -54,6 +54,7 @@ from mergebench_core.engine.pipeline import agreeing_task_vectors
 from mergebench_core.engine.roles import declared_roles, model_roles
 from mergebench_core.engine.running_stats import running_stat_keys
 from mergebench_core.data.statistics import LogitsOf
+from mergebench_core.running.data_needs import require_task_pool
 
 
 @dataclass
@@ -111,9 +112,10 @@ class _AdaMerging(Method):
         return ties_task_vectors(taus, self.params.k) if self.ties else taus
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        if ctx.taskpool is None or not pool.has_pretrained:
-            raise MergebenchError(f"{self.name} needs a task pool and a pool with a pretrained model")
-        p, taskpool, device = self.params, ctx.taskpool, ctx.device
+        refusal = self.refusal(pool, self.params)  # the runner asks first; this is for callers of the Python API
+        if refusal:
+            raise MergebenchError(f"{self.name} cannot run on pool {pool.name!r}: {refusal}")
+        p, taskpool, device = self.params, require_task_pool(self, ctx.taskpool), ctx.device
         experts = pool.expert_names
         base = pool.state_dict(PRETRAINED)
         model = pool.load_model(PRETRAINED).to(device).eval().requires_grad_(False)
@@ -203,8 +205,7 @@ class _AdaMerging(Method):
 
     def _rows(self, ctx: RunContext, task: str) -> Iterator[torch.Tensor]:
         """One pass over the split's inputs, one example at a time, in order."""
-        assert ctx.taskpool is not None
-        for inputs, _labels in ctx.taskpool.batches(task, "test", batch_size=256):
+        for inputs, _labels in require_task_pool(self, ctx.taskpool).batches(task, "test", batch_size=256):
             yield from inputs
 
 

@@ -74,8 +74,8 @@ class LinearFusion(LevelFusion):
     Params = Params
 
     @classmethod
-    def cannot_run_on(cls, pool: ModelPool) -> str | None:
-        reason = super().cannot_run_on(pool)
+    def refusal(cls, pool: ModelPool, params: Any) -> str | None:
+        reason = super().refusal(pool, params)
         if reason is None:
             odd = non_linear_levels(pool)
             if odd:

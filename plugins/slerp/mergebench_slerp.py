@@ -81,26 +81,31 @@ class Slerp(TensorMergeMethod):
         return slerp(self.params.t, experts[0], experts[1], self.params.dot_threshold)
 
     @classmethod
-    def unsuitable_for(cls, pool: ModelPool, params: Params) -> str | None:
-        if params.models is None and len(pool.expert_names) != 2:
-            return f"slerp needs two experts and the pool has {len(pool.expert_names)} (choose with slerp.models=[a,b])"
-        return super().unsuitable_for(pool, params)
+    def refusal(cls, pool: ModelPool, params: Params) -> str | None:
+        return _wrong_choice(params.models, pool.expert_names) or super().refusal(pool, params)
 
     def select_experts(self, names: Sequence[str]) -> list[str]:
         """The two models to interpolate: `models` when given (names of pool experts, or of the files given to
         `mergebench merge`), else the only two there are."""
-        chosen = self.params.models
-        if chosen is None:
-            if len(names) != 2:
-                raise MergebenchError(f"slerp interpolates exactly two models, but {len(names)} were given: "
-                                      f"{', '.join(names)}. Name two with slerp.models=[first,second]")
-            chosen = list(names)
-        unknown = [n for n in chosen if n not in names]
-        if unknown:
-            raise MergebenchError(f"slerp.models names {unknown}, which are not among the models: {', '.join(names)}"
-                                  f" (the pool's experts, or for `mergebench merge` the files' names or --task-names)")
-        self.chosen = list(chosen)
-        return list(chosen)
+        wrong = _wrong_choice(self.params.models, names)
+        if wrong:
+            raise MergebenchError(wrong)
+        self.chosen = list(self.params.models or names)
+        return list(self.chosen)
+
+
+def _wrong_choice(chosen: Sequence[str] | None, names: Sequence[str]) -> str | None:
+    """Why `slerp.models` (None: all of them) do not pick two of `names`, or None when they do."""
+    if chosen is None:
+        if len(names) != 2:
+            return (f"slerp interpolates exactly two models, but {len(names)} were given: {', '.join(names)}. "
+                    f"Name two with slerp.models=[first,second]")
+        return None
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        return (f"slerp.models names {unknown}, which are not among the models: {', '.join(names)} (the pool's "
+                f"experts, or for `mergebench merge` the files' names or --task-names)")
+    return None
 
 
 @hookimpl

@@ -95,7 +95,7 @@ def test_per_level_settings_must_fit_the_levels(mlp_pool, tasks, tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
         Params(val_fraction=1.0)
     assert get_registry().method("alf") is ALF
-    assert ALF.cannot_run_on(StateDictPool(MLPClassifier, {"a": states_of(mlp_pool)}, None)) is not None
+    assert ALF.refusal(StateDictPool(MLPClassifier, {"a": states_of(mlp_pool)}, None), ALF.Params()) is not None
 
 
 def states_of(pool):

@@ -79,9 +79,9 @@ def test_fusing_a_model_with_a_permuted_copy_of_itself_gives_the_same_function(s
 def test_a_pool_without_a_permutation_spec_is_refused(seeds_pools, tmp_path):
     pool, _ = seeds_pools
     bare = StatePool({n: pool.state_dict(n) for n in pool.expert_names})
-    reason = GitRebasin.unsuitable_for(bare, Params())
+    reason = GitRebasin.refusal(bare, Params())
     assert reason is not None and "declares no permutation spec" in reason and "permutation_spec()" in reason
-    assert GitRebasin.unsuitable_for(pool, Params()) is None
+    assert GitRebasin.refusal(pool, Params()) is None
     with pytest.raises(MergebenchError, match="no permutation spec"):
         GitRebasin().run(bare, RunContext(cache_dir=tmp_path))
 
@@ -134,5 +134,5 @@ def test_activation_matching_beats_the_naive_average(seeds_pools, tmp_path):
     spec = pool.permutation_spec()
     bare = StatePool({n: pool.state_dict(n) for n in pool.expert_names},
                      type(spec)(spec.axes))  # no activation points
-    assert "names no activation point" in GitRebasin.unsuitable_for(bare, Params(matching="activation"))
-    assert GitRebasin.unsuitable_for(bare, Params()) is None
+    assert "names no activation point" in GitRebasin.refusal(bare, Params(matching="activation"))
+    assert GitRebasin.refusal(bare, Params()) is None

@@ -83,15 +83,15 @@ def test_hf_and_kf_beat_naive_averaging_by_a_wide_margin(mlp_pool, tasks, tmp_pa
 def test_pools_that_cannot_be_fused_in_closed_form_are_refused(mlp_pool):
     vit = POOLS["digits-vit_seeds"]()
     vit.root = mlp_pool.root / "never-built"  # the refusal reads the architecture only, nothing is trained
-    reason = HFFusion.cannot_run_on(vit)
+    reason = HFFusion.refusal(vit, HFFusion.Params())
     assert "embed (PatchEmbed), blocks.0 (Block), blocks.1 (Block), head (Head)" in reason and "use alf" in reason
     spec = MLPClassifier.permutation_spec()
     no_levels = StateDictPool(MLPClassifier, {"a": mlp_pool.state_dict("seed0"), "b": mlp_pool.state_dict("seed1")},
                               PermutationSpec(spec.axes))
-    assert "declares no fusion levels" in KFFusion.cannot_run_on(no_levels)
+    assert "declares no fusion levels" in KFFusion.refusal(no_levels, KFFusion.Params())
     with pytest.raises(MergebenchError, match="declares no fusion levels"):
         KFFusion().run(no_levels, RunContext())
-    assert HFFusion.cannot_run_on(mlp_pool) is None
+    assert HFFusion.refusal(mlp_pool, HFFusion.Params()) is None
     assert not (mlp_pool.root / "never-built").exists()
 
 

@@ -87,8 +87,8 @@ def test_activation_costs_need_points_and_params_are_validated(mlp_pool):
     spec = MLPClassifier.permutation_spec()
     bare = StateDictPool(MLPClassifier, {n: mlp_pool.state_dict(n) for n in mlp_pool.expert_names},
                          PermutationSpec(spec.axes))
-    assert OTFusion.unsuitable_for(bare, Params()) is None
-    assert "names no activation point" in OTFusion.unsuitable_for(bare, Params(cost="activation"))
+    assert OTFusion.refusal(bare, Params()) is None
+    assert "names no activation point" in OTFusion.refusal(bare, Params(cost="activation"))
     with pytest.raises(MergebenchError, match="use otfusion.cost=weight"):
         OTFusion(Params(cost="activation")).run(bare, RunContext(taskpool=DigitsFullTaskPool()))
     with pytest.raises(ValueError, match="solver must be one of emd, sinkhorn"):

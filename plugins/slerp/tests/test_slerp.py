@@ -71,5 +71,6 @@ def test_a_grid_over_every_method_skips_slerp_on_pools_without_two_experts():
     class Pool:
         expert_names = ["a", "b", "c"]
 
-    assert "needs two experts" in Slerp.unsuitable_for(Pool(), SlerpParams())
-    assert Slerp.unsuitable_for(Pool(), SlerpParams(models=["a", "c"])) is None
+    assert "exactly two models, but 3 were given: a, b, c" in Slerp.refusal(Pool(), SlerpParams())
+    assert "['z'], which are not among the models" in Slerp.refusal(Pool(), SlerpParams(models=["a", "z"]))
+    assert Slerp.refusal(Pool(), SlerpParams(models=["a", "c"])) is None

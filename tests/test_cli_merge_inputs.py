@@ -4,6 +4,7 @@ output paths, and checkpoints split into more shards than the process may hold o
 import json
 import os
 import resource
+import uuid
 
 import pytest
 import torch
@@ -108,10 +109,11 @@ def test_run_and_merge_refuse_bad_seeds_with_exit_2(cli_env, capsys):
 def test_a_missing_parent_folder_needs_parents(tmp_path, capsys):
     models, paths = small_models(tmp_path)
     args = ["merge", "-m", "task_arithmetic", "--base", paths[0], "--models", *paths[1:]]
-    assert main([*args, "--out", "/nonexistent-mergebench/dir/x"]) == 2
+    root = f"/nonexistent-mergebench-{uuid.uuid4().hex}"  # a folder at the filesystem root, never there before
+    assert main([*args, "--out", f"{root}/dir/x"]) == 2
     err = capsys.readouterr().err
-    assert "the folder /nonexistent-mergebench/dir does not exist" in err and "--parents" in err
-    assert not os.path.exists("/nonexistent-mergebench")
+    assert f"the folder {root}/dir does not exist" in err and "--parents" in err
+    assert not os.path.exists(root)
     for out in (tmp_path / "a" / "b" / "m.safetensors", tmp_path / "c" / "d" / "folder"):
         assert main([*args, "--out", str(out)]) == 2
         assert f"the folder {out.parent} does not exist" in capsys.readouterr().err

@@ -40,7 +40,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
     __version__ = "0+unknown"
 
 __all__ = [
-    "ACCURACY", "MetricSpec", "PRETRAINED", "CheckpointError", "ConfigError", "Ensemble", "MergeOutput", "MergeStream", "MergebenchError",
-    "Method", "MethodInfo", "ModelPool", "PerTaskModels", "RunContext", "TaskPool", "TaskVectorMethod", "TensorMergeMethod",
-    "UnknownNameError", "hookimpl", "__version__",
+    "ACCURACY", "MetricSpec", "PRETRAINED", "CheckpointError", "ConfigError", "Ensemble", "MergeOutput",
+    "MergeStream", "MergebenchError", "Method", "MethodInfo", "ModelPool", "PerTaskModels", "RunContext", "TaskPool",
+    "TaskVectorMethod", "TensorMergeMethod", "UnknownNameError", "hookimpl", "__version__",
 ]

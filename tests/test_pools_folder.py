@@ -163,7 +163,7 @@ def test_your_own_folder_refuses_a_link_out_of_it_when_it_opens(tmp_path):
 def test_a_spec_that_is_not_one_is_refused(tmp_path):
     root = write_user_folder(tmp_path / "mine", ["m1", "m2"])
     (root / "model.py").write_text((root / "model.py").read_text() + "\ndef permutation_spec():\n    return 42\n")
-    with pytest.raises(MergebenchError, match="must return a mergebench_core.fusion.alignment.PermutationSpec, got int"):
+    with pytest.raises(MergebenchError, match="must return a mergebench_core.contract.permutations.PermutationSpec, got int"):
         CheckpointFolderPool(root)
 
 

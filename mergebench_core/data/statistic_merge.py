@@ -81,7 +81,8 @@ class StatisticRun:
 
     @property
     def base_name(self) -> str:
-        """The model whose architecture (and kept tensors) the merge takes: the pretrained one, else the first expert."""
+        """The model whose architecture (and kept tensors) the merge takes: the pretrained one, else the first
+        expert."""
         return PRETRAINED if self.pool.has_pretrained else self.experts[0]
 
     def fisher(self, model: str, task: str, labels: str = "sampled") -> dict[str, torch.Tensor]:

@@ -93,7 +93,8 @@ class Role:
 
 
 LINEAR = Role("weight", MatrixView("linear"))
-BIAS, NORM, RUNNING_STAT, BUFFER, OTHER = Role("bias"), Role("norm"), Role("running_stat"), Role("buffer"), Role("other")
+BIAS, NORM, RUNNING_STAT = Role("bias"), Role("norm"), Role("running_stat")
+BUFFER, OTHER = Role("buffer"), Role("other")
 
 
 @runtime_checkable

@@ -409,8 +409,8 @@ def cannot_fuse(pool: ModelPool, *, levels: bool = False) -> str | None:
     spec = pool.permutation_spec()
     if spec is None:
         return (f"pool {pool.name!r} declares no permutation spec, so its hidden units cannot be aligned; the "
-                f"pool's permutation_spec() must return a mergebench_core.fusion.alignment.PermutationSpec (for a chain "
-                f"of Linear layers, mlp_permutation_spec([...layer names...]))")
+                f"pool's permutation_spec() must return a mergebench_core.contract.permutations.PermutationSpec (for a "
+                f"chain of Linear layers, mlp_permutation_spec([...layer names...]))")
     if len(pool.expert_names) < 2:
         return f"pool {pool.name!r} has fewer than two models to fuse"
     if levels and not spec.levels:

@@ -247,7 +247,8 @@ class CheckpointFolderPool(SafetensorsFolderPool):
             # would make `mergebench_core.fusion` (which re-exports this pool) import itself
             if not callable(getattr(self.spec, "validate_model", None)):
                 raise MergebenchError(f"{self.folder / 'model.py'}: permutation_spec() must return a "
-                                      f"mergebench_core.fusion.alignment.PermutationSpec, got {type(self.spec).__name__}")
+                                      f"mergebench_core.contract.permutations.PermutationSpec, got "
+                                      f"{type(self.spec).__name__}")
             self.spec.validate_model(model)
 
 

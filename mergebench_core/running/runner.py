@@ -226,7 +226,8 @@ class Runner:
                         for seed in opts.seeds:
                             cells.append(Cell(reg.name, reg.obj, reg, params, pool_name, taskpool_name, seed, pref))
         if refused:
-            raise ConfigError("these methods cannot run on the selected pools:" + "".join(f"\n  - {r}" for r in refused))
+            listing = "".join(f"\n  - {r}" for r in refused)
+            raise ConfigError("these methods cannot run on the selected pools:" + listing)
         if not explicit:  # a conflicted method name is unusable: say so rather than leave it out silently
             self.not_applicable += self.registry.conflict_lines("method")
         self.not_applicable = group_reasons(self.not_applicable)

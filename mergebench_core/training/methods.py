@@ -26,7 +26,16 @@ import torch
 from torch import nn
 
 from mergebench_core.cache import ContentCache, Entry, Key, key_digest
-from mergebench_core.contract.api import PRETRAINED, MergeOutput, Method, MethodInfo, ModelPool, PerTaskModels, RunContext, TaskPool
+from mergebench_core.contract.api import (
+    PRETRAINED,
+    MergeOutput,
+    Method,
+    MethodInfo,
+    ModelPool,
+    PerTaskModels,
+    RunContext,
+    TaskPool,
+)
 from mergebench_core.contract.config import params_dict
 from mergebench_core.errors import MergebenchError
 from mergebench_core.running.data_needs import require_task_pool

@@ -61,22 +61,17 @@ from torch import Tensor, nn
 
 from mergebench_core import MethodInfo
 from mergebench_core.training.methods import TrainingMethod
-from mergebench_core.training.loop import Batch, TrainConfig, TrainState
+from mergebench_core.training.loop import Batch, TrainState
+from mergebench_core.training.params import TrainingParams
 
 THETA0 = "mergeability/theta0"
 """Key in `TrainState.extras` of the snapshot of θ₀ taken at the first step."""
 
 
 @dataclass
-class Params:
-    steps: int = 200
-    lr: float = 3e-4
-    batch_size: int = 64
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    grad_clip: float = 0.0
+class Params(TrainingParams):
+    """The core's training fields (`TrainingParams`), then the loop's evaluation cadence and the two regularisers."""
+
     eval_every: int = 0
     """Evaluate on the validation split every N steps (logged as acc/val/{task}); 0 never does."""
     log_every: int = 1
@@ -96,7 +91,7 @@ class Params:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.grad_magnitude_every < 1:
             raise ValueError(f"grad_magnitude_every must be >= 1 (1: every step), got {self.grad_magnitude_every}")
-        TrainConfig.from_params(self)  # the training fields are checked now, not after the first expert
+        super().__post_init__()  # the training fields are checked now, not after the first expert
 
 
 def moderate_update(params: Sequence[Tensor], theta0: Sequence[Tensor]) -> Tensor:

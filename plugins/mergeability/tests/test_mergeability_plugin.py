@@ -258,3 +258,17 @@ def test_the_clip_preset_trains_a_tiny_clip_vision_tower_with_both_regularisers(
     assert [row["step"] for row in curve] == [1, 2, 3]
     assert curve[-1]["raw/grad_magnitude/" + task] > 0 and curve[-1]["raw/moderate_update/" + task] > 0
     assert curve[0]["lr"] == pytest.approx(1e-5) and curve[-1]["lr"] < 1e-5  # cosine decay
+
+
+def test_its_parameters_are_the_core_training_fields_and_refuse_a_typo():
+    import dataclasses
+
+    import pytest
+
+    from mergebench_core.training.params import TrainingParams, UnknownTrainingField
+    from mergebench_mergeability import Params
+
+    core = [f.name for f in dataclasses.fields(TrainingParams)]
+    assert [f.name for f in dataclasses.fields(Params)][:len(core)] == core
+    with pytest.raises(UnknownTrainingField, match="Did you mean 'lr'"):
+        Params(lrr=1e-4)

@@ -29,7 +29,8 @@ from mergebench_core.contract.api import (
     TaskPool,
 )
 from mergebench_core.contract.hookspecs import hookimpl
-from mergebench_core.engine.merging import MergeStream, TaskVectorMethod, TensorMergeMethod
+from mergebench_core.engine.data_free import TaskVectorMethod, TensorMergeMethod
+from mergebench_core.engine.stream import MergeStream
 from mergebench_core.errors import CheckpointError, ConfigError, MergebenchError, UnknownNameError
 
 _moved_modules.install()

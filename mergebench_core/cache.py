@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from mergebench_core.engine.tensors import StreamingSafetensorsWriter
+from mergebench_core.engine.safetensors_writer import StreamingSafetensorsWriter
 from mergebench_core.errors import MergebenchError
 from mergebench_core.locks import build_lock, unique_temp
 

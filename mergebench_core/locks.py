@@ -103,8 +103,8 @@ def read_json(path: str | os.PathLike[str]) -> Any | None:
 def safetensors_intact(paths: list[Path]) -> bool:
     """True when every file exists and its safetensors header is valid and fits the file (a cheap check, no tensor
     data is read): a truncated or missing checkpoint makes its cache entry be rebuilt."""
+    from mergebench_core.engine.safetensors_format import read_safetensors_header
     from mergebench_core.errors import CheckpointError
-    from mergebench_core.engine.tensors import read_safetensors_header
 
     for path in paths:
         try:

@@ -54,7 +54,7 @@ def seed_value(text: str, given: str | None = None) -> int:
 
 def trust_pickle(args: argparse.Namespace) -> bool:
     """`--trust-pickle`, or the environment variable that says the same for every command."""
-    from mergebench_core.engine.tensors import TRUST_PICKLE_ENV
+    from mergebench_core.engine.pickle_checkpoints import TRUST_PICKLE_ENV
 
     return bool(getattr(args, "trust_pickle", False)) or \
         os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")

@@ -12,7 +12,7 @@ from mergebench_core.errors import MergebenchError
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Turn pickle checkpoints into safetensors once, so later runs never unpickle."""
-    from mergebench_core.engine.tensors import convert_pickle_checkpoint
+    from mergebench_core.engine.pickle_checkpoints import convert_pickle_checkpoint
 
     trust = trust_pickle(args)
     if args.modelpool:

@@ -14,8 +14,8 @@ from mergebench_core.errors import MergebenchError
 
 def cmd_download(args: argparse.Namespace) -> int:
     """Prefetch every model and dataset of the named model pools and of their task pools."""
-    from mergebench_core.running.runner import Runner, RunOptions
     from mergebench_core.results.store import ResultStore
+    from mergebench_core.running.runner import Runner, RunOptions
 
     registry = registry_module.get_registry()
     pools = split_names(args.modelpool) or []

@@ -59,8 +59,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from mergebench_core.errors import normalize_name
-    from mergebench_core.running.loggers import log_path, read_log
     from mergebench_core.results.store import ResultStore
+    from mergebench_core.running.loggers import log_path, read_log
 
     args.modelpool = _pool_filter(args.modelpool)
     if not Path(args.store).exists():
@@ -103,8 +103,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from mergebench_core.results import plots
     from mergebench_core.errors import normalize_name
+    from mergebench_core.results import plots
     from mergebench_core.results.store import ResultStore
 
     args.modelpool = _pool_filter(args.modelpool)

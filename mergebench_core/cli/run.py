@@ -25,8 +25,8 @@ def _preferences(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mergebench_core.running.runner import Runner, RunOptions
     from mergebench_core.results.store import ResultStore
+    from mergebench_core.running.runner import Runner, RunOptions
 
     registry = registry_module.get_registry()
     options = RunOptions(methods=split_names(args.method), modelpools=split_names(args.modelpool),

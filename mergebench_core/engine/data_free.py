@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from mergebench_core.contract.api import PRETRAINED, MergeOutput, Method, ModelPool, PerTaskModels, RunContext
+from mergebench_core.engine.pool_sources import pool_source
 from mergebench_core.engine.roles import (
     Fallbacks,
     MatrixView,
@@ -27,7 +28,6 @@ from mergebench_core.engine.roles import (
     resolve_roles,
     role_from_name,
 )
-from mergebench_core.engine.pool_sources import pool_source
 from mergebench_core.engine.running_stats import rule_value
 from mergebench_core.engine.sources import TensorSource, check_compatible
 from mergebench_core.engine.stream import DEFAULT_BLOCK_ENTRIES, Block, BlockSink, DictSink, MergeStream, Sink

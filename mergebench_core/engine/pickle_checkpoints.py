@@ -12,7 +12,6 @@ import torch
 from mergebench_core.engine.safetensors_writer import save_state_dict
 from mergebench_core.errors import CheckpointError
 
-
 TRUST_PICKLE_ENV = "MERGEBENCH_TRUST_PICKLE"
 
 

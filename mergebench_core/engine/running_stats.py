@@ -26,8 +26,8 @@ from torch import nn
 
 from mergebench_core.contract.api import PRETRAINED, ModelPool, PerTaskModels, TaskPool
 from mergebench_core.engine.bn_stats import BnStats
-from mergebench_core.engine.roles import Role
 from mergebench_core.engine.pool_sources import pool_source
+from mergebench_core.engine.roles import Role
 from mergebench_core.errors import MergebenchError
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,10 @@ import torch
 from torch import nn
 
 from mergebench_core.contract.api import PRETRAINED, ModelPool
-from mergebench_core.engine.tensors import SafetensorsSource, TensorSource, read_safetensors_header, resolves_inside
+from mergebench_core.engine.checkpoint_files import resolves_inside
+from mergebench_core.engine.safetensors_format import read_safetensors_header
+from mergebench_core.engine.safetensors_reader import SafetensorsSource
+from mergebench_core.engine.sources import TensorSource
 from mergebench_core.errors import CheckpointError, MergebenchError
 
 if TYPE_CHECKING:

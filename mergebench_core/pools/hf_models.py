@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from mergebench_core.engine.tensors import SafetensorsSource, StateDictSource, TensorSource, read_pickle_checkpoint
+from mergebench_core.engine.pickle_checkpoints import read_pickle_checkpoint
+from mergebench_core.engine.safetensors_reader import SafetensorsSource
+from mergebench_core.engine.sources import StateDictSource, TensorSource
 from mergebench_core.errors import CheckpointError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from mergebench_core.errors import MergebenchError
-from mergebench_core.results.pending import keep_aside, pending_folders
-from mergebench_core.results.pending import pending_dir  # noqa: F401  (callers import it from here, where it was)
+from mergebench_core.results.pending import (
+    keep_aside,
+    pending_dir,  # noqa: F401  (callers import it from here, where it was)
+    pending_folders,
+)
 from mergebench_core.results.stored_rows import JSON_FIELDS, DamagedRow, decode_row
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from mergebench_core.contract.api import PRETRAINED, ModelPool, Registration, Ru
 from mergebench_core.contract.config import params_dict
 from mergebench_core.data.evaluation import Metrics, evaluate, primary_metrics
 from mergebench_core.engine.bn_stats import BnStats
-from mergebench_core.engine.merging import TensorMergeMethod
+from mergebench_core.engine.data_free import TensorMergeMethod
 from mergebench_core.engine.roles import Role, has_running_stats
 from mergebench_core.engine.running_stats import settle_running_stats
 from mergebench_core.results.store import CellResult

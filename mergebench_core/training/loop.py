@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from mergebench_core.contract.api import Batch, ModelPool, TaskPool
 from mergebench_core.data.batches import shuffled_batches
-from mergebench_core.errors import MergebenchError
 from mergebench_core.data.evaluation import evaluate
+from mergebench_core.errors import MergebenchError
 
 log = logging.getLogger(__name__)
 

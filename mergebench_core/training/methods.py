@@ -37,10 +37,11 @@ from mergebench_core.contract.api import (
     TaskPool,
 )
 from mergebench_core.contract.config import params_dict
+from mergebench_core.engine.safetensors_reader import SafetensorsSource, load_state_dict
+from mergebench_core.engine.sources import StateDictSource, TensorSource
 from mergebench_core.errors import MergebenchError
 from mergebench_core.running.data_needs import require_task_pool
 from mergebench_core.running.loggers import LoggerSet
-from mergebench_core.engine.tensors import SafetensorsSource, StateDictSource, TensorSource, load_state_dict
 from mergebench_core.training.loop import Batch, TrainConfig, TrainState, train
 from mergebench_core.training.params import TrainingParams
 

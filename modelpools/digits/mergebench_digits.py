@@ -43,7 +43,8 @@ from mergebench_digits_tasks import DATA_SEED, N_TRAIN, TASKS, DigitsData, calib
 from torch import nn
 
 from mergebench_core import PRETRAINED, TaskPool, hookimpl
-from mergebench_core.engine.tensors import load_state_dict, save_state_dict
+from mergebench_core.engine.safetensors_reader import load_state_dict
+from mergebench_core.engine.safetensors_writer import save_state_dict
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
 from mergebench_core.pools.folder import SafetensorsFolderPool

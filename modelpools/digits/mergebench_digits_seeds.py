@@ -47,7 +47,7 @@ from mergebench_digits_archs import ARCHS, MLPClassifier, build_model
 from mergebench_digits_tasks import DATA_SEED, N_TRAIN, DataSplit, DigitsData
 
 from mergebench_core import TaskPool
-from mergebench_core.engine.tensors import save_state_dict
+from mergebench_core.engine.safetensors_writer import save_state_dict
 from mergebench_core.fusion.alignment import PermutationSpec
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir

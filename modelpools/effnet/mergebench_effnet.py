@@ -57,7 +57,9 @@ from torch import nn
 
 from mergebench_core import PRETRAINED, TaskPool, hookimpl
 from mergebench_core.engine.running_stats import measuring_running_stats
-from mergebench_core.engine.tensors import load_state_dict, read_pickle_checkpoint, save_state_dict
+from mergebench_core.engine.pickle_checkpoints import read_pickle_checkpoint
+from mergebench_core.engine.safetensors_reader import load_state_dict
+from mergebench_core.engine.safetensors_writer import save_state_dict
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
 from mergebench_core.pools.folder import SafetensorsFolderPool

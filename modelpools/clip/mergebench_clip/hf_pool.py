@@ -17,7 +17,7 @@ from mergebench_clip_tasks import BASE_MODELS, suite, taskpool_name
 from torch import nn
 
 from mergebench_core import PRETRAINED, CheckpointError
-from mergebench_core.engine.tensors import StateDictSource, TensorSource
+from mergebench_core.engine.sources import StateDictSource, TensorSource
 from mergebench_core.pools import hub
 from mergebench_core.pools.folder import CheckpointPool, RenamedSource
 from mergebench_core.pools.hf_models import dtype_kwargs, parse_dtype, quiet_transformers

@@ -35,8 +35,13 @@ from torch import nn
 from mergebench_clip_tasks import CLIPZeroShotTaskPool, suite
 
 from mergebench_core import PRETRAINED, CheckpointError, MergebenchError
-from mergebench_core.engine.tensors import (TRUST_PICKLE_ENV, SafetensorsSource, StateDictSource, TensorSource,
-                                            convert_pickle_checkpoint, read_pickle_checkpoint)
+from mergebench_core.engine.pickle_checkpoints import (
+    TRUST_PICKLE_ENV,
+    convert_pickle_checkpoint,
+    read_pickle_checkpoint,
+)
+from mergebench_core.engine.safetensors_reader import SafetensorsSource
+from mergebench_core.engine.sources import StateDictSource, TensorSource
 from mergebench_core.pools.folder import CheckpointPool, RenamedSource
 
 log = logging.getLogger(__name__)

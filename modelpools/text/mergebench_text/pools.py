@@ -29,7 +29,7 @@ from mergebench_text_tasks import suite
 from torch import nn
 
 from mergebench_core import PRETRAINED
-from mergebench_core.engine.tensors import StateDictSource, TensorSource
+from mergebench_core.engine.sources import StateDictSource, TensorSource
 from mergebench_core.pools import hub
 from mergebench_core.pools.folder import CheckpointPool, RenamedSource
 from mergebench_core.pools.hf_models import dtype_kwargs, folder_source, parse_dtype, quiet_transformers

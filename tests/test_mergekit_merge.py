@@ -353,3 +353,89 @@ def test_a_shard_size_for_a_single_file_output_is_refused(tmp_path, models, caps
     rc = main(["merge", "--method", "simple_average", "--models", str(models["x"][0]), str(models["y"][0]),
                "--out", str(tmp_path / "one.safetensors"), "--out-shard-size", "1M"])
     assert rc == 2 and "--out-shard-size" in capsys.readouterr().err
+
+
+def breadcrumbs_reference(b, experts, density, gamma, scale):
+    """MergeKit's breadcrumbs on one tensor, written out: per task, of the magnitudes sorted ascending keep those
+    between the smallest (n − ⌊density·n⌋ − ⌊gamma·n⌋) and the top ⌊gamma·n⌋."""
+    total = torch.zeros_like(b).flatten()
+    for e in experts:
+        tau = (e - b).flatten()
+        n = tau.numel()
+        target, top = int(n * density), int(n * gamma)
+        bottom = n - target - top
+        if bottom < 0:
+            bottom, top = 0, n - target
+        order = tau.abs().argsort()
+        keep = torch.zeros_like(tau)
+        keep[order[bottom:n - top]] = 1
+        total += tau * keep
+    return b + scale * total.view(b.shape)
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest(tmp_path, models):
+    text = f"""
+merge_method: breadcrumbs
+base_model: {models['base'][0]}
+models:
+  - model: {models['x'][0]}
+    parameters: {{weight: 0.5, density: 0.5, gamma: 0.2}}
+  - model: {models['y'][0]}
+    parameters: {{weight: 0.5, density: 0.5, gamma: 0.2}}
+parameters: {{lambda: 1.5}}
+"""
+    rc, out = merge(tmp_path, text)
+    assert rc == 0
+    got = load_state_dict(out)
+    b = models["base"][1]
+    for k in SHAPES:
+        want = breadcrumbs_reference(b[k], [models["x"][1][k], models["y"][1][k]], 0.5, 0.2, 0.75)
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+
+
+def test_other_registered_methods_take_parameters_by_field_name(tmp_path, models):
+    """magmax is no MergeKit method: by its registered name, `lambda` sets its scaling_factor."""
+    text = f"""
+merge_method: magmax
+base_model: {models['base'][0]}
+models:
+  - model: {models['x'][0]}
+  - model: {models['y'][0]}
+parameters: {{lambda: 0.25}}
+"""
+    rc, out = merge(tmp_path, text)
+    assert rc == 0
+    got = load_state_dict(out)
+    b, x, y = models["base"][1], models["x"][1], models["y"][1]
+    for k in SHAPES:
+        tx, ty = x[k] - b[k], y[k] - b[k]
+        torch.testing.assert_close(got[k], b[k] + 0.25 * torch.where(tx.abs() > ty.abs(), tx, ty), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_a_per_model_parameter_fills_a_field_of_one_value_per_model(tmp_path, models):
+    text = f"""
+merge_method: weighted_average
+models:
+  - model: {models['x'][0]}
+    parameters: {{weight: 1.0}}
+  - model: {models['y'][0]}
+    parameters: {{weight: 3.0}}
+"""
+    rc, out = merge(tmp_path, text)
+    assert rc == 0
+    got = load_state_dict(out)
+    for k in SHAPES:
+        torch.testing.assert_close(got[k], 0.25 * models["x"][1][k] + 0.75 * models["y"][1][k])
+
+
+def test_a_parameter_a_registered_method_lacks_is_refused_by_key(tmp_path, models, capsys):
+    text = f"""
+merge_method: magmax
+base_model: {models['base'][0]}
+models:
+  - model: {models['x'][0]}
+    parameters: {{density: 0.5}}
+"""
+    rc, _ = merge(tmp_path, text)
+    assert rc == 2 and "models[0].parameters.density:" in capsys.readouterr().err

@@ -1,10 +1,11 @@
 """MergeKit's method names and parameters, mapped onto registered mergebench methods, tensor by tensor.
 
-MergeKit's generalized task arithmetic (task_arithmetic, ties, dare_ties) computes, per tensor,
+MergeKit's generalized task arithmetic (task_arithmetic, ties, dare_ties, breadcrumbs) computes, per tensor,
 θ_0 + λ · Σ_t w_t τ'_t (divided by Σ_t w_t over the entries kept when `normalize`), with τ'_t trimmed (`density`)
 or dropped at random, and a sign election for the TIES variants. Our presets compute the same with one weight for
 every model: equal weights fold into the scaling factor (or cancel, when normalised), so a config whose models'
 weights or densities differ *at some tensor* is refused there, naming the key, rather than merged differently.
+Breadcrumbs' trim (drop the top `gamma` and the smallest so that `density` remains) is the same in both.
 `linear` and `slerp` map onto `weighted_average` and `slerp`; `passthrough` (copying one source, times `scale`) is
 the slicing itself and is done by `run`.
 
@@ -51,7 +52,8 @@ class MethodCall:
     experts: tuple[int, ...]
 
 
-GTA_DEFAULTS = {"task_arithmetic": (False, False), "ties": (True, False), "dare_ties": (False, True)}
+GTA_DEFAULTS = {"task_arithmetic": (False, False), "ties": (True, False), "dare_ties": (False, True),
+                "breadcrumbs": (False, False)}
 """MergeKit's (normalize, rescale) defaults of the generalized task-arithmetic methods mapped here."""
 
 KNOWN = {
@@ -61,6 +63,7 @@ KNOWN = {
     "task_arithmetic": {"weight", "lambda", "normalize"},
     "ties": {"weight", "density", "lambda", "normalize", "int8_mask"},
     "dare_ties": {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"},
+    "breadcrumbs": {"weight", "density", "gamma", "lambda", "normalize"},
 }
 """The parameters each mapped method honours (`int8_mask` only changes how MergeKit stores its masks)."""
 
@@ -149,9 +152,16 @@ def _task_arithmetic_family(name: str, v: TensorValues) -> MethodCall:
         scale = lam if weight != 0 else 0.0
     else:
         scale = lam * weight
-    if name == "task_arithmetic":
-        return MethodCall("task_arithmetic", (("scaling_factor", scale / len(experts) if normalize else scale),),
-                          v.base, tuple(experts))
+    if name in ("task_arithmetic", "breadcrumbs"):  # no election: normalising divides the sum by T · w
+        scale = scale / len(experts) if normalize else scale
+        if name == "task_arithmetic":
+            return MethodCall(name, (("scaling_factor", scale),), v.base, tuple(experts))
+        density = _same([_number(v.model(j, "density"), "density", v, j, default=1.0) for j in experts],
+                        "density", v, experts)
+        gamma = _same([_number(v.model(j, "gamma"), "gamma", v, j, default=0.01) for j in experts], "gamma", v,
+                      experts)
+        return MethodCall(name, (("density", density), ("gamma", gamma), ("scaling_factor", scale)), v.base,
+                          tuple(experts))
     if weight < 0:  # MergeKit elects on the weighted vectors: a negative weight flips the election
         raise MergeKitConfigError(f"{v.sources[experts[0]]}.parameters.weight: a negative weight ({weight:g} at "
                                   f"tensor {v.tensor}) flips the sign election, which mergebench's {name} does not "

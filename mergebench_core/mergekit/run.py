@@ -25,7 +25,6 @@ from mergebench_core.engine.data_free import merge_sources
 from mergebench_core.engine.file_merges import CheckpointFiles, FiniteOnlySink
 from mergebench_core.engine.safetensors_reader import SafetensorsSource
 from mergebench_core.engine.sharded_writer import ShardedSafetensorsWriter
-from mergebench_core.engine.sources import SupportsReadInto
 from mergebench_core.engine.stream import DEFAULT_BLOCK_ENTRIES
 from mergebench_core.engine.tensor_math import is_mergeable
 from mergebench_core.errors import MergebenchError, UnknownNameError
@@ -73,10 +72,23 @@ class OneTensorView:
         return self.src.get(self.in_name).to(self._dtype)
 
     def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
-        if self._dtype == self.src.dtype(self.in_name) and isinstance(self.src, SupportsReadInto):
+        """A block read straight from the file (rounded to `dtype` on the way): never the whole tensor per block."""
+        own = self.src.dtype(self.in_name)
+        if own == self._dtype:
             self.src.read_into(self.in_name, out, start)
         else:
-            out.view(-1).copy_(self.get(key).reshape(-1)[start:start + out.numel()])
+            raw = torch.empty(out.numel(), dtype=own)
+            self.src.read_into(self.in_name, raw, start)
+            out.view(-1).copy_(raw)
+
+    def read_slices(self, key: str, starts: Sequence[int], out: torch.Tensor) -> None:
+        own = self.src.dtype(self.in_name)
+        if own == self._dtype:
+            self.src.read_slices(self.in_name, starts, out)
+        else:
+            raw = torch.empty(out.shape, dtype=own)
+            self.src.read_slices(self.in_name, starts, raw)
+            out.copy_(raw)
 
 
 class CastingSink:

@@ -149,6 +149,7 @@ def test_layer_numbers_are_found_in_common_naming_schemes():
     ("merge_method: ties\nmodels: [{model: a}]\ntokenizer: {source: union}", "tokenizer"),
     ("merge_method: ties\nmodels: [{model: a}]\ntokenizer_source: union", "tokenizer_source"),
     ("merge_method: ties\nmodels: [{model: a}]\nchat_template: chatml", "chat_template"),
+    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer_source: base", "tokenizer_source"),
     ("merge_method: ties\nmodels: [{model: a}]\nmerge_metod: x", "merge_metod"),
     ("merge_method: ties\nmodels: [{model: a, parameter: {weight: 1}}]", "models[0].parameter"),
     ("merge_method: ties\nmodels: [{model: a+lora}]", "models[0].model"),

@@ -132,6 +132,9 @@ def parse_config(data: Any, *, text: str = "", where: str = "the config") -> Mer
     if tokenizer is not None and tokenizer != "base" and tokenizer != base:
         raise MergeKitConfigError(f"tokenizer_source: {tokenizer!r} is not supported; only `base` (the base "
                                   f"model's tokenizer files are copied), which is also what leaving it out does")
+    if tokenizer is not None and base is None:
+        raise MergeKitConfigError("tokenizer_source: `base` names the base model's tokenizer, but the config has no "
+                                  "base_model; name one, or leave tokenizer_source out (the first model's is copied)")
     return MergeKitConfig(
         merge_method=method, base_model=base, slices=slices, from_models=has_models,
         parameters=_parameters(data.get("parameters"), "parameters"),

@@ -474,3 +474,13 @@ out_dtype: float32
         want = ties_reference(r["base"][k], [r["x"][k], r["y"][k]], 0.3, 1.0, True).bfloat16().float()
         torch.testing.assert_close(a[k], want, rtol=0, atol=1e-2)
         assert (a[k] != want).float().mean() < 1e-3  # rounding of the last bf16 bit at most, rarely
+
+
+def test_an_output_folder_that_is_an_input_is_refused(tmp_path, models, capsys):
+    text = f"merge_method: linear\nmodels:\n  - model: {models['x'][0]}\n    parameters: {{weight: 1}}\n"
+    rc, _ = merge(tmp_path, text, out="x")
+    assert rc == 2 and "replace" in capsys.readouterr().err
+    rc = main(["merge", "--method", "simple_average", "--models", str(models["x"][0]), str(models["y"][0]),
+               "--out", str(models["y"][0])])
+    assert rc == 2 and "replace" in capsys.readouterr().err
+    assert torch.equal(load_state_dict(models["y"][0])["lm_head.weight"], models["y"][1]["lm_head.weight"])

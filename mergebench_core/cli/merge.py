@@ -60,6 +60,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.out_shard_size is not None and (per_task or not folder):
         raise MergebenchError(f"--out-shard-size shards the model.safetensors of a folder --out; {out} is "
                               f"{'a folder of one file per task' if per_task else 'one file'}, which is not sharded")
+    for given in ([args.base] if args.base else []) + list(args.models):
+        if folder and Path(given).resolve() == out.resolve():
+            raise MergebenchError(f"--out {out} is the input {given}; writing there would replace its weights: "
+                                  f"choose another folder")
     output = StagedOutput(out, folder=folder, parents=args.parents)  # refuses a bad --out before any work
     base = SafetensorsSource(args.base) if args.base else None
     experts = [SafetensorsSource(args.models[names.index(n)]) for n in chosen]

@@ -173,6 +173,10 @@ def run_config(config: MergeKitConfig, config_path: str | os.PathLike[str], fold
     folder = Path(folder)
     roots = allowed_roots(config_path, models_dirs)
     paths = {ref: resolve_model(ref, where, roots) for ref, where in _places(config).items()}
+    for ref, p in paths.items():
+        if p.resolve() == folder.resolve():
+            raise MergebenchError(f"--out {folder} is the folder of model {ref}; writing there would replace that "
+                                  f"model's weights: choose another folder")
     sources = {ref: SafetensorsSource(p, name=ref) for ref, p in paths.items()}
     try:
         keys = {ref: src.keys() for ref, src in sources.items()}

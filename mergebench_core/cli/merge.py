@@ -12,6 +12,7 @@ from typing import Any
 
 import mergebench_core.contract.registry as registry_module
 from mergebench_core.cli.arguments import seed_value, split_names
+from mergebench_core.cli.merge_config import cmd_merge_config
 from mergebench_core.cli.merge_output import StagedOutput
 from mergebench_core.cli.progress import progress_bar
 from mergebench_core.contract.config import build_params, check_overrides_used, parse_overrides
@@ -24,8 +25,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mergebench_core.engine.file_merges import CheckpointFiles, FiniteOnlySink, checkpoint_task_names
     from mergebench_core.engine.safetensors_reader import SafetensorsSource
     from mergebench_core.engine.safetensors_writer import StreamingSafetensorsWriter
+    from mergebench_core.engine.sharded_writer import DEFAULT_SHARD_SIZE, ShardedSafetensorsWriter, parse_shard_size
 
     block_entries = block_entries_of(args.block_mb)
+    if args.config:
+        return cmd_merge_config(args, block_entries, _merge_device(args.device))
+    if not args.method or not args.models:
+        raise MergebenchError("give --method and --models (and --base for task-vector methods), or --config with "
+                              "a MergeKit config")
+    if args.models_dir:
+        raise MergebenchError("--models-dir says where a --config may name models; without --config, the models "
+                              "are the paths given to --base and --models")
+    shard_bytes = parse_shard_size(args.out_shard_size or DEFAULT_SHARD_SIZE)
     seed = seed_value(str(args.seed).strip())
     registry = registry_module.get_registry()
     method_cls = registry.method(args.method)
@@ -46,6 +57,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise MergebenchError(f"{method_cls.name} builds one model per task: give --out a folder, which will hold "
                               f"{', '.join(f'{n}.safetensors' for n in chosen)}")
     folder = out.suffix != ".safetensors"
+    if args.out_shard_size is not None and (per_task or not folder):
+        raise MergebenchError(f"--out-shard-size shards the model.safetensors of a folder --out; {out} is "
+                              f"{'a folder of one file per task' if per_task else 'one file'}, which is not sharded")
+    for given in ([args.base] if args.base else []) + list(args.models):
+        if folder and Path(given).resolve() == out.resolve():
+            raise MergebenchError(f"--out {out} is the input {given}; writing there would replace its weights: "
+                                  f"choose another folder")
     output = StagedOutput(out, folder=folder, parents=args.parents)  # refuses a bad --out before any work
     base = SafetensorsSource(args.base) if args.base else None
     experts = [SafetensorsSource(args.models[names.index(n)]) for n in chosen]
@@ -56,16 +74,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     metadata = {"format": "pt", "mergebench_method": method_cls.name,
                 "mergebench_params": json.dumps(configs[0].__dict__, default=str)}
     with output:
-        writers = [StreamingSafetensorsWriter(output.path(f), layout,
-                                              dict(metadata, **({"mergebench_task": n} if per_task else {})))
-                   for f, n in zip(out_files, chosen)]
+        writers: list[StreamingSafetensorsWriter | ShardedSafetensorsWriter] = \
+            [ShardedSafetensorsWriter(output.path(out), layout, shard_bytes, metadata)] if folder and not per_task \
+            else [StreamingSafetensorsWriter(output.path(f), layout,
+                                             dict(metadata, **({"mergebench_task": n} if per_task else {})))
+                  for f, n in zip(out_files, chosen)]
         sinks = [FiniteOnlySink(w, method_cls.name, f) for w, f in zip(writers, out_files)]
         try:
             merge_sources(method, base, experts, sink=sinks if per_task else sinks[0], seed=seed,
                           progress=progress_bar, device=_merge_device(args.device), prefetch=args.prefetch,
                           block_entries=block_entries, bn_stats=args.bn_stats)
-            for w in writers:
-                w.commit()
+            written = [w.commit() for w in writers]
         except BaseException:
             for w in writers:
                 w.abort()
@@ -76,7 +95,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if folder and base is not None and base.path.is_dir():
             for line in copy_side_files(base.path, output.path(out)):  # configs and tokenizers travel along
                 print(f"not copied: {line}", file=sys.stderr)
-    what = ", ".join(str(f) for f in out_files) if per_task else str(out_files[0])
+    if folder and not per_task and isinstance(written[0], list) and len(written[0]) > 1:
+        out_files = [out / f.name for f in written[0]]  # shards and their index
+    what = ", ".join(str(f) for f in out_files) if per_task or len(out_files) > 1 else str(out_files[0])
     print(f"wrote {what} ({method_cls.name}, {len(experts)} models)")
     return 0
 
@@ -109,9 +130,19 @@ def _merge_device(name: str) -> str:
 def add_parser(sub: Any) -> None:
     """The `merge` command and its options."""
     merge = sub.add_parser("merge", help="merge checkpoint files with a data-free method")
-    merge.add_argument("--method", "-m", required=True)
+    merge.add_argument("--method", "-m", help="the method (required unless --config gives it)")
     merge.add_argument("--base", help="the pretrained checkpoint (.safetensors file, index or model folder)")
-    merge.add_argument("--models", nargs="+", required=True, help="the expert checkpoints")
+    merge.add_argument("--models", nargs="+", help="the expert checkpoints (required unless --config names them)")
+    merge.add_argument("--config", metavar="MERGE.YML",
+                       help="a MergeKit merge config (merge_method, base_model, models or slices, parameters, "
+                            "dtype, ...): run as MergeKit would, or refused naming the key mergebench cannot "
+                            "honour; --out is then a model folder")
+    merge.add_argument("--models-dir", action="append", metavar="DIR",
+                       help="a folder a --config may name models in, besides the config's folder, the working "
+                            "directory and the Hugging Face cache (repeatable)")
+    merge.add_argument("--out-shard-size", metavar="SIZE",
+                       help="bytes per shard of a folder --out, in MergeKit's syntax (5B, the default: 5e9 bytes; "
+                            "500M; 0: one file); several shards come with model.safetensors.index.json")
     merge.add_argument("--out", required=True, help="output .safetensors file, or a folder (methods with one model "
                        "per task, emr and tall_masks, write <task>.safetensors into it)")
     merge.add_argument("--parents", action="store_true",

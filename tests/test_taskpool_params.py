@@ -106,3 +106,20 @@ def test_a_run_names_the_task_pool_canonically_and_stores_what_it_scored(plugin,
     assert merged.primary_metrics["t0"] == {"metric": "total", "higher_is_better": False}
     assert main(["run", "-m", "simple_average", "-p", "two", "--taskpool", "sums(tasks=t1,t0)"]) == 0
     assert "sums(tasks=[t1,t0])" in {r.taskpool for r in ResultStore(tmp_path / "r.sqlite").all()}
+
+
+def test_list_shows_task_pool_parameters(plugin, capsys):
+    main(["list"])
+    out = capsys.readouterr().out
+    assert "Task pool parameters" in out
+    assert "  sums: tasks: tuple = [t0,t1], offset: float = 0.0" in out
+
+
+def test_list_shows_an_empty_string_default_as_quotes():
+    @dataclass(frozen=True)
+    class Folder:
+        path: str = ""
+
+    from mergebench_core.pools.params import describe_params
+
+    assert describe_params(Folder) == 'path: str = ""'

@@ -93,8 +93,14 @@ def describe_params(params_cls: type) -> str:
     """`lr: float = 0.0003 (0 < lr <= 10), steps: int = 200 (1 <= steps <= 1000000)` (for `mergebench list` and
     errors): each field's type and default, and its bounds where the dataclass declares them (`CheckedParams`)."""
     defaults, types, bounds = params_cls(), field_types(params_cls), declared_bounds(params_cls)
-    return ", ".join(f"{f.name}: {types[f.name]} = {format_value(getattr(defaults, f.name))}" +
+    return ", ".join(f"{f.name}: {types[f.name]} = {_default_text(getattr(defaults, f.name))}" +
                      (f" ({bounds[f.name]})" if f.name in bounds else "") for f in dataclasses.fields(params_cls))
+
+
+def _default_text(value: Any) -> str:
+    """A default as `describe_params` shows it: an empty string default ("none given") is shown as "", which no
+    name can spell."""
+    return '""' if value == "" else format_value(value)
 
 
 def pool_params(reg: Registration, given: Sequence[str], common: Mapping[str, Any] | None = None,

@@ -196,3 +196,68 @@ def test_an_offline_run_naming_a_hub_task_stops_before_any_work(tiny_lm_plugin, 
     assert code != 0
     assert "someorg/some_data" in capsys.readouterr().err
     assert not (tmp_path / "r.sqlite").exists() or not ResultStore(tmp_path / "r.sqlite").all()
+
+
+def test_the_vllm_backend_gets_the_merged_model_and_its_tokenizer_saved_to_a_folder(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergebench_lmeval.wrapper import language_model
+
+    seen = {}
+
+    class FakeVLLM:  # stands in for lm-eval's VLLM, which loads models from a folder only
+        def __init__(self, pretrained, batch_size, **kwargs):
+            seen["model"] = AutoModelForCausalLM.from_pretrained(pretrained)
+            seen["tokenizer"] = AutoTokenizer.from_pretrained(pretrained)
+            seen["batch_size"], seen["kwargs"] = batch_size, kwargs
+
+    monkeypatch.setitem(__import__("sys").modules, "lm_eval.models.vllm_causallms",
+                        types.SimpleNamespace(VLLM=FakeVLLM))
+    model = tiny_causal_lm(3)
+    model.config._name_or_path = str(save_model(tmp_path / "m", 0))  # the tokenizer's folder; other weights
+    lm = language_model(model, LmEvalParams(tasks=("x",), backend="vllm", batch_size=4, max_length=32), CPU)
+    assert isinstance(lm, FakeVLLM) and seen["batch_size"] == 4 and seen["kwargs"] == {"max_length": 32}
+    for key, value in model.state_dict().items():
+        assert torch.equal(seen["model"].state_dict()[key], value), key
+    assert seen["tokenizer"].encode("the cat sat", add_special_tokens=False) == \
+        tiny_tokenizer().encode("the cat sat", add_special_tokens=False)
+
+
+def test_the_vllm_backend_without_vllm_says_how_to_get_it(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    from mergebench_lmeval.wrapper import language_model
+
+    model = tiny_causal_lm()
+    model.config._name_or_path = str(save_model(tmp_path / "m"))
+    with pytest.raises(MergebenchError, match=r"needs vLLM .*lm-eval\[vllm\]"):
+        language_model(model, LmEvalParams(tasks=("x",), backend="vllm"), CPU)
+
+
+def test_the_folder_pool_loads_each_model_and_names_what_is_wrong(tmp_path):
+    base = save_model(tmp_path / "pretrained")
+    expert = expert_folder(base, tmp_path / "mc", 1)
+    pool = CausalLMFolderPool(base, {"tiny_mc": expert}, name="tiny")
+    assert pool.expert_names == ["tiny_mc"]
+    before = pool.identity("tiny_mc")
+    loaded = pool.load_model("tiny_mc")
+    assert type(loaded).__name__ == "LlamaForCausalLM" and loaded.config._name_or_path == str(expert)
+    assert not torch.equal(loaded.lm_head.weight, pool.load_model(PRETRAINED).lm_head.weight)
+    expert_folder(base, expert, 2)  # saved again: other weights, another identity (statistics are keyed by it)
+    assert pool.identity("tiny_mc") != before
+    with pytest.raises(MergebenchError, match="no config.json"):
+        CausalLMFolderPool(base, {"t": tmp_path / "empty"})
+    with pytest.raises(KeyError, match="has no model 'other'"):
+        pool.load_model("other")
+
+
+def test_a_model_that_does_not_say_where_its_tokenizer_is_is_refused_with_the_fix():
+    from mergebench_lmeval.wrapper import tokenizer_source
+
+    model = tiny_causal_lm()
+    model.config._name_or_path = ""
+    with pytest.raises(MergebenchError, match=r"lmeval\(tokenizer=FOLDER_OR_HUB_ID\)"):
+        tokenizer_source(model)
+    assert tokenizer_source(model, "some/folder") == "some/folder"

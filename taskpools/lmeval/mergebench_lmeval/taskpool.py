@@ -9,10 +9,12 @@ Each task's row keeps lm-eval's metric names (`acc`, `acc_norm`, `exact_match,st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from importlib import metadata
 from typing import Any
@@ -98,10 +100,11 @@ class LmEvalTaskPool(TaskPool):
 
         manager = self._catalog[0]
         lm = language_model(model, self.params, device)
-        results = simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
-            num_fewshot=None if self.params.num_fewshot < 0 else self.params.num_fewshot,
-            bootstrap_iters=self.params.bootstrap_iters)
+        with global_random_state_kept(device):  # lm-eval seeds Python's, NumPy's and torch's global generators
+            results = simple_evaluate(
+                model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
+                num_fewshot=None if self.params.num_fewshot < 0 else self.params.num_fewshot,
+                bootstrap_iters=self.params.bootstrap_iters)
         if results is None:
             raise MergebenchError("lm-eval returned no results (it does so on processes other than rank 0)")
         return {task: task_row(task, results) for task in tasks}
@@ -117,6 +120,22 @@ class LmEvalTaskPool(TaskPool):
     def _no_batches(self) -> str:
         return ("task pool lmeval is scored by lm-evaluation-harness and hands out no batches or logits; a method "
                 "that reads task data (Fisher, RegMean, AdaMerging, training methods) needs a task pool that does")
+
+
+@contextlib.contextmanager
+def global_random_state_kept(device: torch.device) -> Iterator[None]:
+    """Run lm-eval without changing what the rest of the run draws: it reseeds the global generators (for its own
+    reproducibility), which would otherwise leak into whatever the same process does next."""
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def task_row(task: str, results: Mapping[str, Any]) -> dict[str, float]:

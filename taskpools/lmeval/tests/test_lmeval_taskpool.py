@@ -95,8 +95,16 @@ def test_generation_exact_match_compares_greedy_continuations_with_targets(tmp_p
     row = score(pool, model)["tiny_gen"]
     assert pool.metrics("tiny_gen")[0].name == "exact_match,stripped"  # lm-eval's metric,filter key
     assert row["exact_match,stripped"] == pytest.approx(0.75) and row["examples"] == 4
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
     limited = score(pool, model, limit=2)["tiny_gen"]
     assert limited["examples"] == 2 and limited["exact_match,stripped"] == 1.0
+    after = (torch.rand(1), random.random(), np.random.rand())  # lm-eval reseeded them inside, and they were put back
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    assert after == (torch.rand(1), random.random(), np.random.rand())
 
 
 def test_a_hub_task_offline_and_a_missing_local_file_are_named_before_work(tmp_path):

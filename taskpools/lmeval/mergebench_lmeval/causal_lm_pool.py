@@ -21,7 +21,10 @@ from mergebench_core.pools.hf_models import dtype_kwargs, parse_dtype
 
 
 class CausalLMFolderPool(ModelPool):
-    """`pretrained` and `experts` ({lm-eval task: folder}) are folders written by `save_pretrained`."""
+    """`pretrained` and `experts` ({lm-eval task: folder}) are folders written by `save_pretrained`. An expert folder
+    may instead hold a peft LoRA adapter of the pretrained model (`adapter_config.json`): the expert is then the base
+    with the adapter merged in (B·A·α/r added to each adapted weight), so its task vector is the LoRA delta and every
+    merging method, TIES and DARE included, works on the materialised deltas."""
 
     default_taskpool = None  # name the tasks: --taskpool "lmeval(tasks=...)"
 
@@ -29,10 +32,13 @@ class CausalLMFolderPool(ModelPool):
                  dtype: str | None = None):
         self.name = name
         self.folders = {PRETRAINED: Path(pretrained), **{t: Path(f) for t, f in experts.items()}}
-        missing = [f"{n}: {f}" for n, f in self.folders.items() if not (f / "config.json").is_file()]
+        self.adapters = {n for n, f in self.folders.items() if n != PRETRAINED and
+                         not (f / "config.json").is_file() and (f / "adapter_config.json").is_file()}
+        missing = [f"{n}: {f}" for n, f in self.folders.items()
+                   if n not in self.adapters and not (f / "config.json").is_file()]
         if missing:
             raise MergebenchError(f"model pool {name!r}: these folders hold no config.json (write them with "
-                                  f"model.save_pretrained): {'; '.join(missing)}")
+                                  f"model.save_pretrained) nor a peft adapter_config.json: {'; '.join(missing)}")
         self.dtype = parse_dtype(dtype) or torch.float32
 
     @property
@@ -48,6 +54,11 @@ class CausalLMFolderPool(ModelPool):
 
         if name not in self.folders:
             raise KeyError(f"model pool {self.name!r} has no model {name!r}; it has {', '.join(self.folders)}")
+        if name in self.adapters:
+            from peft import PeftModel
+
+            base = self.load_model(PRETRAINED)
+            return PeftModel.from_pretrained(base, str(self.folders[name])).merge_and_unload().eval()
         return AutoModelForCausalLM.from_pretrained(str(self.folders[name]), **dtype_kwargs(self.dtype)).eval()
 
     def identity(self, name: str) -> str:

@@ -269,3 +269,27 @@ def test_a_model_that_does_not_say_where_its_tokenizer_is_is_refused_with_the_fi
     with pytest.raises(MergebenchError, match=r"lmeval\(tokenizer=FOLDER_OR_HUB_ID\)"):
         tokenizer_source(model)
     assert tokenizer_source(model, "some/folder") == "some/folder"
+
+
+def test_a_lora_adapter_expert_is_the_base_with_its_scaled_delta_merged_in(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = save_model(tmp_path / "pretrained")
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        adapted = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), config)
+    adapted.save_pretrained(tmp_path / "adapter")
+    pool = CausalLMFolderPool(base, {"tiny_mc": tmp_path / "adapter"})
+    expert, pretrained = pool.load_model("tiny_mc").state_dict(), pool.load_model(PRETRAINED).state_dict()
+    lora = {k: v for k, v in adapted.state_dict().items() if "lora_" in k}
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj"):
+            stem = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            a, b = lora[f"{stem}.lora_A.default.weight"], lora[f"{stem}.lora_B.default.weight"]
+            key = f"model.layers.{layer}.self_attn.{proj}.weight"
+            assert torch.allclose(expert[key], pretrained[key] + (6 / 2) * b @ a, atol=1e-6), key
+    unadapted = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(expert[unadapted], pretrained[unadapted])
+    assert "lora_" not in " ".join(expert)

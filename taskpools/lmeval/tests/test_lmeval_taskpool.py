@@ -3,6 +3,7 @@ generations computed here without lm-eval, offline refusals before work, and a w
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -293,3 +294,35 @@ def test_a_lora_adapter_expert_is_the_base_with_its_scaled_delta_merged_in(tmp_p
     unadapted = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(expert[unadapted], pretrained[unadapted])
     assert "lora_" not in " ".join(expert)
+
+
+def test_factored_task_arithmetic_writes_one_adapter_whose_delta_is_the_weighted_sum(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from mergebench_lmeval.lora_factored import task_arithmetic_adapter
+
+    base = save_model(tmp_path / "pretrained")
+    recipes = [(2, 6.0, ["q_proj", "v_proj"]), (3, 3.0, ["q_proj", "k_proj"])]
+    folders, deltas = [], []
+    for i, (r, alpha, targets) in enumerate(recipes):
+        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(10 + i)
+            adapted = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), config)
+        adapted.save_pretrained(tmp_path / f"adapter{i}")
+        folders.append(tmp_path / f"adapter{i}")
+        sd = adapted.state_dict()
+        deltas.append({f"model.layers.{layer}.self_attn.{proj}.weight":
+                       (alpha / r) * sd[f"base_model.model.model.layers.{layer}.self_attn.{proj}.lora_B.default.weight"]
+                       @ sd[f"base_model.model.model.layers.{layer}.self_attn.{proj}.lora_A.default.weight"]
+                       for layer in range(2) for proj in targets})
+    out = task_arithmetic_adapter(folders, tmp_path / "merged", weights=[0.5, 0.3])
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 5
+    merged = CausalLMFolderPool(base, {"merged": out}).load_model("merged").state_dict()
+    pretrained = AutoModelForCausalLM.from_pretrained(str(base)).state_dict()
+    for key in pretrained:
+        expected = pretrained[key] + 0.5 * deltas[0].get(key, 0) + 0.3 * deltas[1].get(key, 0)
+        assert torch.allclose(merged[key], expected, atol=1e-6), key
+    with pytest.raises(MergebenchError, match="2 weights for 1 adapters"):
+        task_arithmetic_adapter(folders[:1], tmp_path / "x", weights=[1.0, 2.0])

@@ -55,11 +55,19 @@ class CausalLMFolderPool(ModelPool):
         if name not in self.folders:
             raise KeyError(f"model pool {self.name!r} has no model {name!r}; it has {', '.join(self.folders)}")
         if name in self.adapters:
-            from peft import PeftModel
-
-            base = self.load_model(PRETRAINED)
-            return PeftModel.from_pretrained(base, str(self.folders[name])).merge_and_unload().eval()
+            return self.with_adapter(self.folders[name])
         return AutoModelForCausalLM.from_pretrained(str(self.folders[name]), **dtype_kwargs(self.dtype)).eval()
+
+    def adapter_folder(self, name: str) -> Path | None:
+        """The peft LoRA adapter folder of expert `name`, None when the expert is a whole model
+        (`lora_method.LoraAdapterPool`)."""
+        return self.folders[name] if name in self.adapters else None
+
+    def with_adapter(self, folder: str | Path) -> nn.Module:
+        """The pretrained model with the LoRA adapter in `folder` merged into its weights."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(self.load_model(PRETRAINED), str(folder)).merge_and_unload().eval()
 
     def identity(self, name: str) -> str:
         """The folder and its weight files' sizes and times: a model saved again is a new identity."""

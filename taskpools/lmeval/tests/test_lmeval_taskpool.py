@@ -326,3 +326,68 @@ def test_factored_task_arithmetic_writes_one_adapter_whose_delta_is_the_weighted
         assert torch.allclose(merged[key], expected, atol=1e-6), key
     with pytest.raises(MergebenchError, match="2 weights for 1 adapters"):
         task_arithmetic_adapter(folders[:1], tmp_path / "x", weights=[1.0, 2.0])
+
+
+def lora_adapter(base: Path, out: Path, seed: int, r: int = 2, alpha: float = 4.0) -> tuple[Path, dict]:
+    """A random LoRA adapter of `base` on q_proj and v_proj, and its materialised deltas {weight name: ΔW}."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        adapted = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), config)
+    adapted.save_pretrained(out)
+    sd = adapted.state_dict()
+    stem = "base_model.model.model.layers.{}.self_attn.{}.lora_{}.default.weight"
+    return out, {f"model.layers.{layer}.self_attn.{p}.weight":
+                 (alpha / r) * sd[stem.format(layer, p, "B")] @ sd[stem.format(layer, p, "A")]
+                 for layer in range(2) for p in ("q_proj", "v_proj")}
+
+
+def test_lora_task_arithmetic_merges_factors_into_an_adapter_equal_to_task_arithmetic(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from mergebench_core import RunContext
+    from mergebench_lmeval import LoraTaskArithmetic
+
+    base = save_model(tmp_path / "pretrained")
+    (mc, d_mc), (gen, d_gen) = lora_adapter(base, tmp_path / "mc", 1), lora_adapter(base, tmp_path / "gen", 2, r=3)
+    pool = CausalLMFolderPool(base, {"tiny_mc": mc, "tiny_gen": gen}, name="tiny-lora")
+    assert LoraTaskArithmetic.refusal(pool, LoraTaskArithmetic.Params()) is None
+    whole = CausalLMFolderPool(base, {"tiny_mc": expert_folder(base, tmp_path / "whole", 1)})
+    assert "not all peft LoRA adapters" in LoraTaskArithmetic.refusal(whole, LoraTaskArithmetic.Params())
+    out = LoraTaskArithmetic(LoraTaskArithmetic.Params(scaling_factor=0.4)).run(
+        pool, RunContext(cache_dir=tmp_path / "cache"))
+    merged, pretrained = out.model.state_dict(), pool.load_model(PRETRAINED).state_dict()
+    for key in pretrained:
+        expected = pretrained[key] + 0.4 * (d_mc.get(key, 0) + d_gen.get(key, 0))
+        assert torch.allclose(merged[key], expected, atol=1e-6), key
+    adapter = json.loads((Path(out.extras["adapter"]) / "adapter_config.json").read_text())
+    assert adapter["r"] == 5 and adapter["lora_alpha"] == 5  # ranks stacked, the merged scaling 1
+
+
+def test_lora_task_arithmetic_runs_in_the_grid_and_scores_like_task_arithmetic(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    base = save_model(tmp_path / "pretrained")
+    experts = {"tiny_mc": lora_adapter(base, tmp_path / "mc", 1)[0], "tiny_gen": lora_adapter(base, tmp_path / "g", 2)[0]}
+    module = types.ModuleType("tiny_lora_pool")
+
+    @hookimpl
+    def register_modelpools(register):
+        register("tiny-lora", lambda: CausalLMFolderPool(base, experts, name="tiny-lora"), "two LoRA experts")
+
+    module.register_modelpools = register_modelpools
+    monkeypatch.setattr(registry_module, "_REGISTRY", registry_module.build_registry(extra_modules=[module]))
+    monkeypatch.setenv("MERGEBENCH_STORE", str(tmp_path / "r.sqlite"))
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    tasks = tmp_path / "tasks"
+    write_multiple_choice_task(tasks)
+    write_generation_task(tasks, [{"prompt": "the cat", "target": "sat"}, {"prompt": "the dog", "target": "ran"}])
+    assert main(["run", "-m", "lora_task_arithmetic,task_arithmetic", "-p", "tiny-lora", "--taskpool",
+                 f"lmeval(tasks=tiny_mc,tiny_gen,include_path={tasks})"]) == 0
+    rows = {r.method: r for r in ResultStore(tmp_path / "r.sqlite").all()}
+    assert rows["lora_task_arithmetic"].status == "ok", rows["lora_task_arithmetic"].error
+    assert Path(rows["lora_task_arithmetic"].extras["adapter"], "adapter_model.safetensors").is_file()
+    for task, metric in (("tiny_mc", "acc"), ("tiny_gen", "exact_match,stripped")):
+        assert rows["lora_task_arithmetic"].metrics[task][metric] == rows["task_arithmetic"].metrics[task][metric]

@@ -183,8 +183,9 @@ def test_a_pool_declaring_bad_parameters_is_a_broken_plugin():
 
     with pytest.raises(PluginError, match="need a default for every field"):
         registry_module._validate_pool_params(Needs, "modelpool", "x", "p")
-    with pytest.raises(PluginError, match="only model pools take parameters"):
-        registry_module._validate_pool_params(ScaleParams, "taskpool", "x", "p")
+    with pytest.raises(PluginError, match="only model pools and task pools take parameters"):
+        registry_module._validate_pool_params(ScaleParams, "logger", "x", "p")
+    registry_module._validate_pool_params(ScaleParams, "taskpool", "x", "p")  # task pools take them too
     assert not reg.modelpools
 
 

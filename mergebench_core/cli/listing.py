@@ -43,6 +43,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print()
         if title == "Model pools":
             _list_pool_params(registry)
+        if title == "Task pools":
+            _list_taskpool_params(registry)
     makers = sorted(n for n, r in registry.methods.items()
                     if issubclass(r.obj, TrainingMethod) and r.obj.produces == "pool")
     if makers:
@@ -100,6 +102,18 @@ def _list_pool_params(registry: Registry) -> None:
     for name, described in rows:
         print(f"  {name}: {described}")
     print()
+
+
+def _list_taskpool_params(registry: Registry) -> None:
+    """Task pools that take parameters (`lmeval(tasks=...)`), with their types and defaults."""
+    from mergebench_core.pools.params import describe_params
+
+    rows = [(name, describe_params(reg.params)) for name, reg in sorted(registry.taskpools.items()) if reg.params]
+    if rows:
+        print("Task pool parameters: --taskpool \"NAME(key=value,...)\":")
+        for name, described in rows:
+            print(f"  {name}: {described}")
+        print()
 
 
 def add_parser(sub: Any) -> None:

@@ -129,9 +129,9 @@ def _validate_method(cls: Any, plugin: str) -> type[Method]:
 def _validate_pool_params(params: Any, kind: str, name: str, plugin: str) -> None:
     """A pool's parameters are a dataclass whose defaults build the pool as registered: checked at registration, so a
     plugin's mistake is reported as its own (a broken plugin), not as a user's bad pool name later."""
-    if kind != "modelpool":
-        raise PluginError(f"plugin {plugin!r}: {kind} {name!r} was registered with params; only model pools take "
-                          f"parameters")
+    if kind not in ("modelpool", "taskpool"):
+        raise PluginError(f"plugin {plugin!r}: {kind} {name!r} was registered with params; only model pools and "
+                          f"task pools take parameters")
     if not (inspect.isclass(params) and is_dataclass(params)):
         raise PluginError(f"plugin {plugin!r}: the params of model pool {name!r} must be a dataclass type, got "
                           f"{params!r}")

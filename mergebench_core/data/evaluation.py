@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,17 @@ Metrics = dict[str, dict[str, float]]
 
 class NonFiniteOutput(MergebenchError):
     """A model whose outputs are NaN or infinite has no meaningful score."""
+
+
+@runtime_checkable
+class ScoresModels(Protocol):
+    """A task pool that scores a model itself, through an outside harness with its own requests, metrics and
+    standard errors (lm-evaluation-harness), instead of handing out batches for the loop below: `evaluate` hands
+    it the whole evaluable. Its metrics are stored as it names them; each task's first `metrics` spec is still the
+    primary one."""
+
+    def score_model(self, evaluable: Evaluable, *, tasks: Sequence[str], limit: int | None, device: torch.device,
+                    batch_size: int, split: str) -> Metrics: ...
 
 
 def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
@@ -43,6 +54,9 @@ def evaluate(taskpool: TaskPool, evaluable: Evaluable, *, tasks: Sequence[str] |
     """{task: {"accuracy": fraction correct, "loss": mean cross-entropy}} on each task's `split` (test by default)."""
     device = torch.device(device)
     tasks = list(tasks) if tasks is not None else taskpool.tasks
+    if isinstance(taskpool, ScoresModels):
+        return taskpool.score_model(evaluable, tasks=tasks, limit=limit, device=device, batch_size=batch_size,
+                                    split=split)
     if isinstance(evaluable, PerTaskModels):
         missing = [t for t in tasks if t not in evaluable.models]
         if missing:

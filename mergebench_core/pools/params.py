@@ -93,8 +93,14 @@ def describe_params(params_cls: type) -> str:
     """`lr: float = 0.0003 (0 < lr <= 10), steps: int = 200 (1 <= steps <= 1000000)` (for `mergebench list` and
     errors): each field's type and default, and its bounds where the dataclass declares them (`CheckedParams`)."""
     defaults, types, bounds = params_cls(), field_types(params_cls), declared_bounds(params_cls)
-    return ", ".join(f"{f.name}: {types[f.name]} = {format_value(getattr(defaults, f.name))}" +
+    return ", ".join(f"{f.name}: {types[f.name]} = {_default_text(getattr(defaults, f.name))}" +
                      (f" ({bounds[f.name]})" if f.name in bounds else "") for f in dataclasses.fields(params_cls))
+
+
+def _default_text(value: Any) -> str:
+    """A default as `describe_params` shows it: an empty string default ("none given") is shown as "", which no
+    name can spell."""
+    return '""' if value == "" else format_value(value)
 
 
 def pool_params(reg: Registration, given: Sequence[str], common: Mapping[str, Any] | None = None,
@@ -103,21 +109,22 @@ def pool_params(reg: Registration, given: Sequence[str], common: Mapping[str, An
     the name's own `key=value` items describe, in that order of precedence (the name last)."""
     if reg.params is None:
         if given:
-            raise ConfigError(f"model pool {reg.name!r} takes no parameters, and the name gives "
+            raise ConfigError(f"{_kind(reg)} {reg.name!r} takes no parameters, and the name gives "
                               f"({','.join(given)}); drop them")
         return [None]
     types = field_types(reg.params)
     names = set(types)
+    given = _list_items_joined(given, types)
     named: list[str] = []
     for item in given:
         key, eq, _ = item.partition("=")
         if not eq or not key.strip():
-            raise ConfigError(f"model pool {reg.name!r}: {item!r} is not of the form key=value")
+            raise ConfigError(f"{_kind(reg)} {reg.name!r}: {item!r} is not of the form key=value")
         if key.strip() not in names:
-            raise unknown_parameter_error(reg.name, key.strip(), types, kind=_KIND)
+            raise unknown_parameter_error(reg.name, key.strip(), types, kind=_kind(reg))
         named.append(key.strip())
     if len(set(named)) != len(named):
-        raise ConfigError(f"model pool {reg.name!r}: a parameter is given twice in ({','.join(given)})")
+        raise ConfigError(f"{_kind(reg)} {reg.name!r}: a parameter is given twice in ({','.join(given)})")
     base = {k: v for k, v in (common or {}).items() if k in names}
     swept: list[tuple[str, tuple[str, ...]]] = []
     for ov in overrides:
@@ -132,10 +139,34 @@ def pool_params(reg: Registration, given: Sequence[str], common: Mapping[str, An
     for combo in itertools.product(*[values for _, values in swept]):
         dotlist = [f"{k}={v}" for k, v in zip(keys, combo)] + [item.strip() for item in given]
         try:
-            out.append(instantiate_params(reg.name, reg.params, base, dotlist, types, kind=_KIND))
+            out.append(instantiate_params(reg.name, reg.params, base, dotlist, types, kind=_kind(reg)))
         except ConfigError as exc:  # say what the pool accepts, so the fix is in the message
             raise ConfigError(f"{exc}. Parameters of {reg.name}: {describe_params(reg.params)}") from None
     return out
+
+
+def _kind(reg: Registration) -> str:
+    return "task pool" if reg.kind == "taskpool" else _KIND
+
+
+def _list_items_joined(given: Sequence[str], types: Mapping[str, str]) -> list[str]:
+    """`tasks=a,b` as `tasks=[a,b]` when `tasks` is a list or tuple field: the items after a list key that hold no
+    `=` are its further values (`lmeval(tasks=arc_easy,gsm8k)`, as lm-eval's users write task lists)."""
+    out: list[str | list[str]] = []
+    listing: list[str] | None = None  # [key, value, value, ...] of the list being read
+    for item in given:
+        if listing is not None and "=" not in item:
+            listing.append(item.strip())
+            continue
+        key, eq, value = item.partition("=")
+        if eq and types.get(key.strip(), "").lower().startswith(("list", "tuple")) and \
+                not value.strip().startswith("["):
+            listing = [key.strip(), value.strip()]
+            out.append(listing)  # further values are appended to it in place
+        else:
+            listing = None
+            out.append(item)
+    return [f"{i[0]}=[{','.join(i[1:])}]" if isinstance(i, list) else i for i in out]
 
 
 def canonical_names(registry: Any, name: str, common: Mapping[str, Any] | None = None,
@@ -163,9 +194,10 @@ def canonical_filter(registry: Any, name: str) -> str:
     return names[0] if len(names) == 1 else name
 
 
-def make_pool(reg: Registration, parsed: PoolName) -> ModelPool:
+def make_pool(reg: Registration, parsed: PoolName) -> Any:
     """Build the plain pool `parsed` names (no derived or task suffix): `factory(params)` for pools that declare
-    parameters, `factory()` otherwise. A pool built with non-default parameters is named canonically."""
+    parameters, `factory()` otherwise. A pool built with non-default parameters is named canonically. Model pools
+    and task pools (`lmeval(tasks=...)`) are built the same way."""
     (params,) = pool_params(reg, parsed.base_params)
     pool = reg.obj() if reg.params is None else reg.obj(params)
     items = canonical_params(params) if params is not None else ()

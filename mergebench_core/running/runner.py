@@ -134,10 +134,8 @@ class Runner:
             parsed = PoolName.parse(name)
             if parsed.tasks is not None:
                 pool: TaskPool = TaskSubsetTaskPool(self.taskpool(parsed.unrestricted), parsed.tasks, name)
-            else:
-                reg = self.registry.taskpool(name)
-                pool = reg.obj()
-                pool.name = pool.name or reg.name
+            else:  # a plain task pool, with its parameters if it declares any (`lmeval(tasks=...)`)
+                pool = make_pool(self.registry.taskpool(parsed.base), parsed)
                 pool.configure(dtype=self.options.dtype, trust_pickle=self.options.trust_pickle)
             self._taskpools[name] = pool
         return self._taskpools[name]
@@ -145,7 +143,10 @@ class Runner:
     def _base_taskpool(self, pool: ModelPool) -> str | None:
         """The task pool that scores `pool` (`--taskpool`, else the pool's default); None when neither names one."""
         if self.options.taskpool:
-            return self.registry.taskpool(PoolName.parse(self.options.taskpool).base).name
+            parsed = PoolName.parse(self.options.taskpool)
+            name = self.registry.taskpool(parsed.base).name
+            return self.taskpool(PoolName(name, base_params=parsed.base_params).pool).name if parsed.base_params \
+                else name
         return self.registry.taskpool(pool.default_taskpool).name if pool.default_taskpool else None
 
     def _taskpool_fix(self, pool: ModelPool) -> str:

@@ -128,6 +128,13 @@ def test_checkpoint_files_are_asked_the_same_question():
     assert file_merge_refusal(Tiny) is None and "cannot merge files" in file_merge_refusal(OldStyle)
 
 
+class Slow(Method):
+    name, Params, info = "slow", Params, MethodInfo(left_out_of_sweeps="trains for an hour")
+
+    def run(self, pool, ctx):
+        return MergeOutput(pool.load_model("e0"))
+
+
 def _runner(tmp_path, methods):
     plugin = types.ModuleType("refusal_plugin")
 
@@ -135,6 +142,7 @@ def _runner(tmp_path, methods):
     def register_methods(register):
         register(OldStyle)
         register(NewStyle)
+        register(Slow)
 
     @hookimpl
     def register_modelpools(register):
@@ -159,3 +167,10 @@ def test_the_runner_refuses_named_methods_and_lists_swept_ones(tmp_path):
     assert not [c for c in runner.plan() if c.method in ("old_style", "new_style")]
     assert any("old_style on four: at most 3 experts" in line for line in runner.not_applicable)
     assert any("new_style on four: odd pools only" in line for line in runner.not_applicable)
+
+
+def test_a_method_left_out_of_sweeps_runs_only_when_named(tmp_path):
+    swept = _runner(tmp_path, None)
+    assert not [c for c in swept.plan() if c.method == "slow"]
+    assert "slow on every pool: trains for an hour; name it with --method to run it" in swept.not_applicable
+    assert [c.method for c in _runner(tmp_path, ["slow"]).plan()] == ["slow"]

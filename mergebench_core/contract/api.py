@@ -52,6 +52,9 @@ class MethodInfo:
     """True when the method works on task vectors θ_t − θ_0: it needs a pretrained model that every expert was
     fine-tuned from, so it refuses pools of independently trained models. (Data-free `TensorMergeMethod`s declare
     this through `requires_base` instead.)"""
+    left_out_of_sweeps: str = ""
+    """Why a sweep over every method leaves this one out (say, it trains for minutes where the rest take seconds);
+    empty for methods that every sweep runs. A method left out still runs when named with `--method`."""
 
 
 @dataclass(frozen=True)

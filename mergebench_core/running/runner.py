@@ -190,6 +190,10 @@ class Runner:
             raise ConfigError(f"--batch-size {opts.batch_size}: a batch holds at least one example")
         method_names = list(opts.methods) if opts.methods else sorted(self.registry.methods)
         regs = [self.registry.method_registration(m) for m in method_names]
+        if not explicit:  # methods that ask to be named are listed under "not run", with their reason
+            self.not_applicable += [f"{r.name} on every pool: {r.obj.info.left_out_of_sweeps}; name it with --method to run it"
+                                    for r in regs if r.obj.info.left_out_of_sweeps]
+            regs = [r for r in regs if not r.obj.info.left_out_of_sweeps]
         overrides = parse_overrides(opts.overrides)
         yaml_cfg = load_yaml(opts.config_file)
         check_sections(yaml_cfg, opts.config_file, self.registry.methods)

@@ -211,6 +211,6 @@ def test_mergebench_run_on_minilm_text8_runs_cold(tmp_path):
                             "--store", str(store)], env=env, capture_output=True, text=True, timeout=600)
     cells = json.loads(shown.stdout)
     assert len(cells) == 1 and cells[0]["status"] == "ok"
-    metrics = cells[0]["metrics"]
-    assert set(metrics) >= set(tasks.TASKS)
-    assert sum(metrics[t] for t in tasks.TASKS) / len(tasks.TASKS) > 0.5
+    scores = cells[0]["scores"]
+    assert set(scores) >= set(tasks.TASKS)
+    assert sum(scores[t] for t in tasks.TASKS) / len(tasks.TASKS) > 0.5

@@ -7,9 +7,9 @@ import pytest
 from torch import nn
 
 from mergebench_core import MergeOutput, Method, MethodInfo, PerTaskModels
+from mergebench_core.contract.api import Registration, RunContext
 from mergebench_core.contract.composition import format_value, parse_spec, run_base
 from mergebench_core.contract.registry import Registry
-from mergebench_core.contract.api import Registration, RunContext
 from mergebench_core.engine.layers import layer_depths, numbered_layer
 from mergebench_core.errors import ConfigError, MergebenchError
 

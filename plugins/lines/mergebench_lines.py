@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -42,11 +41,11 @@ from mergebench_core.errors import MergebenchError
 class Params:
     base: str = "task_arithmetic"
     """The method whose merged task vector is scaled (a method spec: `ties`, `ties(k=0.1)`)."""
-    beta: Optional[float] = None
+    beta: float | None = None
     """The scale added at the deepest layer over the shallowest; None tunes it on the validation split."""
     beta_points: int = 10
     """The search grid when `beta` is None: β ∈ {1/n, 2/n, …, 1} for n = `beta_points`."""
-    alpha: Optional[float] = None
+    alpha: float | None = None
     """The scale of the shallowest layer; None is the paper's rule (‖Σ τ_t‖₁ / ‖τ_m‖₁) / T."""
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ the one bucket that holds the k-th value) yields the exact k-th largest magnitud
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -230,3 +230,48 @@ class Thresholds:
                     out[r, at] = 1.0
                     self._remaining[r] = 0
         return out
+
+
+def kth_largest(blocks: Callable[[], Iterable[torch.Tensor]], ranks: Sequence[int]) -> list[float]:
+    """The exact `ranks[r]`-th largest *signed* value (1 = the maximum) of each of R rows, streamed.
+
+    `blocks()` yields the rows a chunk at a time, (R, m), in the same order on every call; it is called two or four
+    times (each call is a pass over the model). A quantile of a score that can be negative (PCB's balancing score)
+    is found with the magnitude radix select on the positive parts, and, for a row whose answer is negative, on the
+    negative parts: the k-th largest of v is the (d − k + 1)-th largest of −v, negated.
+    """
+    ranks = [int(k) for k in ranks]
+    rows = len(ranks)
+    if rows == 0:
+        return []
+    select = StreamingTopK(ranks)
+    positive = torch.zeros(rows, dtype=torch.int64)
+    zero = torch.zeros(rows, dtype=torch.int64)
+    total = 0
+    for chunk in blocks():
+        chunk = chunk.to(torch.float32).reshape(rows, -1)
+        positive += (chunk > 0).sum(1).cpu()
+        zero += (chunk == 0).sum(1).cpu()
+        total += chunk.shape[1]
+        select.observe_high(torch.relu(chunk))
+    for k in ranks:
+        if not 1 <= k <= total:
+            raise ValueError(f"rank {k} is outside 1..{total}, the entries per row")
+    for chunk in blocks():
+        select.observe_low(torch.relu(chunk.to(torch.float32).reshape(rows, -1)))
+    select._find_thresholds()
+    out = [float(torch.tensor([b], dtype=torch.int32).view(torch.float32)) for b in select.threshold]
+    below = [r for r, k in enumerate(ranks) if k > int(positive[r]) + int(zero[r])]
+    for r, k in enumerate(ranks):
+        if int(positive[r]) < k <= int(positive[r]) + int(zero[r]):
+            out[r] = 0.0
+    if below:
+        negative = StreamingTopK([total - ranks[r] + 1 if r in below else 0 for r in range(rows)])
+        for chunk in blocks():
+            negative.observe_high(torch.relu(-chunk.to(torch.float32).reshape(rows, -1)))
+        for chunk in blocks():
+            negative.observe_low(torch.relu(-chunk.to(torch.float32).reshape(rows, -1)))
+        negative._find_thresholds()
+        for r in below:
+            out[r] = -float(torch.tensor([negative.threshold[r]], dtype=torch.int32).view(torch.float32))
+    return out

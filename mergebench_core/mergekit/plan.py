@@ -15,14 +15,13 @@ table. Its rules are MergeKit's:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from mergebench_core.engine.layers import LAYER
 from mergebench_core.errors import CheckpointError
 from mergebench_core.mergekit.config import MergeKitConfig, MergeKitConfigError, Slice, Source
 
-LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 PRE_WORDS = ("embed", "wte", "wpe")
 
 

@@ -107,6 +107,20 @@ def summarise(rounds: list[dict[tuple[str, str], dict[str, float]]], label: str)
     return stages
 
 
+def paired(rounds: list[dict[tuple[str, str], dict[str, float]]],
+           baseline: list[dict[tuple[str, str], dict[str, float]]], label: str) -> dict[str, tuple[float, float]]:
+    """Per stage of `label`: the medians over rounds of this code's wall and CPU time over the baseline's, each
+    ratio taken within one round (the two runs were made one after the other)."""
+    out = {}
+    for stage in STAGES:
+        key = (stage, "" if stage in SHARED else label)
+        pairs = [(r[key], b[key]) for r, b in zip(rounds, baseline) if key in r and key in b]
+        if pairs:
+            out[stage] = (statistics.median(x["seconds"] / y["seconds"] for x, y in pairs),
+                          statistics.median(x["cpu"] / y["cpu"] for x, y in pairs))
+    return out
+
+
 def format_table(summaries: dict[str, dict[str, Any]]) -> str:
     lines = ["| method | stage | wall s (median) | + over previous stage | wall / floor (paired median) | CPU s | "
              "CPU / floor | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
@@ -247,10 +261,15 @@ def warm(work: Path) -> int:
     return total
 
 
-def run_stage(stage: str, label: str, args: argparse.Namespace) -> dict[str, float]:
+def run_stage(stage: str, label: str, args: argparse.Namespace, code: str | None = None) -> dict[str, float]:
+    """One child; `code` is a checkout whose `mergebench_core` it imports instead of the installed one."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, "--workdir", args.workdir,
            "--device", args.device, "--block-mb", str(args.block_mb)] + (["--method", label] if label else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(code).resolve())] + ([env["PYTHONPATH"]] if
+                                                                           env.get("PYTHONPATH") else []))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
@@ -269,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--block-mb", type=float, default=16.0, help="as `mergebench merge --block-mb`")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="another checkout of the repository (git worktree): every run is paired with the same "
+                             "run on its mergebench_core, in alternating order, and the ratios are printed")
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -294,16 +316,28 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     rounds: list[dict[tuple[str, str], dict[str, float]]] = []
+    baseline: list[dict[tuple[str, str], dict[str, float]]] = []
     for r in range(args.rounds):
         results: dict[tuple[str, str], dict[str, float]] = {}
-        for stage, label in round_order(labels, r):
-            warm(work)
-            results[(stage, label)] = run_stage(stage, label, args)
+        base_results: dict[tuple[str, str], dict[str, float]] = {}
+        for i, (stage, label) in enumerate(round_order(labels, r)):
+            variants = [(results, None)] + ([(base_results, args.baseline)] if args.baseline else [])
+            for into, code in variants if (i + r) % 2 == 0 else variants[::-1]:
+                warm(work)
+                into[(stage, label)] = run_stage(stage, label, args, code)
         rounds.append(results)
+        baseline.append(base_results)
         print(f"round {r + 1}: " + ", ".join(f"{s}{'/' + m if m else ''} {v['seconds']:.2f} s"
                                              for (s, m), v in results.items()), flush=True)
     print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(format_table({label: summarise(rounds, label) for label in labels}))
+    if args.baseline:
+        print(f"\nbaseline {args.baseline}:\n")
+        print(format_table({label: summarise(baseline, label) for label in labels}))
+        print("\n| method | stage | wall this / baseline (paired median) | CPU this / baseline |\n|---|---|---|---|")
+        for label in labels:
+            for stage, (wall, cpu) in paired(rounds, baseline, label).items():
+                print(f"| {label} | {stage} | {wall:.2f}x | {cpu:.2f}x |")
 
 
 if __name__ == "__main__":

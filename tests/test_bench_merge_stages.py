@@ -51,3 +51,17 @@ def test_summary_takes_medians_increments_and_ratios_to_the_floor_of_the_same_ro
     assert s["floor"]["ratio"] == 1.0
     table = stages.format_table({"m": s})
     assert "| m | kernel | 4.000 | +1.000 | 2.25x |" in table
+
+
+def test_pairs_with_a_baseline_are_ratios_taken_round_by_round():
+    def run(seconds, cpu):
+        return {"seconds": seconds, "cpu": cpu, "rss": 1.0}
+
+    this = [{("floor", ""): run(1.0, 1.0), ("kernel", "m"): run(2.0, 1.0)},
+            {("floor", ""): run(4.0, 1.0), ("kernel", "m"): run(8.0, 3.0)}]
+    base = [{("floor", ""): run(1.0, 2.0), ("kernel", "m"): run(4.0, 2.0)},
+            {("floor", ""): run(2.0, 2.0), ("kernel", "m"): run(4.0, 2.0)}]
+    ratios = stages.paired(this, base, "m")
+    assert ratios["floor"] == (1.5, 0.5)  # wall 1/1 and 4/2; CPU 1/2 twice
+    assert ratios["kernel"] == (1.25, 1.0)  # wall 0.5 and 2; CPU 0.5 and 1.5
+    assert "merge" not in ratios

@@ -2,8 +2,8 @@
 
 For each method, four kinds of fresh child process run on the same checkpoints, each after the same imports and
 the same glibc settings as `mergebench merge`, with the page cache warmed by reading every input file first; each
-child times only its work (wall and CPU time, not the interpreter and torch starting) and the parent takes peak RSS
-from `os.wait4`:
+child times only its work (wall and CPU time, of it system time and minor page faults, not the interpreter and torch
+starting) and the parent takes peak RSS from `os.wait4`:
 
   floor     a plain read of every input tensor (base and experts) through `SafetensorsSource.read_into`, the reader
             the engine uses, into one reused buffer;
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def summarise(rounds: list[dict[tuple[str, str], dict[str, float]]], label: str)
         stages[stage] = {
             "seconds": statistics.median(x["seconds"] for x in runs),
             "cpu": statistics.median(x["cpu"] for x in runs),
+            "sys": statistics.median(x.get("sys", 0.0) for x in runs),
+            "faults": statistics.median(x.get("faults", 0) for x in runs),
             "cpu_ratio": statistics.median(x["cpu"] / r[("floor", "")]["cpu"] for x, r in
                                            ((r[key], r) for r in rounds if key in r and ("floor", "") in r)),
             "rss": statistics.median(x["rss"] for x in runs),
@@ -123,11 +126,12 @@ def paired(rounds: list[dict[tuple[str, str], dict[str, float]]],
 
 def format_table(summaries: dict[str, dict[str, Any]]) -> str:
     lines = ["| method | stage | wall s (median) | + over previous stage | wall / floor (paired median) | CPU s | "
-             "CPU / floor | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+             "CPU / floor | of it system s | page faults | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, stages in summaries.items():
         for stage, s in stages.items():
             lines.append(f"| {label} | {stage} | {s['seconds']:.3f} | {s['increment']:+.3f} | {s['ratio']:.2f}x | "
-                         f"{s['cpu']:.2f} | {s['cpu_ratio']:.2f}x | {s['rss']:.0f} |")
+                         f"{s['cpu']:.2f} | {s['cpu_ratio']:.2f}x | {s['sys']:.2f} | {s['faults']:.0f} | "
+                         f"{s['rss']:.0f} |")
     return "\n".join(lines)
 
 
@@ -234,7 +238,7 @@ def child(args: argparse.Namespace) -> None:
     _, name, overrides = method_spec(args.method) if args.method else ("", "", [])
     if name:
         _method(name, overrides)  # loads the plugins outside the timed part
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     if args.child == "floor":
         _floor(work)
     elif args.child == "transfer":
@@ -244,7 +248,9 @@ def child(args: argparse.Namespace) -> None:
     else:
         _merge(work, device, args.block_mb, name, overrides)
     _sync(device)
-    print(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+                      "sys": after.ru_stime - usage.ru_stime, "faults": after.ru_minflt - usage.ru_minflt}))
 
 
 # -- the parent ------------------------------------------------------------------------------------------------
@@ -276,7 +282,8 @@ def run_stage(stage: str, label: str, args: argparse.Namespace, code: str | None
     if proc.returncode != 0:
         raise SystemExit(f"stage {stage} {label} failed (exit {proc.returncode}):\n{err[-3000:]}")
     timed = json.loads(out.strip().splitlines()[-1])
-    return {"seconds": timed["seconds"], "cpu": timed["cpu"], "rss": usage.ru_maxrss / 1024}
+    return {"seconds": timed["seconds"], "cpu": timed["cpu"], "sys": timed.get("sys", 0.0),
+            "faults": timed.get("faults", 0), "rss": usage.ru_maxrss / 1024}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

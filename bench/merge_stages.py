@@ -19,7 +19,7 @@ it, and the median over rounds of each stage / the floor measured in the same ro
 the same for every method (all of them are read in the engine's blocks), so they run once per round. CPU time is the
 steadier measure on a machine shared with other jobs.
 
-    python bench/merge_stages.py                                        # small Llama-shaped set, < 1 min on a CPU
+    python bench/merge_stages.py            # small Llama-shaped set: each merge takes seconds on a CPU core
     python bench/merge_stages.py --rounds 5 --methods ties_tensor,task_arithmetic
     python bench/llama_checkpoints.py --out /tmp/mb-llama               # the full set: 9 x 333 MB
     python bench/merge_stages.py --workdir /tmp/mb-llama --device cuda  # on a GPU machine

@@ -260,3 +260,19 @@ def test_tiny_kernel_chunks_give_the_same_bits(monkeypatch, name):
     for block in (1 << 22, 1000):
         got = run(Piped(pipe), base, experts, block_entries=block, seed=1)
         assert all(torch.equal(got[k], want[k]) for k in base), (name, block)
+
+
+def test_dare_drop_hashed_in_cache_sized_chunks_equals_the_mask_of_the_whole_block():
+    """`drop_` hashes a CPU block's mask in chunks (`_DROP_CHUNK`); each entry's mask depends on its index only, so
+    the result must equal the definition applied to the whole block at once, across chunk edges and a block start."""
+    from mergebench_core.engine import task_vector_stages as stages
+
+    pipe = Pipeline(drop=0.7)
+    m = 2 * stages._DROP_CHUNK + 12_345
+    taus = torch.randn(3, m, generator=torch.Generator().manual_seed(0))
+    expected = taus.clone()
+    for t in range(3):
+        expected[t] *= stages.drop_keep(5, "layer.weight", t, range(777, 777 + m), 0.7) * (1 / 0.3)
+    got = stages.drop_(taus.clone(), pipe, 5, "layer.weight", 777)
+    assert torch.equal(got, expected)
+    assert 0.25 < float((got != 0).float().mean()) < 0.35  # about 1 - p of the entries survive

@@ -160,7 +160,7 @@ def _models(base, experts, params):
 
 
 NEW_METHODS = [  # (merge_method, base_model?, per-model parameters, top-level parameters, experts used)
-    # MergeKit's select_topk default (1.0), not ours (0.1): `mergekit_defaults`. A selection is checked against
+    # select_topk left to MergeKit's default, 1.0 (`mergekit_defaults`). A selection is checked against
     # MergeKit in plugins/sce on float32 inputs; on these bf16 ones tied variances at the threshold are common, and
     # which tied entry is selected changes the tensor's expert weights, hence every entry of it.
     ("sce", True, "", "{}", 2),

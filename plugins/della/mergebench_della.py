@@ -14,11 +14,11 @@ Both are `mergebench_core.engine.generalized_ta` methods; draws are a hash of (s
 is reproducible whatever the tensor order.
 
 Defaults. MergeKit's are density 1.0 (no pruning at all), ε 0.15, λ 1.0: a MergeKit config that leaves a parameter
-out gets those (`mergekit_defaults`). The benchmark defaults prune: density 0.2, the fraction TIES keeps in this
-benchmark (FusionBench's k = 0.2), with MergeKit's ε 0.15 would put the smallest entries' probability at 0.05, so
-ε = 0.1 (range [0.1, 0.3]); λ 1.0 for `della` (a mean of the agreeing entries, each rescaled to its full L1 norm) and
-λ 0.3 for `della_linear` (a sum, as task arithmetic's λ 0.3 in this benchmark). These are choices of this benchmark,
-not the paper's (which tunes p, ε and λ per experiment on LLM merges).
+out gets those (`mergekit_defaults`). The benchmark's defaults prune like its TIES: density 0.2 (FusionBench's TIES
+k = 0.2) and λ 0.3 (FusionBench's TIES and task-arithmetic λ), for both methods; ε 0.1 keeps the probabilities in
+[0.1, 0.3] (MergeKit's ε 0.15 would let the smallest entries through at 0.05). These are this benchmark's choices,
+not the paper's (which tunes p, ε and λ per LLM merge). On digits-mlp_TA8, λ 1.0 with density 0.2 averages 51.8 %:
+each kept entry carries about 1/density of its tensor's L1 mass, so the mean over agreeing entries is large.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Params:
     """Mean keep probability of each task-vector entry (1.0: no pruning)."""
     epsilon: float = 0.1
     """Half the spread of keep probabilities: from density − ε (smallest magnitude) to density + ε (largest)."""
-    scaling_factor: float = 1.0
+    scaling_factor: float = 0.3
     """λ (MergeKit's `lambda`) applied to the merged vector."""
     normalize: bool = True
     """Divide by the sum of the weights of the entries that count (a weighted mean); false: their sum."""
@@ -57,8 +57,6 @@ class Params:
 
 @dataclass
 class LinearParams(Params):
-    scaling_factor: float = 0.3
-    """λ (MergeKit's `lambda`) applied to the summed vector."""
     normalize: bool = False
     """Divide the sum by Σ_t w_t."""
 

@@ -12,8 +12,8 @@ runs it (`sce`): per tensor, on task vectors τ_t = θ_t − θ_0,
 Ties in variance go to the earlier entry (`mergebench_core.engine.exact_topk.topk_mask`; MergeKit's `torch.topk`
 leaves them to the kernel). SCE has no scaling factor: the result is a weighted mean of task vectors.
 
-Default `select_topk` = 0.1 (keep the 10 % most contested entries), a choice of this benchmark: MergeKit's default
-1.0 turns the selection off, and a MergeKit config that leaves it out gets 1.0 (`mergekit_defaults`).
+Default `select_topk` = 1.0, MergeKit's: every entry is selected, and SCE is the energy-weighted mean of the
+sign-agreeing entries (on digits-mlp_TA8 this gives 80.2 % where select_topk 0.1 gives 72.8 %).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mergebench_core.engine.task_vector_stages import signed_total
 
 @dataclass
 class Params:
-    select_topk: float = 0.1
+    select_topk: float = 1.0
     """Fraction of the entries with non-zero variance across experts that is kept (1.0: all)."""
 
     def __post_init__(self) -> None:

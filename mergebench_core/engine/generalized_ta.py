@@ -7,7 +7,7 @@ This is the per-tensor form MergeKit 0.1.5 (`merge_methods/generalized_task_arit
 - **sparsify**: a method-specific 0/1 mask per task (random with one keep probability: DARE; random with a keep
   probability that grows with the entry's magnitude rank: DELLA's MAGPRUNE, `magprune_keep_probability`). The
   uniform draws come from the same (seed, tensor, task, entry) hash as the streamed pipeline's DARE
-  (`task_vector_stages.drop_salt`), so a run is reproducible and independent of tensor order.
+  (`task_vector_stages.uniform_draws`), so a run is reproducible and independent of tensor order.
 - **rescale** (`l1_rescale`): the kept entries are multiplied by ‖τ‖₁ / ‖kept‖₁, MergeKit's `RescaleNorm.l1` (the
   DARE and DELLA papers divide each kept entry by its keep probability instead; the two agree in expectation).
 - **weight**, **elect**, **combine** (`consensus_merge`): τ'_t ← w_t τ'_t; with election an entry counts only where
@@ -28,20 +28,11 @@ from typing import Any, ClassVar
 import torch
 
 from mergebench_core.engine.data_free import TaskVectorMethod
-from mergebench_core.engine.task_vector_stages import _hash32_, _signed32, drop_salt, signed_total
+from mergebench_core.engine.task_vector_stages import signed_total, uniform_draws
 from mergebench_core.errors import MergebenchError
 
-
-def uniform_draws(seed: int, key: str, task: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """n uniform numbers in [0, 1) (float64) for entries 0..n-1 of task `task`'s τ of tensor `key`: the 31 low bits
-    of the DARE hash of (seed, key, task, entry) over 2^31. `drop_keep(p)` keeps exactly the entries whose draw here
-    is ≥ round(p·2^31)/2^31."""
-    if n >= 1 << 31:
-        raise MergebenchError(f"tensor {key!r} has {n} entries; uniform draws index at most 2^31 entries")
-    x = torch.arange(n, dtype=torch.int32, device=device)
-    x.bitwise_xor_(_signed32(drop_salt(seed, key, task)))
-    _hash32_(x).bitwise_and_(0x7FFFFFFF)
-    return x.to(torch.float64).div_(float(1 << 31))
+__all__ = ["GeneralizedTaskArithmeticMethod", "check_magprune", "consensus_merge", "l1_rescale",
+           "magprune_keep_probability", "uniform_draws"]
 
 
 def l1_rescale(tau: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -48,7 +48,7 @@ def magprune_keep_probability(tau: torch.Tensor, density: float, epsilon: float)
     """DELLA's MAGPRUNE keep probabilities: along dimension 1 of the tensor (the whole vector for a 1-D tensor, each
     row of a matrix, as MergeKit's `della_magprune`), entries are ranked by magnitude and the keep probability rises
     linearly from density − ε (smallest) to density + ε (largest). Equal magnitudes take ranks in index order."""
-    x = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    x = tau.reshape(1, -1) if tau.dim() < 2 else tau  # a scalar is a row of one (MergeKit fails on it)
     order = torch.argsort(x.abs(), dim=1, stable=True)
     ranks = torch.argsort(order, dim=1).to(torch.float32)
     width = x.shape[1] - 1

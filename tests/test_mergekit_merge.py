@@ -484,3 +484,45 @@ def test_an_output_folder_that_is_an_input_is_refused(tmp_path, models, capsys):
                "--out", str(models["y"][0])])
     assert rc == 2 and "replace" in capsys.readouterr().err
     assert torch.equal(load_state_dict(models["y"][0])["lm_head.weight"], models["y"][1]["lm_head.weight"])
+
+
+def test_methods_added_by_plugins_run_under_mergekits_names_with_mergekits_defaults(tmp_path, models):
+    # della_linear with no density: MergeKit's default 1.0 (nothing pruned), not the plugin's 0.2, so the result is
+    # θ_0 + λ Σ w_t τ_t with per-model weights; int8_mask is accepted and changes nothing
+    b = models["base"][1]
+    text = f"""
+merge_method: della_linear
+base_model: {models['base'][0]}
+models:
+  - model: {models['x'][0]}
+    parameters: {{weight: 0.5}}
+  - model: {models['y'][0]}
+    parameters: {{weight: 2.0}}
+parameters: {{lambda: 0.5, int8_mask: true}}
+"""
+    rc, out = merge(tmp_path, text)
+    assert rc == 0
+    got = load_state_dict(out)
+    x, y = models["x"][1], models["y"][1]
+    for k in SHAPES:
+        expected = b[k] + 0.5 * (0.5 * (x[k] - b[k]) + 2.0 * (y[k] - b[k]))
+        torch.testing.assert_close(got[k], expected, rtol=1e-5, atol=1e-6)
+    # multislerp takes the base when one is named: two task vectors with equal weights → their bisector direction,
+    # at their mean norm (per tensor)
+    text = f"""
+merge_method: multislerp
+base_model: {models['base'][0]}
+models:
+  - model: {models['x'][0]}
+    parameters: {{weight: 1.0}}
+  - model: {models['y'][0]}
+    parameters: {{weight: 1.0}}
+"""
+    rc, out = merge(tmp_path, text, out="spherical")
+    assert rc == 0
+    got = load_state_dict(out)
+    for k in SHAPES:
+        tx, ty = (x[k] - b[k]).reshape(-1), (y[k] - b[k]).reshape(-1)
+        direction = tx / tx.norm() + ty / ty.norm()
+        expected = b[k] + (direction / direction.norm() * (tx.norm() + ty.norm()) / 2).view(b[k].shape)
+        torch.testing.assert_close(got[k], expected, rtol=1e-5, atol=1e-5)

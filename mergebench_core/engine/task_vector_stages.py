@@ -87,6 +87,18 @@ def drop_keep(seed: int, key: str, task: int, index: torch.Tensor | range, p: fl
     return torch.ge(x, round(p * (1 << 31)), out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
 
 
+def uniform_draws(seed: int, key: str, task: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n uniform numbers in [0, 1) (float64) for entries 0..n-1 of task `task`'s τ of tensor `key`: the 31 low bits
+    of the same hash as `drop_keep` over 2^31, so `drop_keep(p)` keeps exactly the entries whose draw here is
+    ≥ round(p·2^31)/2^31. For methods whose keep probability differs by entry (DELLA)."""
+    if n >= 1 << 31:
+        raise ValueError(f"tensor {key!r} has {n} entries; uniform draws index at most 2^31 entries")
+    x = torch.arange(n, dtype=torch.int32, device=device)
+    x.bitwise_xor_(_signed32(drop_salt(seed, key, task)))
+    _hash32_(x).bitwise_and_(0x7FFFFFFF)
+    return x.to(torch.float64).div_(float(1 << 31))
+
+
 _DROP_CHUNK = 1 << 18
 """Entries whose drop mask is hashed at once on a CPU: the hash's dozen passes over int32 temporaries then run in
 cache (1 MiB each) instead of memory; on 4 M-entry blocks that took the hash from 6.7 to 2.7 ns per entry (one core,

@@ -13,7 +13,9 @@ Any other method name is looked up among the registered methods, so methods adde
 (`della`, `sce`, `karcher`, ...) run through a config too: top-level parameters set the Params field of the same
 name (`lambda` sets `lambda_` or `scaling_factor`), and a per-model parameter sets the field of its name when every
 model gives the same value, or else a field holding one value per model (`weight` → `weights`, `density` →
-`densities`).
+`densities`). A method class may declare `mergekit_defaults` (MergeKit's defaults of its fields, used where a config
+gives no value) and `optional_base` (it takes a base model when the config names one); `int8_mask` is accepted and
+ignored (it only changes how MergeKit stores masks).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class MethodCall:
 
 
 GTA_DEFAULTS = {"task_arithmetic": (False, False), "ties": (True, False), "dare_ties": (False, True),
-                "breadcrumbs": (False, False)}
+                "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False)}
 """MergeKit's (normalize, rescale) defaults of the generalized task-arithmetic methods mapped here."""
 
 KNOWN = {
@@ -64,6 +66,7 @@ KNOWN = {
     "ties": {"weight", "density", "lambda", "normalize", "int8_mask"},
     "dare_ties": {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"},
     "breadcrumbs": {"weight", "density", "gamma", "lambda", "normalize"},
+    "breadcrumbs_ties": {"weight", "density", "gamma", "lambda", "normalize", "int8_mask"},
 }
 """The parameters each mapped method honours (`int8_mask` only changes how MergeKit stores its masks)."""
 
@@ -172,7 +175,11 @@ def _task_arithmetic_family(name: str, v: TensorValues) -> MethodCall:
         raise MergeKitConfigError(f"{v.sources[experts[0]]}.parameters.density: must be in (0, 1], got {density:g} "
                                   f"at tensor {v.tensor}")
     combine = "mean" if normalize and weight != 0 else "sum"
-    if name == "ties":
+    if name == "breadcrumbs_ties":
+        gamma = _same([_number(v.model(j, "gamma"), "gamma", v, j, default=0.01) for j in experts], "gamma", v,
+                      experts)
+        params = {"density": density, "gamma": gamma, "combine": combine, "scaling_factor": scale}
+    elif name == "ties":
         params = {"k": density, "scope": "tensor", "combine": combine, "scaling_factor": scale}
     else:
         params = {"p": 1.0 - density, "rescale": _flag(v.glob("rescale"), "rescale", rescale_default), "k": 1.0,
@@ -180,14 +187,26 @@ def _task_arithmetic_family(name: str, v: TensorValues) -> MethodCall:
     return MethodCall(name, tuple(sorted(params.items())), v.base, tuple(experts))
 
 
+IGNORED = {"int8_mask"}
+"""MergeKit parameters that change only how MergeKit stores intermediate masks, never a merged value."""
+
+
 def generic_call(name: str, params_cls: type, requires_base: bool, per_model: set[str], glob: set[str],
-                 v: TensorValues) -> MethodCall:
-    """A registered method that has MergeKit's name: parameters by field name (see the module docstring)."""
+                 v: TensorValues, optional_base: bool = False,
+                 defaults: dict[str, Any] | None = None) -> MethodCall:
+    """A registered method that has MergeKit's name: parameters by field name (see the module docstring).
+
+    `optional_base`: the method uses a base when the config names one (MergeKit's `BasePolicy.OPTIONAL`: multislerp,
+    nuslerp interpolate task vectors then) and merges the listed models' weights otherwise. `defaults` are MergeKit's
+    own defaults of the method's fields (a method's `mergekit_defaults`), applied where the config gives no value, so
+    that a config means what it means in MergeKit rather than the benchmark's defaults."""
     fields = {f.name for f in dataclasses.fields(params_cls)}
     if requires_base and v.base is None:
         raise MergeKitConfigError(f"base_model: {name} needs a base model; name it")
-    experts = [j for j in range(len(v.sources)) if j != v.base] if requires_base else list(range(len(v.sources)))
-    out: dict[str, Any] = {}
+    with_base = requires_base or (optional_base and v.base is not None)
+    experts = [j for j in range(len(v.sources)) if j != v.base] if with_base else list(range(len(v.sources)))
+    out: dict[str, Any] = dict(defaults or {})
+    glob, per_model = glob - IGNORED, per_model - IGNORED
     for key in sorted(glob):
         target = next((f for f in (key, *ALIASES.get(key, ())) if f in fields), None)
         if target is None:
@@ -207,4 +226,4 @@ def generic_call(name: str, params_cls: type, requires_base: bool, per_model: se
         else:
             raise MergeKitConfigError(f"{v.sources[experts[0]]}.parameters.{key}: {name} takes no per-model {key} "
                                       f"(it takes {', '.join(sorted(fields))})")
-    return MethodCall(name, tuple(sorted(out.items())), v.base if requires_base else None, tuple(experts))
+    return MethodCall(name, tuple(sorted(out.items())), v.base if with_base else None, tuple(experts))

@@ -133,7 +133,9 @@ def _calls(config: MergeKitConfig, plans: Sequence[TensorPlan]) -> list[MethodCa
             raise MergeKitConfigError(f"merge_method: {exc}") from exc
         per_model = {k for slc in config.slices for src in slc.sources for k in src.parameters}
         glob = set(places) - per_model
-        build = lambda v: generic_call(name, cls.Params, cls.requires_base, per_model, glob, v)  # noqa: E731
+        build = lambda v: generic_call(name, cls.Params, cls.requires_base, per_model, glob, v,  # noqa: E731
+                                       optional_base=getattr(cls, "optional_base", False),
+                                       defaults=getattr(cls, "mergekit_defaults", None))
     calls = []
     for plan in plans:
         slc = config.slices[plan.slice_index]

@@ -12,6 +12,11 @@ arithmetic default of this benchmark (FusionBench's TA setting); the paper tunes
 exact: entries are ranked by magnitude, the earlier entry first among equals (`mergebench_core.engine.sparsify`), and the
 ranks ⌊γ'·n⌋ + 1 … ⌊γ'·n⌋ + ⌊density·n⌋ are kept (γ' the reduced γ). This is the core pipeline's trim with
 `skip_top` (`mergebench_core.engine.pipeline`), streamed in blocks like every pipeline method.
+
+`breadcrumbs_ties` (MergeKit 0.1.5's name) adds TIES's sign election to the same trim: the masked vectors are
+combined by the sum (`combine=sum`, MergeKit's default `normalize` false) or the mean (`combine=mean`, MergeKit's
+`normalize: true`) of the entries agreeing with the elected sign, θ = θ_0 + λ · that; same defaults as
+`breadcrumbs`. A MergeKit config maps onto it with λ, density and gamma as for `breadcrumbs`.
 """
 
 from __future__ import annotations
@@ -61,6 +66,31 @@ class Breadcrumbs(TaskVectorPipelineMethod):
         return Pipeline(keep=p.density, skip_top=p.gamma, scope="tensor", scale=p.scaling_factor)
 
 
+@dataclass
+class TiesParams(Params):
+    combine: str = "sum"
+    """"sum" or "mean" of the masked entries that agree with the elected sign."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.combine not in ("sum", "mean"):
+            raise ValueError(f"combine must be 'sum' or 'mean', got {self.combine!r}")
+
+
+class BreadcrumbsTies(TaskVectorPipelineMethod):
+    """Breadcrumbs' band trim per tensor, then TIES's sign election and the sum (or mean) of the agreeing entries."""
+
+    name = "breadcrumbs_ties"
+    Params = TiesParams
+    info = MethodInfo(kind="merge", data="none")
+
+    def pipeline(self) -> Pipeline:
+        p = self.params
+        return Pipeline(keep=p.density, skip_top=p.gamma, scope="tensor", elect=True, combine=p.combine,
+                        scale=p.scaling_factor)
+
+
 @hookimpl
 def register_methods(register):
     register(Breadcrumbs)
+    register(BreadcrumbsTies)

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench_core import PRETRAINED, MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
+from mergebench_core import PRETRAINED, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
 from mergebench_core.data.statistic_merge import StatisticParams, StatisticRun
+from mergebench_core.engine.parameter_task_vectors import ParameterTaskVectors
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +104,13 @@ class _TrustRegion(Method):
         raise NotImplementedError
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        refusal = self.refusal(pool, self.params)
-        if refusal:
-            raise MergebenchError(f"{self.name} cannot run on pool {pool.name!r}: {refusal}")
-        model = pool.load_model(PRETRAINED)
-        base = pool.state_dict(PRETRAINED)
-        keys = [k for k, _ in model.named_parameters() if base[k].is_floating_point()]
-        experts = [pool.state_dict(e) for e in pool.expert_names]
-        taus = {k: torch.stack([e[k].float() - base[k].float() for e in experts]) for k in keys}
-        importances, extras = self.importances(pool, ctx, taus)
-        merged, kept = trust_region_merge(base, taus, importances, self.params.scaling_factor,
+        tv = ParameterTaskVectors.of(self, pool)
+        importances, extras = self.importances(pool, ctx, tv.taus)
+        merged, kept = trust_region_merge(tv.base, tv.taus, importances, self.params.scaling_factor,
                                           self.params.threshold_quantile)
         log.info("%s: %.4f of the parameter entries lie in the trust region", self.name, kept)
-        model.load_state_dict({**base, **merged})
-        return MergeOutput(model, extras={**extras, "kept_fraction": kept})
+        tv.model.load_state_dict({**tv.base, **merged})
+        return MergeOutput(tv.model, extras={**extras, "kept_fraction": kept})
 
 
 class TrustRegionZeroShot(_TrustRegion):

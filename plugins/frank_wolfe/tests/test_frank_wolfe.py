@@ -1,0 +1,155 @@
+"""Frank-Wolfe merging: the closed form of repeated steps toward one checkpoint, the oracle on hand-made gradients,
+parity with FusionBench 0.2.33's FrankWolfeHardAlgorithm on a toy pool with the same examples, and a digits run."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from mergebench_frank_wolfe import FrankWolfeHard, HardParams, frank_wolfe_hard, select
+
+
+def test_steps_toward_one_checkpoint_have_a_closed_form():
+    # A gradient that always points away from expert "a" makes the oracle pick it every step; after K steps
+    # θ_K = a + Π_k (1 − γ_k λ) (θ_0 − a), γ_k = 2/(k+2)·step.
+    start = {"w": torch.tensor([1.0, -1.0])}
+    experts = {"a": {"w": torch.tensor([-2.0, 3.0])}, "b": {"w": torch.tensor([5.0, -4.0])}}
+
+    def gradient(theta, tasks):
+        return {"w": -experts["a"]["w"]}
+
+    p = HardParams(max_iters=4, step_size=0.5, scaling_factor=0.3)
+    theta, chosen = frank_wolfe_hard(start, experts, gradient, ["t"], p)
+    assert chosen == ["a"] * 4
+    shrink = 1.0
+    for k in range(4):
+        shrink *= 1 - 2 / (k + 2) * 0.5 * 0.3
+    torch.testing.assert_close(theta["w"], experts["a"]["w"] + shrink * (start["w"] - experts["a"]["w"]))
+
+
+def test_the_oracle_by_task_and_by_layer():
+    grads = {"x": torch.tensor([1.0, 0.0]), "y": torch.tensor([0.0, 1.0])}
+    cands = {"a": {"x": torch.tensor([-1.0, 0.0]), "y": torch.tensor([0.0, 1.0])},   # cos -1 and +1: sum 0
+             "b": {"x": torch.tensor([0.0, 1.0]), "y": torch.tensor([-1.0, -1.0])}}  # cos 0 and -0.707: sum -0.707
+    state, name = select(grads, cands, "task")
+    assert name == "b" and state is not cands["b"] and torch.equal(state["x"], cands["b"]["x"])
+    state, names = select(grads, cands, "layer")
+    assert names == {"x": "a", "y": "b"}
+    assert select(grads, cands, "task", exclude=["b"])[1] == "a"
+
+
+class _Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.lin = nn.Linear(5, 3)
+
+
+def toy():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 5))
+    experts = {}
+    for name in ("t0", "t1", "t2"):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        experts[name] = m
+    heads = {t: nn.Linear(5, 3) for t in experts}
+    data = {t: [(torch.randn(4), torch.randint(0, 3, ())) for _ in range(40)] for t in experts}
+    return base, experts, heads, data
+
+
+def test_hard_parity_with_fusion_bench(monkeypatch):
+    fw = pytest.importorskip("fusion_bench.method.fw_merging.fw_hard")
+    from fusion_bench import BaseModelPool
+
+    base, experts, heads, data = toy()
+    size, iters = 6, 3
+
+    class Pool(BaseModelPool):  # load_model hands out copies, as loading from disk does
+        def load_model(self, name, *args, **kwargs):
+            return copy.deepcopy(super().load_model(name, *args, **kwargs))
+
+    class Algo(fw.FrankWolfeHardAlgorithm):
+        is_debug_mode = False
+
+        def on_frank_wolfe_iteration_start(self):
+            self.streams = {t: itertools.cycle(data[t]) for t in experts}
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def get_shuffled_loader_iter(self, task):
+            return self
+
+        def __next__(self):
+            x, y = next(self.streams[self.current])
+            return x[None], y[None]
+
+        def compute_logits(self, module, images, task):
+            return heads[task](module(images))
+
+    monkeypatch.setattr(nn.Module, "cuda", lambda self, *a, **k: self)  # FusionBench moves models to the GPU
+    # 0.2.33 subtracts the selected checkpoint's state dict (plain tensors) from the merged model's (Parameters) with
+    # strict type checks, which raise TypeError on the first step; the arithmetic itself is what is compared here
+    import functools
+    monkeypatch.setattr(fw, "state_dict_sub", functools.partial(fw.state_dict_sub, strict=False))
+    monkeypatch.setattr(fw, "state_dict_add", functools.partial(fw.state_dict_add, strict=False))
+
+    def iter_hook(original):  # remember the task FusionBench asks for, so __next__ serves its stream
+        def get(self, task):
+            self.current = task
+            return self
+        return get
+    monkeypatch.setattr(Algo, "get_shuffled_loader_iter", iter_hook(None))
+
+    algo = Algo(merge_fn="task_arithmetic", step_size=0.1, max_iters=iters, dataset_size=size,
+                scaling_factor=0.3, granularity="task", loss_fn="cross_entropy")
+    try:
+        theirs = algo.run(Pool({"_pretrained_": copy.deepcopy(base), **copy.deepcopy(experts)})).state_dict()
+    finally:
+        torch.set_grad_enabled(True)  # FusionBench leaves gradients switched off globally
+
+    streams = {t: itertools.cycle(data[t]) for t in experts}
+
+    def gradient(theta, tasks):
+        total = {k: torch.zeros_like(v) for k, v in theta.items()}
+        params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+        for t in tasks:
+            rows = [next(streams[t]) for _ in range(size)]
+            x, y = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+            logits = heads[t](torch.func.functional_call(base, params, (x,)))
+            loss = nn.functional.cross_entropy(logits, y) / len(tasks)
+            for k, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+                total[k] += g
+        return total
+
+    b = base.state_dict()
+    start = {k: b[k] + 0.3 * sum(e.state_dict()[k] - b[k] for e in experts.values()) for k in b}
+    ours, chosen = frank_wolfe_hard(start, {n: e.state_dict() for n, e in experts.items()}, gradient,
+                                    list(experts), HardParams(max_iters=iters, dataset_size=size))
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5)
+
+
+def test_params_are_validated():
+    with pytest.raises(ValueError, match="granularity"):
+        HardParams(granularity="model")
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_hard_runs_on_the_digits_pool(granularity, digits_pools):
+    from mergebench_core import RunContext
+    from mergebench_core.data.evaluation import evaluate
+
+    pool, taskpool = digits_pools
+    out = FrankWolfeHard(HardParams(max_iters=2, dataset_size=20, granularity=granularity)).run(
+        pool, RunContext(taskpool=taskpool))
+    assert len(out.extras["chosen"]) == 2
+    acc = evaluate(taskpool, out.model, limit=200)
+    assert sum(m["accuracy"] for m in acc.values()) / len(acc) > 0.5

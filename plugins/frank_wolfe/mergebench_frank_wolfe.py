@@ -74,10 +74,11 @@ def cosine(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.dot(g, c) / (g.norm() * c.norm())
 
 
-def select(grads: State, candidates: Mapping[str, State], granularity: str, exclude: Sequence[str] = ()
-           ) -> tuple[State, str | dict[str, str]]:
+def select(grads: State, candidates: Mapping[str, State], granularity: str,
+           exclude: Sequence[str] | Mapping[str, Sequence[str]] = ()) -> tuple[State, str | dict[str, str]]:
     """The linear minimisation oracle: the candidate (or per tensor the candidate's tensor) least aligned with the
-    gradient; among equal scores the earlier candidate; candidates named in `exclude` are skipped."""
+    gradient; among equal scores the earlier candidate; candidates named in `exclude` (per tensor: a mapping) are
+    skipped."""
     if granularity == "task":
         best, best_name = math.inf, None
         for name, state in candidates.items():
@@ -93,7 +94,8 @@ def select(grads: State, candidates: Mapping[str, State], granularity: str, excl
         best = math.inf
         for name, state in candidates.items():
             score = float(cosine(grads[k], state[k]))
-            if score < best and name not in exclude:
+            skipped = exclude.get(k, ()) if isinstance(exclude, Mapping) else exclude
+            if score < best and name not in skipped:
                 best, chosen[k], names[k] = score, state[k], name
     return chosen, names
 
@@ -111,6 +113,83 @@ def frank_wolfe_hard(start: State, experts: Mapping[str, State], gradient: Gradi
         theta = {k: theta[k] + gamma * (target[k] - theta[k]) for k in theta}
         chosen.append(name)
     return theta, chosen
+
+
+@dataclass
+class SoftParams:
+    max_iters: int = 10
+    dataset_size: int = 100
+    """Labeled training examples per task behind each task's gradient."""
+    ada_iters: int = 500
+    """AdaMerging (Adam) steps per iteration."""
+    ada_coeff: float = 1e-8
+    """Starting coefficient of AdaMerging after the first iteration (which starts at `init`)."""
+    init: float = 0.3
+    ada_lr: float = 1e-3
+    ada_batch_size: int = 16
+    """Unlabeled test inputs per task per AdaMerging step."""
+    granularity: str = "task"
+
+    def __post_init__(self) -> None:
+        if self.max_iters < 0 or self.dataset_size < 1 or self.ada_iters < 0 or self.ada_batch_size < 1:
+            raise ValueError("max_iters and ada_iters must be >= 0, dataset_size and ada_batch_size >= 1")
+        if not all(math.isfinite(x) for x in (self.ada_coeff, self.init, self.ada_lr)):
+            raise ValueError("ada_coeff, init and ada_lr must be finite numbers")
+        if self.granularity not in ("task", "layer"):
+            raise ValueError(f"granularity must be 'task' or 'layer', got {self.granularity!r}")
+
+
+def entropy(logits: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean prediction entropy −Σ p log(p + ε), FusionBench's `entropy_loss`."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return -(probs * torch.log(probs + eps)).sum(-1).mean()
+
+
+def ada_merge(theta: State, selected: Sequence[State], objective: Callable[[State], torch.Tensor], init: float,
+              steps: int, lr: float) -> State:
+    """Layer-wise AdaMerging around θ: θ + Σ_i w_i,p (c_i,p − θ_p), w started at `init`, unclamped, minimising
+    `objective` with Adam."""
+    keys = list(theta)
+    taus = {k: torch.stack([c[k].float() - theta[k] for c in selected]) for k in keys}
+    weights = torch.nn.Parameter(torch.full((len(selected), len(keys)), float(init)))
+    optimizer = torch.optim.Adam([weights], lr=lr)
+
+    def merged() -> State:
+        return {k: theta[k] + torch.einsum("t,t...->...", weights[:, i], taus[k]) for i, k in enumerate(keys)}
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = objective(merged())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return merged()
+
+
+def frank_wolfe_soft(base: State, experts: Mapping[str, State], gradient: Gradient, tasks: Sequence[str],
+                     objective: Callable[[State], torch.Tensor], params: SoftParams) -> tuple[State, list]:
+    """Soft Frank-Wolfe merging from θ_0: per iteration one distinct expert per task by the oracle, then AdaMerging
+    of the selected experts around the current merge."""
+    theta = {k: v.float().clone() for k, v in base.items()}
+    history = []
+    for step in range(params.max_iters):
+        names: list | dict[str, list[str]] = [] if params.granularity == "task" else {k: [] for k in theta}
+        selected = []
+        for task in tasks:
+            target, name = select(gradient(theta, [task]), experts, params.granularity, names)
+            if isinstance(names, list):
+                names.append(name)
+            else:
+                for k, n in name.items():
+                    names[k].append(n)
+            selected.append(target)
+            if len(selected) >= len(experts):
+                break
+        theta = ada_merge(theta, selected, objective, params.init if step == 0 else params.ada_coeff,
+                          params.ada_iters, params.ada_lr)
+        history.append(names)
+    return theta, history
 
 
 class TaskGradients:
@@ -163,6 +242,46 @@ class FrankWolfeHard(Method):
         return MergeOutput(model.cpu(), extras={"chosen": chosen})
 
 
+class TestEntropy:
+    """The AdaMerging objective: Σ_t entropy on the next `batch_size` shuffled test inputs of task t (one seeded
+    stream per task, continued across steps and iterations)."""
+
+    def __init__(self, gradients: TaskGradients, taskpool: TaskPool, tasks: Sequence[str], batch_size: int,
+                 ctx: RunContext):
+        self.wrappers, self.device = gradients.wrappers, ctx.device
+        self.streams = {t: shuffled_batches(taskpool, t, "test", batch_size=batch_size,
+                                            generator=ctx.generator(offset=len(tasks) + i))
+                        for i, t in enumerate(tasks)}
+
+    def __call__(self, theta: State) -> torch.Tensor:
+        params = {f"model.{k}": v.to(self.device) for k, v in theta.items()}
+        return sum(entropy(functional_call(self.wrappers[t], params, (next(s)[0].to(self.device),)))
+                   for t, s in self.streams.items())
+
+
+class FrankWolfeSoft(Method):
+    """Frank-Wolfe selection of experts, each iteration followed by layer-wise AdaMerging around the merge."""
+
+    name = "frank_wolfe_soft"
+    Params = SoftParams
+    info = MethodInfo(kind="merge", data="labeled", task_vectors=True, stochastic=True,
+                      left_out_of_sweeps="trains 10 × 500 AdaMerging steps (about a minute on the embedded pool)")
+
+    def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
+        p, taskpool = self.params, require_task_pool(self, ctx.taskpool)
+        tv = ParameterTaskVectors.of(self, pool)
+        experts = {e: {k: tv.base[k].float() + tv.taus[k][i] for k in tv.keys} for i, e in enumerate(tv.experts)}
+        tasks = list(dict.fromkeys(pool.task_of(e) for e in tv.experts))
+        gradient = TaskGradients(tv.model, taskpool, tasks, p.dataset_size, ctx)
+        objective = TestEntropy(gradient, taskpool, tasks, p.ada_batch_size, ctx)
+        theta, history = frank_wolfe_soft({k: tv.base[k] for k in tv.keys}, experts, gradient, tasks, objective, p)
+        model = tv.apply({k: theta[k].cpu() - tv.base[k].float() for k in tv.keys})
+        chosen = history if p.granularity == "task" else [  # per iteration: how many tensors each expert gave
+            {e: sum(names.count(e) for names in h.values()) for e in experts} for h in history]
+        return MergeOutput(model.cpu(), extras={"chosen": chosen})
+
+
 @hookimpl
 def register_methods(register):
     register(FrankWolfeHard)
+    register(FrankWolfeSoft)

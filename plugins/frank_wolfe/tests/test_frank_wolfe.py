@@ -153,3 +153,106 @@ def test_hard_runs_on_the_digits_pool(granularity, digits_pools):
     assert len(out.extras["chosen"]) == 2
     acc = evaluate(taskpool, out.model, limit=200)
     assert sum(m["accuracy"] for m in acc.values()) / len(acc) > 0.5
+
+
+class _Fabric:
+    """What FusionBench's AdaMerging loop asks of Lightning Fabric, on one CPU process."""
+
+    is_global_zero = True
+
+    def setup(self, module, optimizer):
+        return module, optimizer
+
+    def backward(self, loss):
+        loss.backward()
+
+    def log_dict(self, *args, **kwargs):
+        pass
+
+
+def test_soft_parity_with_fusion_bench(monkeypatch):
+    fw = pytest.importorskip("fusion_bench.method.fw_merging.fw_soft")
+    from fusion_bench import BaseModelPool
+
+    from mergebench_frank_wolfe import SoftParams, entropy, frank_wolfe_soft
+
+    base, experts, heads, data = toy()
+    test = {t: [torch.randn(16, 4) for _ in range(5)] for t in experts}
+    size, iters, ada = 5, 2, 15
+
+    class Pool(BaseModelPool):
+        def load_model(self, name, *args, **kwargs):
+            return copy.deepcopy(super().load_model(name, *args, **kwargs))
+
+    class Algo(fw.FrankWolfeSoftAlgorithm):
+        is_debug_mode = False
+        fabric = _Fabric()
+
+        def on_frank_wolfe_iteration_start(self):
+            self.train_streams = {t: itertools.cycle(data[t]) for t in experts}
+            self.test_streams = {t: itertools.cycle(test[t]) for t in experts}
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def get_shuffled_train_loader_iter(self, task, batch_size=1):
+            return (tuple(v[None] for v in next(self.train_streams[task])) for _ in itertools.count())
+
+        def get_shuffled_test_loader_iter(self, task, batch_size=16):
+            return ((next(self.test_streams[task]),) for _ in itertools.count())
+
+        def compute_logits(self, module, images, task):
+            return heads[task](module(images))
+
+    monkeypatch.setattr(nn.Module, "cuda", lambda self, *a, **k: self)
+    algo = Algo(max_iters=iters, dataset_size=size, ada_iters=ada, ada_coeff=1e-8, merge_fn="adamerging")
+    try:
+        theirs = algo.run(Pool({"_pretrained_": copy.deepcopy(base), **copy.deepcopy(experts)})).state_dict()
+    finally:
+        torch.set_grad_enabled(True)  # FusionBench leaves gradients switched off globally
+
+    train = {t: itertools.cycle(data[t]) for t in experts}
+    tests = {t: itertools.cycle(test[t]) for t in experts}
+
+    def gradient(theta, tasks):
+        params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+        (t,) = tasks
+        rows = [next(train[t]) for _ in range(size)]
+        x, y = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        loss = nn.functional.cross_entropy(heads[t](torch.func.functional_call(base, params, (x,))), y)
+        return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+    def objective(theta):
+        return sum(entropy(heads[t](torch.func.functional_call(base, theta, (next(tests[t]),)))) for t in experts)
+
+    ours, history = frank_wolfe_soft(base.state_dict(), {n: e.state_dict() for n, e in experts.items()}, gradient,
+                                     list(experts), objective, SoftParams(max_iters=iters, dataset_size=size,
+                                                                          ada_iters=ada))
+    assert all(sorted(h) == sorted(experts) for h in history)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-5)
+
+
+def test_soft_without_steps_is_task_arithmetic_at_the_initial_coefficient():
+    # 0 AdaMerging steps: the first iteration gives θ_0 + 0.3 Σ_t τ_t whatever the selection order
+    start = {"w": torch.tensor([1.0, 2.0])}
+    experts = {"a": {"w": torch.tensor([2.0, 2.0])}, "b": {"w": torch.tensor([1.0, 5.0])}}
+    from mergebench_frank_wolfe import SoftParams, frank_wolfe_soft
+
+    theta, history = frank_wolfe_soft(start, experts, lambda th, ts: {"w": torch.tensor([1.0, -1.0])}, ["a", "b"],
+                                      lambda th: th["w"].sum(), SoftParams(max_iters=1, ada_iters=0))
+    assert history == [["b", "a"]]  # b is least aligned with the gradient, then a (b excluded)
+    torch.testing.assert_close(theta["w"], torch.tensor([1.3, 2.9]))
+
+
+def test_soft_runs_on_the_digits_pool(digits_pools):
+    from mergebench_core import RunContext
+    from mergebench_core.data.evaluation import evaluate
+
+    from mergebench_frank_wolfe import FrankWolfeSoft, SoftParams
+
+    pool, taskpool = digits_pools
+    out = FrankWolfeSoft(SoftParams(max_iters=2, dataset_size=10, ada_iters=5)).run(pool, RunContext(taskpool=taskpool))
+    assert [sorted(h) for h in out.extras["chosen"]] == [sorted(pool.expert_names)] * 2
+    acc = evaluate(taskpool, out.model, limit=200)
+    assert sum(m["accuracy"] for m in acc.values()) / len(acc) > 0.5

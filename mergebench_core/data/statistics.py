@@ -6,6 +6,8 @@ statistics of a model on a task's training data:
 - the diagonal Fisher (or Gauss-Newton Hessian) estimate: the mean over examples of each parameter's squared
   *per-example* gradient of the negative log-likelihood, with the true labels ("empirical") or with labels drawn from
   the model's own predictive distribution ("sampled", an unbiased Monte-Carlo estimate of the true Fisher);
+- the mean absolute per-example gradient (`mean_abs_gradient`, the first moment where the Fisher takes the second),
+  which Task Arithmetic in Trust Region reads as each parameter's importance to a task;
 - the Gram matrix XᵀX / n of the inputs of every `nn.Linear` (RegMean), and of every transformers `Conv1D`
   (GPT-2's linear layers, which store their weight transposed, (in, out): `weight_is_transposed`); on request of
   every Conv1d/Conv2d with groups = 1 too, over its unfolded input patches (`conv_patches`), which is the Gram of

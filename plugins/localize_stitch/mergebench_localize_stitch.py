@@ -154,7 +154,7 @@ class LocalizeStitch(_LocalizeStitch):
 
     name = "localize_stitch"
     Params = Params
-    info = MethodInfo(kind="merge", data="labeled", task_vectors=True)
+    info = MethodInfo(kind="merge", data="labeled", task_vectors=True, stochastic=True)  # the seeded batch order
 
     def masks(self, pool, ctx, tv):
         taskpool, p = require_task_pool(self, ctx.taskpool), self.params

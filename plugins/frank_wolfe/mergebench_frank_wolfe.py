@@ -265,7 +265,7 @@ class FrankWolfeSoft(Method):
     name = "frank_wolfe_soft"
     Params = SoftParams
     info = MethodInfo(kind="merge", data="labeled", task_vectors=True, stochastic=True,
-                      left_out_of_sweeps="trains 10 × 500 AdaMerging steps (about a minute on the embedded pool)")
+                      left_out_of_sweeps="trains 10 × 500 AdaMerging steps (about 5 minutes on the embedded pool)")
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
         p, taskpool = self.params, require_task_pool(self, ctx.taskpool)

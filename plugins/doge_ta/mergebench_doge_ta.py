@@ -2,7 +2,8 @@
 ICML 2025, arXiv:2501.01230), as FusionBench 0.2.33 implements it (`fusion_bench/method/doge_ta`). Data-free.
 
 For every 2-D weight (FusionBench's CLIP filter keeps the encoder's linear weights, not its norms or biases):
-- adaptive λ: λ_t = `lamda` / ‖τ_t‖ per task and per tensor (so every task contributes an update of norm `lamda`);
+- adaptive λ: λ_t = `lamda` / ‖τ_t‖ per task and per tensor (so every task contributes an update of norm `lamda`;
+  0 for a task that left the tensor unchanged, where FusionBench divides by zero);
 - a shared correction δ (one per tensor, started at 0) minimises Σ_t Σ_rows ⟨τ_t, τ_t − Σ_i λ_i τ_i − (Σ_i λ_i) δ⟩²
   row by row: each task's own direction should survive in the merge. Adam, lr 1e-4, 400 steps per tensor;
 - every gradient of δ is projected out of the shared subspace before the step: the top ⌊r/T⌋ left singular vectors
@@ -95,7 +96,8 @@ def optimise_delta(taus: torch.Tensor, lambdas: torch.Tensor, projection: torch.
 
 def doge_update(taus: Mapping[str, torch.Tensor], keys: Sequence[str], params: Params) -> dict[str, torch.Tensor]:
     """Σ_t λ_t (τ_t + δ) ⊙ mask_t for each key in `keys` (2-D tensors; taus stacked (T, m, n))."""
-    lambdas = {k: params.lamda / taus[k].flatten(1).norm(dim=1) for k in keys}
+    norms = {k: taus[k].flatten(1).norm(dim=1) for k in keys}  # a task that left a tensor unchanged gets λ = 0
+    lambdas = {k: torch.where(n > 0, params.lamda / n.clamp_min(1e-30), torch.zeros_like(n)) for k, n in norms.items()}
     deltas = {k: optimise_delta(taus[k], lambdas[k], shared_projection(taus[k], params.subspace), params.lr,
                                 params.steps) for k in keys}
     n_tasks = len(taus[keys[0]])

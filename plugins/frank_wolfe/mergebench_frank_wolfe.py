@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from mergebench_core import MergeOutput, Method, MethodInfo, ModelPool, RunContext, TaskPool, hookimpl
+from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, TaskPool, hookimpl
 from mergebench_core.data.batches import shuffled_batches
 from mergebench_core.data.statistics import LogitsOf
 from mergebench_core.engine.parameter_task_vectors import ParameterTaskVectors
@@ -86,7 +86,9 @@ def select(grads: State, candidates: Mapping[str, State], granularity: str,
             if score < best and name not in exclude:
                 best, best_name = score, name
         if best_name is None:
-            raise ValueError("every candidate is excluded or has an undefined alignment")
+            raise MergebenchError("frank_wolfe: no checkpoint has a defined alignment with the loss gradient (a zero "
+                                  "gradient or zero weights make every cosine NaN); check the task pool's heads and "
+                                  "labels, or raise dataset_size")
         return dict(candidates[best_name]), best_name
     chosen: State = {}
     names: dict[str, str] = {}

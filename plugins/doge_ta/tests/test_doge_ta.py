@@ -99,3 +99,10 @@ def test_runs_on_the_digits_pool(digits_pools):
     assert out.extras["merged_tensors"] > 0
     acc = evaluate(taskpool, out.model, limit=200)
     assert sum(m["accuracy"] for m in acc.values()) / len(acc) > 0.5
+
+
+def test_a_task_that_left_a_tensor_unchanged_adds_nothing():
+    gen = torch.Generator().manual_seed(1)
+    taus = {"w": torch.stack([torch.randn(4, 4, generator=gen), torch.zeros(4, 4)])}
+    got = doge_update(taus, ["w"], Params(K=100, steps=0, lamda=0.5))["w"]
+    torch.testing.assert_close(got, 0.5 / taus["w"][0].norm() * taus["w"][0])

@@ -112,7 +112,7 @@ def frank_wolfe_hard(start: State, experts: Mapping[str, State], gradient: Gradi
         grads = gradient(theta, tasks)
         target, name = select(grads, candidates, params.granularity)
         gamma = 2 / (step + 2) * params.step_size * params.scaling_factor
-        theta = {k: theta[k] + gamma * (target[k] - theta[k]) for k in theta}
+        theta = {k: theta[k] + gamma * (target[k] - theta[k]) if k in target else theta[k] for k in theta}
         chosen.append(name)
     return theta, chosen
 

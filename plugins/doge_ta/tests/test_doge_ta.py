@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from mergebench_doge_ta import DogeTA, Params, doge_update, interference_loss, shared_projection
+from torch import nn
 
 
 def test_projection_spans_the_tasks_top_directions():
@@ -55,6 +54,7 @@ class Toy(nn.Module):
 def test_parity_with_fusion_bench(monkeypatch):
     doge = pytest.importorskip("fusion_bench.method.doge_ta.doge_ta")
     from fusion_bench import BaseModelPool
+
     from mergebench_core import PRETRAINED, RunContext
 
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def test_parity_with_fusion_bench(monkeypatch):
 
     class Pool:
         name, has_pretrained, relation = "toy", True, "finetuned"
-        expert_names = list(experts)
+        expert_names = tuple(experts)
 
         def load_model(self, name):
             return copy.deepcopy(base if name == PRETRAINED else experts[name])

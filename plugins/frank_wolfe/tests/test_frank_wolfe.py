@@ -8,9 +8,8 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
-
 from mergebench_frank_wolfe import FrankWolfeHard, HardParams, frank_wolfe_hard, select
+from torch import nn
 
 
 def test_steps_toward_one_checkpoint_have_a_closed_form():
@@ -131,7 +130,7 @@ def test_hard_parity_with_fusion_bench(monkeypatch):
 
     b = base.state_dict()
     start = {k: b[k] + 0.3 * sum(e.state_dict()[k] - b[k] for e in experts.values()) for k in b}
-    ours, chosen = frank_wolfe_hard(start, {n: e.state_dict() for n, e in experts.items()}, gradient,
+    ours, _ = frank_wolfe_hard(start, {n: e.state_dict() for n, e in experts.items()}, gradient,
                                     list(experts), HardParams(max_iters=iters, dataset_size=size))
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5)
@@ -173,7 +172,6 @@ class _Fabric:
 def test_soft_parity_with_fusion_bench(monkeypatch):
     fw = pytest.importorskip("fusion_bench.method.fw_merging.fw_soft")
     from fusion_bench import BaseModelPool
-
     from mergebench_frank_wolfe import SoftParams, entropy, frank_wolfe_soft
 
     base, experts, heads, data = toy()
@@ -246,10 +244,10 @@ def test_soft_without_steps_is_task_arithmetic_at_the_initial_coefficient():
 
 
 def test_soft_runs_on_the_digits_pool(digits_pools):
+    from mergebench_frank_wolfe import FrankWolfeSoft, SoftParams
+
     from mergebench_core import RunContext
     from mergebench_core.data.evaluation import evaluate
-
-    from mergebench_frank_wolfe import FrankWolfeSoft, SoftParams
 
     pool, taskpool = digits_pools
     out = FrankWolfeSoft(SoftParams(max_iters=2, dataset_size=10, ada_iters=5)).run(pool, RunContext(taskpool=taskpool))

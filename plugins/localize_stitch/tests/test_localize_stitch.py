@@ -7,8 +7,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from mergebench_localize_stitch import (
     DatalessLocalizeStitch,
     DatalessParams,
@@ -18,6 +16,7 @@ from mergebench_localize_stitch import (
     stitch,
     top_fraction_masks,
 )
+from torch import nn
 
 
 def test_hand_computed_dataless_stitch():

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from mergebench_ta_trust_region import (
     Params,
     TrustRegion,
@@ -15,6 +13,7 @@ from mergebench_ta_trust_region import (
     conflict_scores,
     trust_region_merge,
 )
+from torch import nn
 
 
 def test_hand_computed_mask():
@@ -44,7 +43,7 @@ def test_quantile_one_keeps_everything_below_the_maximum():
     base = {"w": torch.zeros(3)}
     taus = {"w": torch.tensor([[1.0, 1.0, 5.0], [1.0, 1.0, 5.0]])}
     imps = [{"w": t.abs()} for t in taus["w"]]
-    merged, kept = trust_region_merge(base, taus, imps, scaling_factor=1.0, quantile=1.0)
+    merged, _ = trust_region_merge(base, taus, imps, scaling_factor=1.0, quantile=1.0)
     torch.testing.assert_close(merged["w"], torch.tensor([2.0, 2.0, 0.0]))
 
 
@@ -83,6 +82,7 @@ def toy_models(seed: int = 0, n: int = 3) -> dict[str, nn.Module]:
 def test_zero_shot_parity_with_fusion_bench(quantile, monkeypatch):
     tr = pytest.importorskip("fusion_bench.method.trust_region.clip_task_arithmetic")
     from fusion_bench import BaseModelPool
+
     from mergebench_core import PRETRAINED, RunContext
 
     models = toy_models()
@@ -116,8 +116,8 @@ def test_mean_abs_gradient_matches_a_per_example_loop(digits_pools):
         nn.functional.cross_entropy(wrapper(x[i:i + 1]), y[i:i + 1]).backward()
         for k, p in model.named_parameters():
             want[k] += p.grad.abs() / 12
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-4)
+    for k, value in want.items():
+        torch.testing.assert_close(got[k], value, atol=1e-6, rtol=1e-4)
 
 
 def test_params_are_validated():

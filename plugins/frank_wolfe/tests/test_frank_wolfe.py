@@ -94,8 +94,9 @@ def test_hard_parity_with_fusion_bench(monkeypatch):
             return heads[task](module(images))
 
     monkeypatch.setattr(nn.Module, "cuda", lambda self, *a, **k: self)  # FusionBench moves models to the GPU
-    # 0.2.33 subtracts the selected checkpoint's state dict (plain tensors) from the merged model's (Parameters) with
-    # strict type checks, which raise TypeError on the first step; the arithmetic itself is what is compared here
+    # 0.2.33's state-dict arithmetic checks types strictly and raises TypeError when a Parameter meets a plain tensor,
+    # which its own task arithmetic does at once (the model's Parameters plus the summed task vector); the arithmetic
+    # itself is what is compared here
     import functools
     monkeypatch.setattr(fw, "state_dict_sub", functools.partial(fw.state_dict_sub, strict=False))
     monkeypatch.setattr(fw, "state_dict_add", functools.partial(fw.state_dict_add, strict=False))

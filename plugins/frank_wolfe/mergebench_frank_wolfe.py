@@ -1,4 +1,5 @@
-"""Frank-Wolfe merging (Chen et al., "FW-Merging: Scaling Model Merging with Frank-Wolfe Optimization", 2025), as
+"""Frank-Wolfe merging (Chen et al., "FW-Merging: Scaling Model Merging with Frank-Wolfe Optimization", 2025,
+arXiv:2503.12649), as
 FusionBench 0.2.33 implements it (`fusion_bench/method/fw_merging`).
 
 Both variants treat merging as minimising the tasks' cross-entropy over the convex hull of the models, with

@@ -1,6 +1,5 @@
 """Frank-Wolfe merging (Chen et al., "FW-Merging: Scaling Model Merging with Frank-Wolfe Optimization", 2025,
-arXiv:2503.12649), as
-FusionBench 0.2.33 implements it (`fusion_bench/method/fw_merging`).
+arXiv:2503.12649), as FusionBench 0.2.33 implements it (`fusion_bench/method/fw_merging`).
 
 Both variants treat merging as minimising the tasks' cross-entropy over the convex hull of the models, with
 Frank-Wolfe steps: at the current merge θ, the gradient g of L(θ) = (1/T) Σ_t mean CE_t over `dataset_size`

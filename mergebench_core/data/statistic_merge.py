@@ -26,7 +26,7 @@ from torch import nn
 
 from mergebench_core.contract.api import PRETRAINED, MergeOutput, Method, MethodInfo, ModelPool, RunContext, TaskPool
 from mergebench_core.contract.checked_params import CheckedParams
-from mergebench_core.data.statistics import StatsCache, cached_fisher, cached_linear_grams
+from mergebench_core.data.statistics import StatsCache, cached_abs_gradient, cached_fisher, cached_linear_grams
 from mergebench_core.engine.averaging import mean_tensor
 from mergebench_core.engine.roles import Fallbacks
 from mergebench_core.errors import MergebenchError
@@ -90,6 +90,13 @@ class StatisticRun:
         return cached_fisher(self.cache, self.pool, model, self.taskpool, task, n_examples=self.params.n_examples,
                              seed=self.ctx.seed, labels=labels, batch_size=self.params.batch_size,  # type: ignore[arg-type]
                              device=self.ctx.device, progress=self.ctx.track)
+
+    def abs_gradients(self, model: str, task: str) -> dict[str, torch.Tensor]:
+        """The cached mean absolute per-example gradient of pool model `model` on `task` (see
+        `statistics.mean_abs_gradient`)."""
+        return cached_abs_gradient(self.cache, self.pool, model, self.taskpool, task,
+                                   n_examples=self.params.n_examples, batch_size=self.params.batch_size,
+                                   device=self.ctx.device, progress=self.ctx.track)
 
     def grams(self, model: str, task: str, convolutions: bool = False) -> dict[str, torch.Tensor]:
         """The cached Gram matrices of the linear layers' inputs of pool model `model` on `task` (see

@@ -6,6 +6,8 @@ statistics of a model on a task's training data:
 - the diagonal Fisher (or Gauss-Newton Hessian) estimate: the mean over examples of each parameter's squared
   *per-example* gradient of the negative log-likelihood, with the true labels ("empirical") or with labels drawn from
   the model's own predictive distribution ("sampled", an unbiased Monte-Carlo estimate of the true Fisher);
+- the mean absolute per-example gradient (`mean_abs_gradient`, the first moment where the Fisher takes the second),
+  which Task Arithmetic in Trust Region reads as each parameter's importance to a task;
 - the Gram matrix XᵀX / n of the inputs of every `nn.Linear` (RegMean), and of every transformers `Conv1D`
   (GPT-2's linear layers, which store their weight transposed, (in, out): `weight_is_transposed`); on request of
   every Conv1d/Conv2d with groups = 1 too, over its unfolded input patches (`conv_patches`), which is the Gram of
@@ -146,9 +148,16 @@ def _labels_for(wrapper: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(labels.device)
 
 
+def _moment(g: torch.Tensor, power: int) -> torch.Tensor:
+    """|g|^power entry-wise: squares for Fisher diagonals, magnitudes for mean absolute gradients."""
+    return g.float().pow(2) if power == 2 else g.float().abs().pow(power)
+
+
 def _squared_grads_vmap(wrapper: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                        inputs: torch.Tensor, labels: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
-    """Σ over the batch of each example's squared gradient, with vmap(grad), `chunk` examples at a time."""
+                        inputs: torch.Tensor, labels: torch.Tensor, chunk: int, power: int = 2
+                        ) -> dict[str, torch.Tensor]:
+    """Σ over the batch of |each example's gradient|^power (squared by default), with vmap(grad), `chunk` examples at
+    a time."""
     from torch.func import functional_call, grad, vmap
 
     def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -159,12 +168,12 @@ def _squared_grads_vmap(wrapper: nn.Module, params: dict[str, torch.Tensor], buf
     for i in range(0, len(inputs), chunk):
         per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs[i:i + chunk], labels[i:i + chunk])
         for k, g in per_example.items():
-            out[k] += g.float().pow(2).sum(0)
+            out[k] += _moment(g, power).sum(0)
     return out
 
 
 def _squared_grads_loop(wrapper: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
-                        labels: torch.Tensor) -> dict[str, torch.Tensor]:
+                        labels: torch.Tensor, power: int = 2) -> dict[str, torch.Tensor]:
     """The same sum with one backward pass per example: slow, but works on any module."""
     names = list(params)
     tensors = [dict(wrapper.named_parameters())[n] for n in names]
@@ -174,14 +183,14 @@ def _squared_grads_loop(wrapper: nn.Module, params: dict[str, torch.Tensor], inp
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
         for n, g in zip(names, grads):
             if g is not None:
-                out[n] += g.pow(2)
+                out[n] += _moment(g, power).to(out[n].dtype)
     return out
 
 
 def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples: int = 256, *, seed: int = 0,
                     labels: FisherLabels = "empirical", batch_size: int = 32, device: torch.device | str = "cpu",
                     per_example: Literal["auto", "vmap", "loop"] = "auto", max_grad_memory_mb: float = 1024,
-                    progress: Progress | None = None) -> dict[str, torch.Tensor]:
+                    progress: Progress | None = None, power: int = 2) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of `model` on `task`: mean over the first `n_examples` training examples of g ⊙ g, where g is
     one example's gradient of the cross-entropy of `taskpool.logits(model, task, x)` with respect to every
     parameter of `model`.
@@ -193,7 +202,11 @@ def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples:
 
     `taskpool.logits` runs inside `torch.func` transforms here: it must not rebind module parameters (`Module.to`)
     or fill lazy caches; one plain forward is run first so lazily built heads exist before the transforms start.
+
+    `power` = 1 gives the mean over examples of |g| instead (see `mean_abs_gradient`).
     """
+    if power not in (1, 2):
+        raise ValueError(f"power must be 1 (mean |g|) or 2 (mean g ⊙ g), got {power}")
     if labels not in ("empirical", "sampled"):
         raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
     device = torch.device(device)
@@ -208,7 +221,7 @@ def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples:
     mode = per_example
     seen = 0
     for inputs, y in _train_batches(taskpool, task, n_examples, batch_size, progress,
-                                    f"fisher ({labels}) on {task}"):
+                                    f"{'fisher' if power == 2 else 'mean |grad|'} ({labels}) on {task}"):
         inputs, y = inputs.to(device), y.to(device)
         if seen == 0:  # one plain forward first: task pools build heads lazily, which must not happen under vmap
             with torch.no_grad():  # (nor under inference mode: the heads are backpropagated through)
@@ -216,7 +229,7 @@ def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples:
         y = _labels_for(wrapper, inputs, y, labels, generator)
         if mode in ("auto", "vmap"):
             try:
-                batch = _squared_grads_vmap(wrapper, params, buffers, inputs, y, chunk)
+                batch = _squared_grads_vmap(wrapper, params, buffers, inputs, y, chunk, power)
                 mode = "vmap"
             except Exception as exc:
                 if mode == "vmap":
@@ -224,7 +237,7 @@ def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples:
                 log.info("vmap cannot batch per-example gradients of this model (%s); looping per example", exc)
                 mode = "loop"
         if mode == "loop":
-            batch = _squared_grads_loop(wrapper, params, inputs, y)
+            batch = _squared_grads_loop(wrapper, params, inputs, y, power)
         for k in sums:
             sums[k] += batch[k].float()
         seen += len(inputs)
@@ -233,6 +246,16 @@ def fisher_diagonal(model: nn.Module, taskpool: TaskPool, task: str, n_examples:
     if seen < n_examples:
         log.warning("task %s has only %d training examples (%d asked for)", task, seen, n_examples)
     return {k.removeprefix("model."): (v / seen).cpu() for k, v in sums.items()}
+
+
+def mean_abs_gradient(model: nn.Module, taskpool: TaskPool, task: str, n_examples: int = 128, *,
+                      batch_size: int = 32, device: torch.device | str = "cpu",
+                      progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Mean over the first `n_examples` training examples of |g|, g one example's gradient of the cross-entropy
+    (true labels): the first moment where `fisher_diagonal` takes the second. Task Arithmetic in Trust Region
+    measures with it how strongly each parameter matters to a task."""
+    return fisher_diagonal(model, taskpool, task, n_examples, labels="empirical", batch_size=batch_size,
+                           device=device, progress=progress, power=1)
 
 
 # -- Gram matrices of linear-layer inputs -------------------------------------------------------------------------
@@ -383,6 +406,16 @@ def cached_fisher(cache: StatsCache, pool: ModelPool, model_name: str, taskpool:
     return cache.get_or_compute(key, lambda: fisher_diagonal(
         pool.load_model(model_name), taskpool, task, n_examples, seed=seed, labels=labels, batch_size=batch_size,
         device=device, progress=progress))
+
+
+def cached_abs_gradient(cache: StatsCache, pool: ModelPool, model_name: str, taskpool: TaskPool, task: str, *,
+                        n_examples: int = 128, batch_size: int = 32, device: torch.device | str = "cpu",
+                        progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """`mean_abs_gradient` of pool model `model_name` on `task`, cached (no randomness: the key's seed is 0)."""
+    key = StatsKey(pool.identity(model_name), task_key(taskpool, task), "mean_abs_grad", n_examples, 0)
+    return cache.get_or_compute(key, lambda: mean_abs_gradient(
+        pool.load_model(model_name), taskpool, task, n_examples, batch_size=batch_size, device=device,
+        progress=progress))
 
 
 def cached_linear_grams(cache: StatsCache, pool: ModelPool, model_name: str, taskpool: TaskPool, task: str, *,

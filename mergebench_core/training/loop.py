@@ -221,13 +221,16 @@ def train(model: nn.Module, taskpool: TaskPool, tasks: Sequence[str], loss_fn: L
           seed: int, device: torch.device | str = "cpu", parameters: Iterable[nn.Parameter] | None = None,
           log_metrics: Callable[[int, Mapping[str, float]], None] | None = None,
           progress: Callable[..., Iterator[Any]] | None = None, extras: Mapping[str, Any] | None = None,
-          preference: Sequence[float] | None = None, modelpool: ModelPool | None = None) -> TrainResult:
+          preference: Sequence[float] | None = None, modelpool: ModelPool | None = None,
+          split: str = "train") -> TrainResult:
     """Train `model` in place on `tasks` by minimising `loss_fn`, one batch of every task per step; the model ends
     in evaluation mode on `device`.
 
     Everything random follows from `seed`: the data order of task i, the generator in `TrainState`, and the global
     RNG (forked and restored, so dropout is reproducible and callers' RNG streams are left as they were).
     `preference` (one weight per task) and `modelpool` reach the loss as `TrainState.preference` and `.modelpool`.
+    `split` is where the batches come from: "train" for supervised losses, "test" for test-time adaptation, whose
+    losses (prediction entropy) never read the labels.
     """
     device = torch.device(device)
     tasks = tuple(tasks)
@@ -241,7 +244,7 @@ def train(model: nn.Module, taskpool: TaskPool, tasks: Sequence[str], loss_fn: L
         raise MergebenchError("train got no parameters that require gradients")
     optimizer = _optimizer(config, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: config.lr_at(k + 1) / config.lr)
-    streams = {t: shuffled_batches(taskpool, t, "train", batch_size=config.batch_size, buffer=config.shuffle_buffer,
+    streams = {t: shuffled_batches(taskpool, t, split, batch_size=config.batch_size, buffer=config.shuffle_buffer,
                                    generator=torch.Generator().manual_seed(derive_seed(seed, "data", i)))
                for i, t in enumerate(tasks)}
     state = TrainState(0, tasks, device, torch.Generator(device=device).manual_seed(derive_seed(seed, "loss")),

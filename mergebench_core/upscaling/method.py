@@ -83,9 +83,12 @@ class UpscaleMethod(Method):
         params = self.params
         if not isinstance(params, TrainingParams):
             raise TypeError(f"{self.name}: a method that trains its routers needs TrainingParams, got {params!r}")
+        config = params.train_config()
+        if config.steps == 0:  # the routers as initialised (task arithmetic): nothing to read
+            return {"trained_parameters": 0, "steps": 0}
         taskpool = require_task_pool(self, ctx.taskpool)
         set_batch_reduce(model, True)
-        result = train(model, taskpool, ctx.tasks or tuple(taskpool.tasks), summed_entropy, params.train_config(),
+        result = train(model, taskpool, ctx.tasks or tuple(taskpool.tasks), summed_entropy, config,
                        seed=ctx.seed, device=ctx.device, parameters=trainable, log_metrics=ctx.log_metrics,
                        progress=ctx.progress, split="test")
         return {"trained_parameters": sum(p.numel() for p in trainable), "steps": result.steps,

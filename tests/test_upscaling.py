@@ -78,3 +78,21 @@ def test_an_upscaled_cell_stores_its_size(cli_env):
     extras = cells[0].extras
     assert extras["parameters"] > extras["base_parameters"] > 0
     assert abs(extras["params_ratio"] - extras["parameters"] / extras["base_parameters"]) < 1e-12
+
+
+def test_a_model_with_nothing_to_upscale_is_refused_before_any_work():
+    class Tiny(UpscaleMethod):
+        name = "tiny"
+        Params = dict
+        info = MethodInfo(kind="upscale", data="none", task_vectors=True)
+
+        def upscale(self, base, experts, ctx, skip):
+            return base
+
+    def pool_of(model):
+        return type("Pool", (), {"name": "p", "relation": "finetuned", "has_pretrained": True, "files_only": False,
+                                 "build_model": staticmethod(lambda: model)})()
+
+    reason = Tiny.refusal(pool_of(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))), {})
+    assert reason is not None and "MLP blocks (or Linear layers)" in reason and "Sequential" in reason
+    assert Tiny.refusal(pool_of(nn.Sequential(nn.Linear(3, 4))), {}) is None

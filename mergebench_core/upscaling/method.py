@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from mergebench_core.running.data_needs import require_task_pool
 from mergebench_core.training.loop import TrainState, train
 from mergebench_core.training.params import TrainingParams
 from mergebench_core.upscaling.blocks import set_batch_reduce
-from mergebench_core.upscaling.model import size_report
+from mergebench_core.upscaling.model import mlp_blocks, size_report
 
 
 def entropy_loss(logits: Tensor, eps: float = 1e-8) -> Tensor:
@@ -54,6 +55,27 @@ class UpscaleMethod(Method):
     """Returns an upscaled model; `info.data` "unlabeled" trains its routers on test inputs (labels never read)."""
 
     info = MethodInfo(kind="upscale", data="none", task_vectors=True)
+    upscales: ClassVar[str] = "MLP blocks (or Linear layers)"
+    """What the method replaces, for its refusal on a model that has none."""
+
+    @classmethod
+    def targets(cls, model: nn.Module) -> list[str]:
+        """The modules the method replaces: each transformer layer's `mlp`, else every Linear (see `mlp_blocks`)."""
+        return mlp_blocks(model)
+
+    @classmethod
+    def refusal(cls, pool: ModelPool, params: Any) -> str | None:
+        earlier = super().refusal(pool, params)  # task vectors, files: the bases' reasons first
+        if earlier:
+            return earlier
+        build = getattr(pool, "build_model", None)  # an untrained instance: cheap, and enough to see the modules
+        if callable(build) and not getattr(pool, "files_only", False):
+            model = build()
+            if not cls.targets(model):
+                return (f"it upscales {cls.upscales}, and the model of pool {pool.name!r} "
+                        f"({type(model).__name__}) has none; choose a pool whose model has them (CLIP, ViT, an MLP "
+                        f"such as digits-mlp_TA8)")
+        return None
 
     @abstractmethod
     def upscale(self, base: nn.Module, experts: list[nn.Module], ctx: RunContext, skip: set[str]) -> nn.Module:

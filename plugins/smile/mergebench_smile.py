@@ -69,6 +69,11 @@ class Smile(UpscaleMethod):
     name = "smile"
     Params = Params
     info = MethodInfo(kind="upscale", data="none", task_vectors=True)
+    upscales = "Linear layers"
+
+    @classmethod
+    def targets(cls, model: nn.Module) -> list[str]:
+        return linear_layers(model)
 
     @classmethod
     def refusal(cls, pool: ModelPool, params: Params) -> str | None:
@@ -79,7 +84,7 @@ class Smile(UpscaleMethod):
 
     def upscale(self, base: nn.Module, experts: list[nn.Module], ctx: RunContext, skip: set[str]) -> nn.Module:
         p = self.params
-        names = require_targets(base, linear_layers(base), self.name, "Linear layers")
+        names = require_targets(base, self.targets(base), self.name, self.upscales)
         base.requires_grad_(False)
         for name in names:
             layer = smile_layer(base.get_submodule(name), [e.get_submodule(name) for e in experts],

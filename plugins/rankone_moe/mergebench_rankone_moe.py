@@ -16,7 +16,7 @@ rank_k is clipped to a weight's smaller side. Parity: `tests/test_rankone_moe.py
 (forward per sample and batch-reduced, and one entropy step's router gradients) within 1e-5.
 
 Cost: per block and task rank_k·(out + in) numbers per weight, plus the router: on CLIP-ViT-B/32 with 8 experts
-1.17 × the base's parameters. 1,000 test-time steps take about a minute on the embedded pool, so sweeps over every
+1.30 × the base's parameters. 1,000 test-time steps take about a minute on the embedded pool, so sweeps over every
 method leave it out; it runs when named.
 """
 

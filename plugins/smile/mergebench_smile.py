@@ -14,7 +14,7 @@ the whole task vector of the 64-input first layer). Parity: `tests/test_smile.py
 `SmileMoELinear` outputs within 1e-5.
 
 Cost: per Linear and task k·(out + in) + out numbers, plus T·gate_k·in for the router; CLIP-ViT-B/32 with 8
-experts and k = 128: 2.8 × the base's parameters (k = 32: 1.4 ×). Each token runs its top_k experts' two thin
+experts and k = 128: 2.96 × the base's parameters (k = 32: 1.50 ×). Each token runs its top_k experts' two thin
 matmuls besides the base layer. It takes seconds on the embedded pool (one SVD per layer and task).
 """
 

@@ -195,6 +195,44 @@ class SmileLinear(nn.Module):
         return out + extra.view(out.shape)
 
 
+class PreferenceBlock(nn.Module):
+    """θ(r) = θ₀ + Σ_t g_t(r)·τ_t with the router reading the *preference vector* r over the tasks, not the data
+    (PWE-MoE, Tang et al., 2024): the same block gives the model of every trade-off. `set_preference(r)` fixes r for
+    the next forward passes (training sets a fresh one every step; evaluation the cell's)."""
+
+    def __init__(self, base: nn.Module, task_vectors: Mapping[str, Tensor], router: nn.Module):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.router = router
+        self.names = list(task_vectors)
+        for name, tau in task_vectors.items():
+            self.register_buffer(f"tau_{_buffer_name(name)}", tau.detach().contiguous())
+        self.preference: Tensor | None = None
+
+    def set_preference(self, preference: Tensor) -> None:
+        self.preference = preference
+
+    def weights(self) -> dict[str, Tensor]:
+        if self.preference is None:
+            raise RuntimeError("PreferenceBlock: set a preference vector (set_preference) before the forward pass")
+        gates = self.router(self.preference.to(next(self.router.parameters()).device))
+        params = dict(self.base.named_parameters())
+        for name in self.names:
+            tau = getattr(self, f"tau_{_buffer_name(name)}")
+            params[name] = params[name] + torch.tensordot(gates.to(tau.dtype), tau, 1)
+        return params
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return functional_call(self.base, self.weights(), args)
+
+
+def set_preference(model: nn.Module, preference: Tensor) -> None:
+    """Give every preference-routed block of `model` the preference vector r."""
+    for module in model.modules():
+        if isinstance(module, PreferenceBlock):
+            module.set_preference(preference)
+
+
 def set_batch_reduce(model: nn.Module, value: bool) -> None:
     """Switch every routed block of `model` between one mixture per batch (training) and per sample (evaluation)."""
     for module in model.modules():

@@ -7,6 +7,7 @@ blocks B (each a list of Linear (out, in) shapes and the block's input width d):
 - sparse_wemoe: as wemoe with one router per input width (pruned τ are stored dense)
 - rankone_moe: base + Σ_B [T·Σ_W k·(out + in) + Σ biases + router (depth 1) d·K + K], K = T·k, k = min(rank_k, W)
 - smile: base + Σ_Linear [T·(k·(out + in) + out) + T·gate_k·in], k = min(k, out, in)
+- pwe_moe: base + Σ_{MLP and attention blocks} [T·(block weights and biases) + router T·2T + 2T + 2T·T + T]
 CLIP-ViT-B/32's vision tower: 12 layers, each q, k, v, o (768 × 768) and an MLP fc1 (3072 × 768), fc2 (768 × 3072),
 87,456,000 parameters. On the embedded digits pool the formulas are checked against the models the methods build.
 
@@ -63,8 +64,16 @@ def smile(a: Arch, t: int, k: int = 128, gate_k: int = 1) -> int:
     return a.base + extra
 
 
+def pwe_moe(a: Arch, t: int) -> int:
+    """MLP blocks and attention blocks (q, k, v, o: taken four at a time) each become one preference-routed block."""
+    attention = [a.other_linears[i:i + 4] for i in range(0, len(a.other_linears), 4)]
+    router = t * 2 * t + 2 * t + 2 * t * t + t
+    return a.base + sum(t * sum(o * i + o for o, i in block) + router for block in [*a.blocks, *attention])
+
+
 def digits_check() -> list[list[str]]:
     """The formulas against the real upscaled digits encoder (64 → 256 → 256 → 128 + LayerNorm, 8 experts)."""
+    from mergebench_pwe_moe import PWEMoE
     from mergebench_rankone_moe import RankOneMoE
     from mergebench_smile import Smile
     from mergebench_wemoe import SparseWEMoE, WEMoE
@@ -82,7 +91,7 @@ def digits_check() -> list[list[str]]:
     t = len(pool.expert_names)
     rows = []
     for method, formula in ((WEMoE, wemoe(arch, t)), (SparseWEMoE, wemoe(arch, t, shared=True)),
-                            (RankOneMoE, rankone(arch, t)), (Smile, smile(arch, t))):
+                            (RankOneMoE, rankone(arch, t)), (Smile, smile(arch, t)), (PWEMoE, pwe_moe(arch, t))):
         params = method.Params(steps=0) if "steps" in method.Params.__dataclass_fields__ else method.Params()
         built = count_parameters(method(params).run(pool, RunContext()).model)
         rows.append([method.name, f"{built / n0:.2f}", f"{formula / n0:.2f}", "yes" if built == formula else "NO"])
@@ -94,7 +103,7 @@ def main() -> int:
 
     a, t = clip_b32(), 8
     rows = [["wemoe", wemoe(a, t)], ["sparse_wemoe", wemoe(a, t, shared=True)], ["rankone_moe", rankone(a, t)],
-            ["smile (k 128)", smile(a, t)], ["smile (k 32)", smile(a, t, k=32)]]
+            ["smile (k 128)", smile(a, t)], ["smile (k 32)", smile(a, t, k=32)], ["pwe_moe", pwe_moe(a, t)]]
     print(f"{a.name}, {t} experts, base {a.base:,} parameters\n")
     print(tabulate([[n, f"{c:,}", f"{c / a.base:.2f}"] for n, c in rows], headers=["method", "parameters", "params ×"],
                    tablefmt="github"))

@@ -108,7 +108,7 @@ class PWEMoE(UpscaleMethod):
     def run(self, pool: ModelPool, ctx: RunContext):
         self._pool = pool
         out = super().run(pool, ctx)
-        tasks = list(ctx.tasks) or list(require_task_pool(self, ctx.taskpool).tasks)
+        tasks = list(ctx.tasks) or [pool.task_of(e) for e in pool.expert_names]
         weights = ctx.task_weights() or {t: 1.0 / len(tasks) for t in tasks}
         preference = torch.tensor([weights[t] for t in tasks], dtype=torch.float32)
         set_preference(out.model, preference)
@@ -116,6 +116,8 @@ class PWEMoE(UpscaleMethod):
         return out
 
     def adapt(self, model: nn.Module, trainable: list[nn.Parameter], ctx: RunContext) -> dict[str, object]:
+        if self.params.steps == 0:  # the routers as initialised (task arithmetic at every preference)
+            return {"trained_parameters": 0, "steps": 0, "routers": "initial"}
         taskpool = require_task_pool(self, ctx.taskpool)
         tasks = tuple(ctx.tasks or taskpool.tasks)
         if len(tasks) != len(self._pool.expert_names):

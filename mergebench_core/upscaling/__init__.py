@@ -1,5 +1,5 @@
 """Upscaled models: the pretrained model with some modules replaced by routed mixtures of experts (WEMoE, E-WEMoE,
-Rank-One MoE, SMILE). `blocks` holds the routed modules, `routers` their routers, `model` the swap and the size count
+Rank-One MoE, SMILE) or routed by a preference vector (PWE-MoE). `blocks` holds the routed modules, `routers` their routers, `model` the swap and the size count
 (`params ×`), `method` the base class that builds, trains (test-time entropy, in the core loop) and returns one."""
 
 from mergebench_core.upscaling.blocks import (

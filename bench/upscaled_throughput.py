@@ -1,8 +1,8 @@
 """Evaluation throughput of upscaled models against the merged static model they start from.
 
 For a pool (default the embedded `digits-mlp_TA8`), builds task arithmetic (the static model: one set of weights)
-and each upscaled method (`smile`, `wemoe`, `sparse_wemoe`, `rankone_moe`), then times the scoring forward pass —
-the task pool's logits on the tasks' test batches, in inference mode, routing per sample as the harness scores them —
+and each upscaled method (`smile`, `wemoe`, `sparse_wemoe`, `rankone_moe`, `pwe_moe` at the uniform preference), then
+times the scoring forward pass — the task pool's logits on the tasks' test batches, in inference mode, routing per sample as the harness scores them —
 and prints examples per second, the slowdown against the static model, and each model's `params ×`. Routers that
 train at test time are timed untrained (`steps=0`): their values do not change the cost of a forward pass. Not part
 of the test suite.
@@ -24,7 +24,7 @@ import time
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", default="digits-mlp_TA8")
-    parser.add_argument("--methods", default="smile,wemoe,sparse_wemoe,rankone_moe")
+    parser.add_argument("--methods", default="smile,wemoe,sparse_wemoe,rankone_moe,pwe_moe")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="test examples per task (default: all)")

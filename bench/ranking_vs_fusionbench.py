@@ -7,7 +7,9 @@ and a standard deviation per method, and one correlation per pool, so the spread
 
 The published tables (average accuracy over the tasks, %), copied from FusionBench's documentation:
 - `clip-vit-b32_TA8`: CLIP-ViT-B/32 on the eight task-arithmetic tasks (see shared/DESIGN.md, "Published CLIP-ViT-B/32
-  TA8 accuracies"); multi-task training is compared with `linear_scalarization` at the uniform preference.
+  TA8 accuracies"); multi-task training is compared with `linear_scalarization` at the uniform preference. The
+  upscaled rows (WEMoE, E-WEMoE, SMILE at its defaults) hold several times the base's parameters; the test-time ones
+  train for minutes, so a fresh grid takes that much longer.
 - `gpt2_glue7`: GPT-2 sequence classifiers on seven GLUE tasks (docs/modelpool/gpt2_classification.md, "Multi-task
   model merging methods using GPT-2 models"); the pretrained row is that page's task-arithmetic sweep at λ = 0.
   Task arithmetic is published at λ = 0.5 and TIES at λ = 0.6, ours at their defaults (0.3).
@@ -41,6 +43,8 @@ PUBLISHED_TABLES: dict[str, dict[str, float]] = {
         "pretrained": 48.2, "individual": 90.3, "linear_scalarization": 88.6, "ensemble": 75.8, "simple_average": 66.5,
         "fisher": 70.6, "regmean": 82.4, "regmean_pp": 84.4, "task_arithmetic": 68.0, "ties": 72.2,
         "adamerging_tw": 68.7, "adamerging_lw": 82.6, "wudi": 84.5, "iso_c": 82.8, "iso_cts": 82.7,
+        # upscaled models (WEMoE 6.3x the parameters): FusionBench docs (modelpool/clip_vit) and its SMILE notebook
+        "wemoe": 89.2, "sparse_wemoe": 89.1, "smile": 86.2,
     },
     "gpt2_glue7": {
         "pretrained": 44.5, "individual": 82.0, "simple_average": 56.1, "fisher": 58.7, "regmean": 68.8,

@@ -28,7 +28,10 @@ PRETRAINED = "_pretrained_"
 Batch = tuple[torch.Tensor, torch.Tensor]
 """(inputs, integer labels) as a task pool hands them out."""
 
-MethodKind = Literal["merge", "ensemble", "fusion", "training"]
+MethodKind = Literal["merge", "ensemble", "fusion", "training", "upscale"]
+""""upscale": the method returns an *upscaled model*, the pretrained model with some modules replaced by routed
+mixtures of experts or adapters (`mergebench_core.upscaling`); the harness stores its parameter count against the
+base's (`params ×`), and no checkpoint of the base architecture can hold it."""
 DataNeed = Literal["none", "unlabeled", "labeled"]
 PoolRelation = Literal["finetuned", "independent"]
 Split = Literal["train", "val", "test"]
@@ -364,6 +367,9 @@ def file_refusal(method: type[Method], pool: ModelPool) -> str | None:
                 f"{elsewhere}")
     if info.kind == "training":
         return f"method {name!r} trains models rather than merging them; {elsewhere}"
+    if info.kind == "upscale":
+        return (f"method {name!r} returns an upscaled model (modules of the base replaced by routed experts, with "
+                f"more parameters than the base), which no checkpoint of the base architecture can hold; {elsewhere}")
     return f"method {name!r} works on a whole model pool, not tensor by tensor, so it cannot merge files; {elsewhere}"
 
 

@@ -64,6 +64,8 @@ class Row:
     merge_seconds: Stat = field(default_factory=Stat)
     peak_memory_mb: Stat = field(default_factory=Stat)
     eval_seconds: Stat = field(default_factory=Stat)
+    params_ratio: Stat = field(default_factory=Stat)
+    """Upscaled models: parameters held against the pretrained model's (`params ×`); empty for other rows."""
     shown_params: dict[str, Any] = field(default_factory=dict)
     """The parameters the label shows: those that differ from the defaults (or vary, when no defaults are known)."""
     defaults: dict[str, Any] | None = None
@@ -149,7 +151,8 @@ class Column:
     @property
     def csv_name(self) -> str:
         return self.task if self.task is not None else {"avg": "avg", "norm": "norm", "merge": "merge_s",
-                                                        "mem": "peak_mem_mb", "eval": "eval_s"}[self.id]
+                                                        "mem": "peak_mem_mb", "eval": "eval_s",
+                                                        "params": "params_x"}[self.id]
 
 
 SUMMARY_COLUMNS = {
@@ -158,13 +161,17 @@ SUMMARY_COLUMNS = {
     "merge": Column("merge", "Merge (s)", "seconds", "merge_seconds", higher_is_better=False),
     "mem": Column("mem", "Peak mem (MB)", "memory", "peak_memory_mb", higher_is_better=False),
     "eval": Column("eval", "Eval (s)", "seconds", "eval_seconds", higher_is_better=False),
+    "params": Column("params", "Params ×", "ratio", "params_ratio", higher_is_better=False),
 }
+OPTIONAL_COLUMNS = ("params",)
+"""Default columns shown only in tables where some row has a value (upscaled models' `params ×`)."""
 DEFAULT_COLUMNS = ("tasks", "avg", "norm", "merge", "mem")
 COLUMN_ALIASES = {
     "avg.": "avg", "mean": "avg", "average": "avg", "norm.": "norm", "normalized": "norm", "normalized_mean": "norm",
     "merge (s)": "merge", "merge_s": "merge", "merge_seconds": "merge", "time": "merge",
     "peak mem (mb)": "mem", "peak_mem": "mem", "peak_mem_mb": "mem", "peak_memory_mb": "mem", "memory": "mem",
     "peak": "mem", "eval (s)": "eval", "eval_s": "eval", "eval_seconds": "eval",
+    "params ×": "params", "params_x": "params", "params_ratio": "params", "parameters": "params",
 }
 
 

@@ -15,7 +15,16 @@ from typing import Any
 from mergebench_core.data.evaluation import primary_value
 from mergebench_core.errors import MergebenchError, normalize_name
 from mergebench_core.results.labels import REFERENCE_LABELS, Defaults, canonical, installed_defaults, shown_parameters
-from mergebench_core.results.rows import COLUMN_ALIASES, DEFAULT_COLUMNS, SUMMARY_COLUMNS, Column, Row, Stat, Table
+from mergebench_core.results.rows import (
+    COLUMN_ALIASES,
+    DEFAULT_COLUMNS,
+    OPTIONAL_COLUMNS,
+    SUMMARY_COLUMNS,
+    Column,
+    Row,
+    Stat,
+    Table,
+)
 from mergebench_core.results.store import CellResult
 
 
@@ -86,6 +95,7 @@ def _summarise(row: Row, tasks: Sequence[str], primary: dict[str, dict[str, Any]
                        if any(m in c.metrics.get(t, {}) for c in cells)} for t in tasks}
     for attr in ("mean", "normalized_mean", "merge_seconds", "peak_memory_mb", "eval_seconds"):
         setattr(row, attr, Stat.of(getattr(c, attr) for c in cells))
+    row.params_ratio = Stat.of(c.extras.get("params_ratio") for c in cells)
     return row
 
 
@@ -215,7 +225,10 @@ def choose_columns(tables: Sequence[Table], spec: str | Sequence[str] | None) ->
         dropped_tasks = set()
     for table in tables:
         cols: list[Column] = []
-        for name in chosen:
+        shown = list(chosen)
+        if (not items or removals) and any(r.params_ratio.mean is not None for r in table.rows):
+            shown += [n for n in OPTIONAL_COLUMNS if n not in resolved]  # upscaled rows: their size beside the score
+        for name in shown:
             if name == "tasks":
                 cols += [task_column(table, t) for t in table.tasks if t not in dropped_tasks]
             elif name in SUMMARY_COLUMNS:

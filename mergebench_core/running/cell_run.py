@@ -31,6 +31,7 @@ from mergebench_core.running.checks import check_finite_weights, primary_mean
 from mergebench_core.running.loggers import LoggerSet
 from mergebench_core.running.options import RunOptions
 from mergebench_core.running.resources import measure
+from mergebench_core.upscaling.model import size_report
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ def run_method(host: CellHost, cell: Cell) -> CellResult:
                     tasks=taskpool.tasks, seed=cell.seed, device=host.device,
                     set_by_engine=isinstance(method, TensorMergeMethod)))
         result.merge_seconds, result.peak_memory_mb = merge_m.seconds, merge_m.peak_mb
+        if cell.method_cls.info.kind == "upscale" and "params_ratio" not in output.extras:
+            output.extras.update(size_report(output.model, pool.load_model(PRETRAINED)))
         result.extras = jsonable(output.extras)
         check_finite_weights(output.model)
         with measure(host.device) as eval_m:

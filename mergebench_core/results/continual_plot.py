@@ -16,13 +16,13 @@ from mergebench_core.errors import MergebenchError
 from mergebench_core.results.labels import canonical
 from mergebench_core.results.plots import _check_out, _pyplot, _save, _say_where, distinct_colors, fitted_title
 from mergebench_core.results.store import CellResult
-from mergebench_core.results.tables import _newest_per_seed, select_methods
+from mergebench_core.results.tables import newest_per_seed, select_methods
 
 
 def curves(results: Sequence[CellResult]) -> dict[tuple[str, str], dict[tuple[str, Any], list[CellResult]]]:
     """{(model pool, task pool): {(method, params): the ok rows with a curve (one per seed and order)}}."""
     out: dict[tuple[str, str], dict[tuple[str, Any], list[CellResult]]] = {}
-    for r in _newest_per_seed([r for r in results if r.status == "ok" and r.curve]):
+    for r in newest_per_seed([r for r in results if r.status == "ok" and r.curve]):
         out.setdefault((r.modelpool, r.taskpool), {}).setdefault((r.method, canonical(r.params)), []).append(r)
     return out
 

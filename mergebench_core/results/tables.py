@@ -67,7 +67,7 @@ def _config_key(c: CellResult, history: bool = False) -> tuple:
     return key + (canonical(getattr(c, "identity", None) or {}),) if history else key
 
 
-def _newest_per_seed(cells: Sequence[CellResult]) -> list[CellResult]:
+def newest_per_seed(cells: Sequence[CellResult]) -> list[CellResult]:
     """One cell per (configuration, seed, task order): the newest, so a rerun or a newer version replaces the older
     cell. Task orders of a continual method, like seeds, are then one row: its scores average over them."""
     newest: dict[tuple, CellResult] = {}
@@ -158,7 +158,7 @@ def build_tables(results: Sequence[CellResult], *, per_seed: bool = False, colum
     tables = []
     for (modelpool, taskpool), cells in group(results).items():
         if not history:
-            cells = _newest_per_seed(cells)
+            cells = newest_per_seed(cells)
         table = _table(modelpool, taskpool, cells, per_seed=per_seed, history=history,
                        defaults=defaults or installed_defaults)
         if wanted is not None and not (table.methods or table.failed):

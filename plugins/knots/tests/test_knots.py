@@ -161,3 +161,36 @@ def test_params_are_validated():
         Params(merge="dare")
     with pytest.raises(ValueError, match="k must"):
         Params(k=1.5)
+
+
+def test_peft_adapter_pool_is_merged_in_factored_form_equal_to_the_dense_merge(tmp_path):
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("mergebench_lmeval")
+    from transformers import AutoModelForCausalLM
+
+    from mergebench_core import PRETRAINED, RunContext
+    from mergebench_core.engine.roles import roles_of
+    from mergebench_lmeval import CausalLMFolderPool
+    from mergebench_lmeval.testing import save_model
+
+    base = save_model(tmp_path / "pretrained")
+    folders = {}
+    for i, (task, r) in enumerate((("tiny_mc", 2), ("tiny_gen", 3))):
+        config = peft.LoraConfig(r=r, lora_alpha=4.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(20 + i)
+            adapted = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), config)
+        adapted.save_pretrained(tmp_path / task)
+        folders[task] = tmp_path / task
+    pool = CausalLMFolderPool(base, folders, name="tiny-lora")
+    out = Knots(Params()).run(pool, RunContext(cache_dir=tmp_path / "cache"))
+    assert out.extras["form"] == "factored"
+    merged = out.model.state_dict()
+    pretrained = pool.load_model(PRETRAINED)
+    linear = {k for k, r in roles_of(pretrained).items() if r.kind == "weight" and r.view is not None}
+    dense = knots_task_vectors(pretrained.state_dict(), [pool.load_model(t).state_dict() for t in folders], linear,
+                               Params())
+    for key, value in pretrained.state_dict().items():
+        expected = value + Params().scaling_factor * dense[key] if key in dense else value
+        torch.testing.assert_close(merged[key], expected, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(merged[k], v) for k, v in pretrained.state_dict().items())

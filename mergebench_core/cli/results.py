@@ -122,9 +122,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     elif args.kind == "tasks":
         written = plots.tasks_figure(results, out, methods=methods, **where)
     elif args.kind == "continual":
-        from mergebench_core.results.continual_plot import continual_figure
-
-        written = continual_figure(results, out, methods=methods, **where)
+        written = plots.continual_figure(results, out, methods=methods, **where)
     elif args.kind == "time":
         written = plots.time_figure(results, out, methods=methods, score=args.score, **where)
     else:

@@ -16,7 +16,7 @@ pretrained model's during the steps; the final model's running statistics follow
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -62,8 +62,9 @@ class ContinualMethod(Method):
         """The merged task vector after each arrival, on plain state dicts (what `run` does, without a pool)."""
         return [merged for _, merged in self.iterate(base, iter(experts), roles or {})]
 
-    def iterate(self, base: dict[str, torch.Tensor], experts: Any, roles: dict[str, Role]):
-        """Yield (step, merged task vector) after each expert of the iterable `experts` (state dicts)."""
+    def iterate(self, base: dict[str, torch.Tensor], experts: Iterable[dict[str, torch.Tensor]],
+                roles: dict[str, Role]) -> Iterator[tuple[int, TaskVector]]:
+        """(step, merged task vector) after each expert of `experts` (state dicts, read one at a time)."""
         keys = [k for k, v in base.items()
                 if is_mergeable(v.dtype) and _role(roles, k, v).kind not in ("running_stat", "buffer")]
         matrix = {k: _is_linear_weight(_role(roles, k, base[k])) for k in keys}

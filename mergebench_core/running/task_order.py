@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,7 +56,8 @@ class CurveRecorder:
     """`RunContext.on_step` for a continual cell: scores the model on the tasks of the experts merged so far, keeps
     one curve point per step, and the seconds spent scoring (not the merge's time)."""
 
-    def __init__(self, task_of: Any, evaluate: Any, primary_mean: Any):
+    def __init__(self, task_of: Callable[[str], str], evaluate: Callable[[Any, list[str]], Mapping[str, Any]],
+                 primary_mean: Callable[[Any], float | None]):
         self.task_of, self.evaluate, self.primary_mean = task_of, evaluate, primary_mean
         self.curve: list[dict[str, Any]] = []
         self.seconds = 0.0

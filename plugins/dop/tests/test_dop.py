@@ -97,12 +97,17 @@ def test_parity_with_fusionbench(settings):
 
     base, experts = _models()
     common = dict(alpha=0.8, svd_epsilon=0.99999, lr=1e-3, num_steps=30, svd_proj_space="uv")
-    fb = fusionbench_module("dop", "dop_general").DOPMerging(
+    try:
+        module = fusionbench_module("dop", "dop_general")
+        pool_cls = fusion_bench.BaseModelPool
+    except ImportError as exc:  # FusionBench installed without one of its own dependencies
+        pytest.skip(f"FusionBench's DOP does not import here: {exc}")
+    fb = module.DOPMerging(
         shuffle_order=False, save_on_every_step=False, evaluate_on_every_step=False, **common,
         **{"ema_beta": 0.999, "ema": True, **settings})
     names = [f"e{i}" for i in range(len(experts))]
-    pool = fusion_bench.BaseModelPool(models={"_pretrained_": copy.deepcopy(base),
-                                              **{n: copy.deepcopy(e) for n, e in zip(names, experts)}})
+    pool = pool_cls(models={"_pretrained_": copy.deepcopy(base),
+                            **{n: copy.deepcopy(e) for n, e in zip(names, experts)}})
     reference = fb.run(pool).state_dict()
     sd0 = base.state_dict()
     ours = Dop(Params(**common, **settings)).steps(sd0, [e.state_dict() for e in experts], roles_of(base))[-1]

@@ -115,8 +115,11 @@ def test_adapter_folders_are_merged_in_factored_form(tmp_path):
 
 def test_parity_with_fusionbench_alignment_and_ties():
     pytest.importorskip("fusion_bench")
-    from fusion_bench.method.knots.knots_utils import subspace_alignment
-    from fusion_bench.method.ties_merging.ties_merging_utils import disjoint_merge, resolve_sign, topk_values_mask
+    try:
+        from fusion_bench.method.knots.knots_utils import subspace_alignment
+        from fusion_bench.method.ties_merging.ties_merging_utils import disjoint_merge, resolve_sign, topk_values_mask
+    except ImportError as exc:  # FusionBench installed without one of its own dependencies
+        pytest.skip(f"FusionBench's helpers do not import here: {exc}")
 
     g = torch.Generator().manual_seed(4)
     layers = {"a": [lowrank(8, 6, 2, g) for _ in range(3)], "b": [lowrank(5, 7, 2, g) for _ in range(3)]}

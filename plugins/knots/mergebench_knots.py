@@ -18,9 +18,9 @@ folder pool) are merged in factored form, never building a full-size update: wit
 as a peft adapter (B = U, A = λ C, rank at most Σ r_t). Every other pool with a pretrained model (the LoRA pools whose
 experts are stored merged, `flan-t5-base_glue-lora16`, `minilm_text8-lora16`, and full fine-tunes such as
 `digits-mlp_TA8`) is merged on its task vectors: every Linear weight is a layer, with its bias appended as a last
-column as the authors do, and a weight no expert changed is left alone. Other tensors (norms, embeddings, conv
-kernels) go through the same trim/elect/combine on their plain task vectors, as the authors' `merge_other_params`;
-on LoRA pools they are unchanged anyway.
+column as the authors do, and a tensor no expert changed is left alone (on LoRA pools, all but the adapted
+weights). Other changed tensors (norms, embeddings, conv kernels) go through the same trim/elect/combine on their
+plain task vectors, as the authors' `merge_other_params`.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def knots_task_vectors(base: dict[str, torch.Tensor], experts: Sequence[dict[str
             out[bias_of[key]] = update[:, -1]
             update = update[:, :-1]
         out[key] = update.view(base[key].shape)
-    others = [k for k in keys if k not in out and k not in linear]
+    others = [k for k in keys if k not in out and k not in linear
+              and any(not torch.equal(e[k], base[k]) for e in experts)]  # unchanged tensors (LoRA pools) stay
     if others:
         rows = torch.stack([torch.cat([(e[k].float() - base[k].float()).reshape(-1) for k in others])
                             for e in experts])

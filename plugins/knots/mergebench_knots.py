@@ -199,8 +199,8 @@ def knots_adapter(folders: Sequence[Path], out: Path, params: Params) -> Path:
         pad = rank - coeffs.shape[0]  # peft keeps one rank for every module: zero blocks fill the rest
         tensors[module + ".lora_A.weight"] = torch.cat([params.scaling_factor * coeffs,
                                                         torch.zeros(pad, coeffs.shape[1])]).contiguous()
-        tensors[module + ".lora_B.weight"] = torch.cat([layers[module].basis,
-                                                        torch.zeros(layers[module].basis.shape[0], pad)], 1).contiguous()
+        basis = layers[module].basis
+        tensors[module + ".lora_B.weight"] = torch.cat([basis, torch.zeros(basis.shape[0], pad)], 1).contiguous()
     config = dict(read[0][0])
     config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
                   target_modules=sorted({t for c, _, _ in read for t in (c.get("target_modules") or [])}))

@@ -28,6 +28,7 @@ from mergebench_core.contract.api import (
     RunContext,
     TaskPool,
 )
+from mergebench_core.contract.continual import ContinualMethod
 from mergebench_core.contract.hookspecs import hookimpl
 from mergebench_core.engine.data_free import TaskVectorMethod, TensorMergeMethod
 from mergebench_core.engine.stream import MergeStream
@@ -41,7 +42,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
     __version__ = "0+unknown"
 
 __all__ = [
-    "ACCURACY", "MetricSpec", "PRETRAINED", "CheckpointError", "ConfigError", "Ensemble", "MergeOutput",
+    "ACCURACY", "ContinualMethod", "MetricSpec", "PRETRAINED", "CheckpointError", "ConfigError", "Ensemble", "MergeOutput",
     "MergeStream", "MergebenchError", "Method", "MethodInfo", "ModelPool", "PerTaskModels", "RunContext", "TaskPool",
     "TaskVectorMethod", "TensorMergeMethod", "UnknownNameError", "hookimpl", "__version__",
 ]

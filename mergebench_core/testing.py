@@ -133,3 +133,25 @@ def reference_outputs(pipe: PipelineSettings, base: Mapping[str, torch.Tensor],
         value = output(key, base[key], ref) if output is not None else apply(base[key], ref.merged, pipe.scale)
         result[key] = value.to(base[key].dtype)
     return result
+
+
+def fusionbench_module(package: str, module: str):  # noqa: ANN201 - a module of an optional package
+    """`fusion_bench.method.<package>.<module>` for parity tests, loaded without its package's `__init__`, which imports
+    FusionBench's CLIP task pools (they fail with recent transformers) although the algorithm module does not need
+    them; Ray actor wrappers are switched off (`ray.remote` rewrites the class's signature when Ray is installed).
+    Raises ImportError when FusionBench is absent, so callers can skip."""
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    import fusion_bench.method as methods
+    import fusion_bench.utils.packages as packages
+
+    packages.is_ray_available = lambda: False
+    name = f"fusion_bench.method.{package}"
+    if name not in sys.modules:
+        stub = types.ModuleType(name)
+        stub.__path__ = [str(Path(methods.__file__).parent / package)]
+        sys.modules[name] = stub
+    return importlib.import_module(f"{name}.{module}")

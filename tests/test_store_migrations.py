@@ -83,7 +83,7 @@ def _stored_version(path) -> str | None:
 
 
 def test_schema_version_matches_the_migrations():
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     assert sorted(MIGRATIONS) == list(range(2, SCHEMA_VERSION + 1))
 
 

@@ -301,8 +301,9 @@ def test_damaged_rows_are_reported_once_and_skipped(tmp_path, capsys, caplog):
 def test_a_read_only_open_reads_an_older_schema_without_migrating_it(tmp_path):
     path = _store_with_rows(tmp_path / "r.sqlite")
     db = sqlite3.connect(str(path))
-    with db:  # as schema version 2 left it: no identity column yet
-        db.execute("ALTER TABLE results DROP COLUMN identity")
+    with db:  # as schema version 2 left it: no identity column yet (nor version 4's task order and curve)
+        for column in ("identity", "task_order", "curve"):
+            db.execute(f"ALTER TABLE results DROP COLUMN {column}")
         db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.close()
     ro = ResultStore(path, readonly=True)
@@ -310,4 +311,4 @@ def test_a_read_only_open_reads_an_older_schema_without_migrating_it(tmp_path):
     assert sorted(r.method for r in ro.all()) == ["task_arithmetic", "ties"]
     assert all(r.identity == {} for r in ro.all())
     ro.close()
-    assert ResultStore(path).schema_version() == 3  # a writable open migrates, as before
+    assert ResultStore(path).schema_version() == 4  # a writable open migrates, as before

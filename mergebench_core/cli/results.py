@@ -121,6 +121,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         written = plots.pareto_figure(results, out, modelpool=args.modelpool)
     elif args.kind == "tasks":
         written = plots.tasks_figure(results, out, methods=methods, **where)
+    elif args.kind == "continual":
+        written = plots.continual_figure(results, out, methods=methods, **where)
     elif args.kind == "time":
         written = plots.time_figure(results, out, methods=methods, score=args.score, **where)
     else:
@@ -156,9 +158,10 @@ def add_parser(sub: Any) -> None:
     lb.set_defaults(func=cmd_leaderboard)
 
     plot = sub.add_parser("plot", help="draw figures from stored results (needs matplotlib: mergebench[plot])")
-    plot.add_argument("kind", choices=["pareto", "tasks", "time", "sweep"],
+    plot.add_argument("kind", choices=["pareto", "tasks", "time", "sweep", "continual"],
                       help="pareto: each method's preference front, per pair of tasks; tasks: per-task bars; "
-                           "time: score against merge time; sweep: score against one parameter, seed error bars")
+                           "time: score against merge time; sweep: score against one parameter, seed error bars; "
+                           "continual: score on the tasks seen after each arrival, over task orders")
     plot.add_argument("--out", help="output file: .png, .svg or .pdf (default KIND.png)")
     plot.add_argument("--method", "-m", action="append",
                       help="only these methods, comma-separated (tasks: default the best configurations)")

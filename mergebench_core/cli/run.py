@@ -24,6 +24,12 @@ def _preferences(args: argparse.Namespace) -> Any:
     return PreferenceRequest(vectors, grids)
 
 
+def _task_orders(args: argparse.Namespace) -> tuple[int, ...]:
+    from mergebench_core.running.task_order import order_seeds
+
+    return order_seeds(args.task_orders, parse_seeds(args.task_order) if args.task_order else None)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mergebench_core.results.store import ResultStore
     from mergebench_core.running.runner import Runner, RunOptions
@@ -36,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          tasks=split_names(args.tasks), preferences=_preferences(args), eval_only=args.eval_only,
                          loggers=split_names(args.logger) or (), jobs=args.jobs, cell_timeout=args.cell_timeout,
                          isolation=args.isolation, executor=args.executor, ray_address=args.ray_address,
-                         bn_stats=args.bn_stats)
+                         bn_stats=args.bn_stats, task_orders=_task_orders(args))
     if options.isolation == "process" and options.executor == "local":
         from mergebench_core.running.executors import reserve_threads_for_workers
 
@@ -72,6 +78,11 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--taskpool", help="score with this task pool instead of each pool's default")
     run.add_argument("--config", help="YAML file with `method:`, `<method name>:` and `modelpool:` sections")
     run.add_argument("--seed", action="append", help="seed(s), comma-separated (default 0)")
+    run.add_argument("--task-orders", type=int, metavar="N",
+                     help="continual methods: run each in N task orders (0: the pool's order, k: a permutation "
+                          "seeded by k); tables average over them (default 1)")
+    run.add_argument("--task-order", action="append", metavar="K,...",
+                     help="continual methods: these task order seeds (with or instead of --task-orders)")
     run.add_argument("--tasks", action="append",
                      help="restrict every pool to these tasks (their experts, and scoring on them), comma-separated")
     run.add_argument("--preference", action="append", metavar="R1,R2,...",

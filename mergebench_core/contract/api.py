@@ -243,6 +243,11 @@ class RunContext:
     `mergebench_core.engine.running_stats`). The engine applies it; methods never merge running statistics
     themselves."""
     progress: Callable[..., Iterator[Any]] | None = None
+    task_order: tuple[str, ...] = ()
+    """For continual methods (`contract.continual`): the experts in the order they arrive; empty means the pool's."""
+    on_step: Callable[[int, Sequence[str], Any], None] | None = None
+    """For continual methods: called after each arrival with (step, the experts merged so far, the model), so the
+    runner can score the tasks seen so far."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("mergebench"))
 
     def generator(self, device: torch.device | str = "cpu", offset: int = 0) -> torch.Generator:

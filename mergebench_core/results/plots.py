@@ -13,6 +13,8 @@ are never drawn in grey, the reference rows' colour; titles wrap rather than run
 - `time_figure`: a score against merge time, one point per configuration.
 - `sweep_figure`: a score against one parameter's values, a line per method (and per setting of its other
   parameters), with seed error bars.
+- `continual_figure`: continual methods' curves (`continual_curves`), the score on the tasks seen after each arrival,
+  averaged over task orders and seeds.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from mergebench_core.data.evaluation import primary_value
 from mergebench_core.errors import MergebenchError
 from mergebench_core.preferences.pareto import front_summaries
+from mergebench_core.results.continual_curves import curves, mean_curve
 from mergebench_core.results.labels import front_labels, short_value
 from mergebench_core.results.rows import COLUMN_ALIASES, SUMMARY_COLUMNS, Column, Row, Table, metric_title
 from mergebench_core.results.store import CellResult
@@ -35,7 +38,7 @@ from mergebench_core.results.tables import build_tables, select_methods, task_co
 log = logging.getLogger(__name__)
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")
-KINDS = ("pareto", "tasks", "time", "sweep")
+KINDS = ("pareto", "tasks", "time", "sweep", "continual")
 MAX_PAIRS = 6
 MAX_BARS = 8
 """Configurations in a bar chart when none are chosen: the best by average."""
@@ -394,3 +397,65 @@ def sweep_figure(results: Sequence[CellResult], out: str | Path, *, param: str |
                              [(t.modelpool, t.taskpool) for t, *_ in drawn]))
     _say_where(out, written)
     return written
+
+
+def _curve_label(method: str, params: Any, several: bool) -> str:
+    if not several or not params:
+        return method
+    shown = ", ".join(f"{k}={v}" for k, v in (params if isinstance(params, tuple) else ()))
+    return f"{method} ({shown})" if shown else method
+
+
+def continual_figure(results: Sequence[CellResult], out: str | Path, *, methods: Sequence[str] | None = None,
+                     modelpool: str | None = None, taskpool: str | None = None) -> list[Path]:
+    """One figure per pool of continual results: x = tasks seen, y = the mean score on them (%), one line per method
+    configuration averaged over task orders and seeds (a band of ± one standard deviation where there are several),
+    and the experts' mean over all tasks dashed: what a merge of every expert would ideally reach at the last step."""
+    out = _check_out(out)
+    found = {k: v for k, v in curves(results).items()
+             if (modelpool is None or k[0] == modelpool) and (taskpool is None or k[1] == taskpool)}
+    if not found:
+        raise MergebenchError("no stored continual results (rows with a task-order curve); run a continual method, "
+                              "e.g. `mergebench run -m opcm --task-orders 3`")
+    wanted = select_methods(methods, [m for v in found.values() for m, _ in v])
+    plt = _pyplot()
+    written = []
+    for pool, configs in found.items():
+        configs = {k: v for k, v in configs.items() if wanted is None or k[0] in wanted}
+        if not configs:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        colors = distinct_colors(len(configs))
+        per_method = {m for m, _ in configs}
+        orders = set()
+        for color, ((method, params), rows) in zip(colors, sorted(configs.items(), key=lambda kv: kv[0][0])):
+            means, stds = mean_curve(rows)
+            xs = list(range(1, len(means) + 1))
+            orders |= {r.task_order for r in rows}
+            label = _curve_label(method, params, len(per_method) < len(configs)) + f"  (n={len(rows)})"
+            ax.plot(xs, [100 * m for m in means], marker="o", color=color, label=label)
+            if len(rows) > 1:
+                ax.fill_between(xs, [100 * (m - s) for m, s in zip(means, stds)],
+                                [100 * (m + s) for m, s in zip(means, stds)], color=color, alpha=0.18)
+        _experts_line(ax, results, pool)
+        ax.set_xlabel("tasks seen (experts merged so far)")
+        ax.set_ylabel("mean accuracy on the tasks seen (%)")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+        ax.set_title(fitted_title(f"continual merging on {pool[0]} ({len(orders)} task order(s))", 6.4))
+        fig.tight_layout()
+        written.append(_save(plt, fig, out, pool, list(found)))
+    if not written:
+        raise MergebenchError(f"no continual results for method(s) {', '.join(methods or [])}")
+    _say_where(out, written)
+    return written
+
+
+def _experts_line(ax: Any, results: Sequence[CellResult], pool: tuple[str, str]) -> None:
+    """The experts' mean over all tasks, as a dashed line: what a merge at the last step would ideally reach."""
+    for r in results:
+        if (r.kind, r.method, r.modelpool, r.taskpool, r.status) == ("reference", "individual", *pool, "ok") \
+                and r.mean is not None:
+            ax.axhline(100 * r.mean, color="0.35", linestyle="--", linewidth=1, label="experts (all tasks)")
+            return

@@ -237,7 +237,9 @@ class Table:
         if self.task_specific:
             out.append(f"{TASK_SPECIFIC_MARK} {TASK_SPECIFIC_NOTE}.")
         if self.aggregated:
-            out.append("Mean ± sample standard deviation over n seeds.")
+            out.append("Mean ± sample standard deviation over n seeds." if not any(
+                c.task_order for r in self.methods for c in r.cells) else
+                "Mean ± sample standard deviation over n seeds and task orders (continual methods).")
         for c in self.failed:
             label = c.method + (f" {settings_text(c.params)}" if c.params else "") + \
                 (f" seed={c.seed}" if c.seed else "")

@@ -23,11 +23,13 @@ from mergebench_core.results.stored_rows import JSON_FIELDS, DamagedRow, decode_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE results ADD COLUMN primary_metrics TEXT NOT NULL DEFAULT '{}'",),
     3: ("ALTER TABLE results ADD COLUMN identity TEXT NOT NULL DEFAULT '{}'",),
+    4: ("ALTER TABLE results ADD COLUMN task_order INTEGER",
+        "ALTER TABLE results ADD COLUMN curve TEXT"),
 }
 """SQL that takes a store from version n-1 to n, applied in order when a store is opened; a store without a version
 (or version 1) is version 1. Never edit a migration that has shipped: add the next number."""
@@ -57,7 +59,9 @@ _COLUMNS = """
     config TEXT NOT NULL,
     task_specific INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    identity TEXT NOT NULL DEFAULT '{}'
+    identity TEXT NOT NULL DEFAULT '{}',
+    task_order INTEGER,
+    curve TEXT
 """
 
 
@@ -93,28 +97,37 @@ class CellResult:
     identity: dict[str, Any] = field(default_factory=dict)
     """The versions of what produced the numbers, beyond the names: {"plugin": "dist==version", "modelpool": the
     pool's version_info(), "taskpool": the task pool's}. Part of the cell key, so a changed recipe is a new cell."""
+    task_order: int | None = None
+    """For a continual method (`mergebench_core.contract.continual`): the order seed its experts arrived in (0: the
+    pool's own order, `running.task_order`); None for every other row. Part of the cell key."""
+    curve: list[dict[str, Any]] | None = None
+    """For a continual method: after each step t, {"step": t, "expert": the expert merged at t, "tasks": the tasks
+    seen so far, "mean": their mean primary score, "metrics": {task: {metric: value}}}."""
 
     @property
     def cell_key(self) -> str:
         return cell_key(self.kind, self.method, self.params, self.modelpool, self.taskpool, self.seed,
-                        self.eval_limit, self.preference, self.identity)
+                        self.eval_limit, self.preference, self.identity, task_order=self.task_order)
 
     @property
     def setting_key(self) -> str:
         """The cell key without the versions: rows that differ only in versions are one setting's history."""
         return cell_key(self.kind, self.method, self.params, self.modelpool, self.taskpool, self.seed,
-                        self.eval_limit, self.preference)
+                        self.eval_limit, self.preference, task_order=self.task_order)
 
 
 def cell_key(kind: str, method: str, params: Mapping[str, Any], modelpool: str, taskpool: str, seed: int,
              eval_limit: int | None, preference: Sequence[float] | None,
-             identity: Mapping[str, Any] | None = None) -> str:
+             identity: Mapping[str, Any] | None = None, *, task_order: int | None = None) -> str:
     """A stable identity for a cell: everything that changes its result, and nothing else. `identity` holds the
-    plugin, pool and task-pool versions (recipe hashes, hub revisions); rows written before it existed have none."""
+    plugin, pool and task-pool versions (recipe hashes, hub revisions); rows written before it existed have none.
+    `task_order` (continual methods only) is added only when set, so every other key is what it always was."""
     parts: list[Any] = [kind, method, dict(params), modelpool, taskpool, seed, eval_limit,
                         list(preference) if preference is not None else None]
     if identity:
         parts.append(dict(identity))
+    if task_order is not None:
+        parts.append({"task_order": int(task_order)})
     ident = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 

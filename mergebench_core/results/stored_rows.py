@@ -13,7 +13,8 @@ import json
 import math
 from typing import Any
 
-JSON_FIELDS = ("params", "preference", "metrics", "primary_metrics", "extras", "versions", "config", "identity")
+JSON_FIELDS = ("params", "preference", "metrics", "primary_metrics", "extras", "versions", "config", "identity",
+               "curve")
 """Columns stored as JSON text."""
 
 LARGEST = 1e150
@@ -36,7 +37,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "traceback": ((str,), True), "task_specific": ((int,), False), "created_at": (_NUMBER, False),
     "params": ((dict,), False), "preference": ((list,), True), "metrics": ((dict,), False),
     "primary_metrics": ((dict,), False), "extras": ((dict,), False), "versions": ((dict,), False),
-    "config": ((dict,), False), "identity": ((dict,), False),
+    "config": ((dict,), False), "identity": ((dict,), False), "task_order": ((int,), True), "curve": ((list,), True),
 }
 _MEASURED = ("mean", "normalized_mean", "merge_seconds", "peak_memory_mb", "eval_seconds", "created_at")
 """Number columns that tables and sorting compute with; each must pass `_sane`."""

@@ -1,6 +1,6 @@
 """Building leaderboard tables from stored cells: one `Table` per (model pool, task pool).
 
-Cells that differ only by seed become one row (means and sample standard deviations over the seeds); when the store
+Cells that differ only by seed (or, for continual methods, task order) become one row (means and sample standard deviations over the seeds); when the store
 holds several cells for the same configuration and seed, the newest is used. Rows are labelled by their non-default
 parameters (`labels`), filtered to the methods asked for, and given the columns `--columns` names.
 """
@@ -76,11 +76,12 @@ def _config_key(c: CellResult, history: bool = False) -> tuple:
     return key + (canonical(getattr(c, "identity", None) or {}),) if history else key
 
 
-def _newest_per_seed(cells: Sequence[CellResult]) -> list[CellResult]:
-    """One cell per (configuration, seed): the newest, so a rerun or a newer version replaces the older cell."""
+def newest_per_seed(cells: Sequence[CellResult]) -> list[CellResult]:
+    """One cell per (configuration, seed, task order): the newest, so a rerun or a newer version replaces the older
+    cell. Task orders of a continual method, like seeds, are then one row: its scores average over them."""
     newest: dict[tuple, CellResult] = {}
     for c in cells:
-        key = (*_config_key(c), c.seed)
+        key = (*_config_key(c), c.seed, c.task_order)
         if key not in newest or c.created_at >= newest[key].created_at:
             newest[key] = c
     return list(newest.values())
@@ -167,7 +168,7 @@ def build_tables(results: Sequence[CellResult], *, per_seed: bool = False, colum
     tables = []
     for (modelpool, taskpool), cells in group(results).items():
         if not history:
-            cells = _newest_per_seed(cells)
+            cells = newest_per_seed(cells)
         table = _table(modelpool, taskpool, cells, per_seed=per_seed, history=history,
                        defaults=defaults or installed_defaults)
         if wanted is not None and not (table.methods or table.failed):

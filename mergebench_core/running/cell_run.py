@@ -20,6 +20,7 @@ import torch
 
 from mergebench_core.contract.api import PRETRAINED, ModelPool, Registration, RunContext, TaskPool
 from mergebench_core.contract.config import params_dict
+from mergebench_core.contract.continual import is_continual
 from mergebench_core.data.evaluation import Metrics, evaluate, primary_metrics
 from mergebench_core.engine.bn_stats import BnStats
 from mergebench_core.engine.data_free import TensorMergeMethod
@@ -32,6 +33,7 @@ from mergebench_core.running.loggers import LoggerSet
 from mergebench_core.running.options import RunOptions
 from mergebench_core.running.resources import measure
 from mergebench_core.upscaling.model import size_report
+from mergebench_core.running.task_order import CurveRecorder, permutation
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +68,12 @@ def method_blank(host: CellHost, cell: Cell) -> CellResult:
         "method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
         host.options.limit, preference=list(pref.normalized) if pref is not None else None,
         versions=versions, task_specific=cell.method_cls.info.task_specific,
-        identity=host.identity(cell.modelpool, cell.taskpool, cell.registration),
+        identity=host.identity(cell.modelpool, cell.taskpool, cell.registration), task_order=cell.order,
         config={"method": cell.method, "params": params_dict(cell.params), "modelpool": cell.modelpool,
                 "taskpool": cell.taskpool, "seed": cell.seed, "limit": host.options.limit,
                 "device": str(host.device),
                 "preference_given": list(pref.given) if pref is not None else None,
-                "eval_only": host.options.eval_only,
+                "eval_only": host.options.eval_only, **({"task_order": cell.order} if cell.order is not None else {}),
                 **({"bn_stats": host.bn_stats.name} if has_running_stats(host.pool_roles(cell.modelpool)) else {})})
 
 
@@ -95,6 +97,11 @@ def run_method(host: CellHost, cell: Cell) -> CellResult:
                          log=logging.getLogger(f"mergebench.method.{cell.method}"), bn_stats=host.bn_stats.name)
         torch.manual_seed(cell.seed)
         method = cell.method_cls(cell.params)
+        curve = None
+        if is_continual(cell.method_cls):  # the experts arrive in the cell's order; each step is scored
+            ctx.task_order = tuple(permutation(pool.expert_names, cell.order or 0))
+            ctx.on_step = curve = CurveRecorder(pool.task_of, lambda m, tasks: evaluate_on(host, taskpool, m, tasks),
+                                                lambda metrics: primary_mean(metrics, result.primary_metrics))
         with measure(host.device) as merge_m:
             output = method.run(pool, ctx)
             if cell.method_cls.info.kind == "merge":  # running statistics follow the run's rule, not the method
@@ -105,6 +112,9 @@ def run_method(host: CellHost, cell: Cell) -> CellResult:
         result.merge_seconds, result.peak_memory_mb = merge_m.seconds, merge_m.peak_mb
         if cell.method_cls.info.kind == "upscale" and "params_ratio" not in output.extras:
             output.extras.update(size_report(output.model, pool.load_model(PRETRAINED)))
+        if curve is not None:  # scoring the steps is evaluation, not merging
+            result.merge_seconds -= curve.seconds
+            result.curve = jsonable(curve.curve)
         result.extras = jsonable(output.extras)
         check_finite_weights(output.model)
         with measure(host.device) as eval_m:

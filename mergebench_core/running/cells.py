@@ -32,26 +32,31 @@ class Cell:
     taskpool: str
     seed: int
     preference: Preference | None = None
+    order: int | None = None
+    """The task order seed of a continual method's cell (`running.task_order`); None for other methods."""
 
     @property
     def label(self) -> str:
         pref = f" at preference {self.preference.label()}" if self.preference is not None else ""
-        return f"{self.method} on {self.modelpool}{pref}"
+        order = f" in task order {self.order}" if self.order else ""
+        return f"{self.method} on {self.modelpool}{pref}{order}"
 
     def spec(self) -> tuple[Any, ...]:
-        """The cell as plain, picklable values: its names, parameters, seed and the preference as the user gave it."""
+        """The cell as plain, picklable values: its names, parameters, seed, the preference as the user gave it and
+        the task order."""
         pref = self.preference.given if self.preference is not None else None
-        return ("method", self.method, params_dict(self.params), self.modelpool, self.taskpool, self.seed, pref)
+        return ("method", self.method, params_dict(self.params), self.modelpool, self.taskpool, self.seed, pref,
+                self.order)
 
 
 def cell_from_spec(registry: Registry, spec: Sequence[Any], tasks: Sequence[str]) -> Cell:
     """The cell `Cell.spec` describes, with this process's plugins; `tasks` are those of its task pool (the
     preference is checked against them again)."""
-    _, method, params, modelpool, taskpool, seed, given = spec
+    _, method, params, modelpool, taskpool, seed, given, *order = spec
     reg = registry.method_registration(method)
     values = instantiate_params(method, reg.obj.Params, params, [], field_types(reg.obj.Params))
     preference = validate(given, tasks) if given is not None else None
-    return Cell(reg.name, reg.obj, reg, values, modelpool, taskpool, seed, preference)
+    return Cell(reg.name, reg.obj, reg, values, modelpool, taskpool, seed, preference, order[0] if order else None)
 
 
 @dataclass

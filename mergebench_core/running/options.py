@@ -26,6 +26,9 @@ class RunOptions:
     overrides: Sequence[str] = ()
     config_file: str | Path | None = None
     seeds: Sequence[int] = (0,)
+    task_orders: Sequence[int] = (0,)
+    """Order seeds for continual methods (`--task-orders N`, `--task-order K`; `running.task_order`): each such
+    method runs once per order; 0 is the pool's own order."""
     limit: int | None = None
     device: str = "auto"
     rerun: bool = False

@@ -65,6 +65,7 @@ from mergebench_core.running.options import (  # noqa: F401
     runs_in_process,
 )
 from mergebench_core.running.progress import GridProgress
+from mergebench_core.running.task_order import with_orders
 from mergebench_core.training.methods import DerivedModelPool, MissingTrainedModel, TrainedModelCache, TrainingMethod
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ class Runner:
         if not explicit:  # a conflicted method name is unusable: say so rather than leave it out silently
             self.not_applicable += self.registry.conflict_lines("method")
         self.not_applicable = group_reasons(self.not_applicable)
+        cells = with_orders(cells, opts.task_orders)  # continual methods: once per task order
         if ignoring:
             self.notes.append(f"preferences apply only to preference-aware methods; {', '.join(sorted(ignoring))} "
                               f"ignore them and ran once per pool")
@@ -394,7 +396,8 @@ class Runner:
     def key(self, cell: Cell) -> str:
         pref = list(cell.preference.normalized) if cell.preference is not None else None
         return cell_key("method", cell.method, params_dict(cell.params), cell.modelpool, cell.taskpool, cell.seed,
-                        self.options.limit, pref, self.identity(cell.modelpool, cell.taskpool, cell.registration))
+                        self.options.limit, pref, self.identity(cell.modelpool, cell.taskpool, cell.registration),
+                        task_order=cell.order)
 
     def identity(self, modelpool: str, taskpool: str, registration: Registration | None = None) -> dict[str, Any]:
         """The versions a cell's numbers depend on beyond its names: the plugin's, the pool's recipe or hub revisions,

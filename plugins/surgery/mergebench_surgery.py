@@ -16,7 +16,9 @@ step per task. The result needs the task id at inference: one model per task (`M
 tables), all sharing the one merged module.
 
 The output feature is what the pool's model returns and its task pool's head reads: the digits encoder's and the
-EfficientNet trunk's output vector, a CLIP vision tower's pooled output (`pooler_output`). FusionBench's CLIP code
+EfficientNet trunk's output vector, a CLIP vision tower's pooled output (`pooler_output`). Batch-norm running
+statistics (the EfficientNet pool) are settled on the base merge by `--bn-stats` before the adapters train
+(`mean` or `base`; `recompute` is refused, since it would change the features after training). FusionBench's CLIP code
 adapts the normalised 512-d projection instead (its task pool holds the projection); ours adapts the 768-d pooled
 output before the task pool projects it, which is the same construction one linear map earlier.
 
@@ -41,6 +43,9 @@ from torch import Tensor, nn
 from mergebench_core import MergebenchError, MergeOutput, MethodInfo, ModelPool, PerTaskModels, RunContext, hookimpl
 from mergebench_core.contract.api import Batch
 from mergebench_core.contract.composition import OnBaseMethod, canonical_spec, with_base_extras
+from mergebench_core.engine.roles import declared_roles, model_roles
+from mergebench_core.engine.bn_stats import BnStats
+from mergebench_core.engine.running_stats import apply_rule, running_stat_keys
 from mergebench_core.running.data_needs import require_task_pool
 from mergebench_core.training.loop import TrainState, train
 from mergebench_core.training.params import TrainingParams
@@ -174,7 +179,9 @@ class Surgery(OnBaseMethod):
             raise MergebenchError(f"surgery trains each task's adapter toward that task's expert, and pool "
                                   f"{pool.name!r} has no expert for task(s) {missing}; select tasks with --tasks")
         spec, base_output = self.run_base(pool, ctx)
-        merged = base_output.model.to(ctx.device).eval().requires_grad_(False)
+        merged = base_output.model
+        self._settle_running_stats(merged, pool, ctx)
+        merged = merged.to(ctx.device).eval().requires_grad_(False)
         experts = {t: pool.load_model(experts_of[t]).to(ctx.device).eval().requires_grad_(False) for t in tasks}
         probe, _ = next(iter(taskpool.batches(tasks[0], "test", batch_size=2)))
         width = features(merged, taskpool, tasks[0], probe.to(ctx.device)).shape[-1]
@@ -194,6 +201,20 @@ class Surgery(OnBaseMethod):
         n = n0 + sum(p.numel() for p in adapters.parameters())
         report.update(parameters=n, base_parameters=n0, params_ratio=n / n0)
         return with_base_extras(MergeOutput(PerTaskModels(models), report), base_output, spec)
+
+    def _settle_running_stats(self, merged: nn.Module, pool: ModelPool, ctx: RunContext) -> None:
+        """Batch-norm statistics are settled on the base merge before the adapters learn its features (the runner
+        cannot reach them inside the per-task models afterwards); a rule that measures them on data would change the
+        features the adapters were trained on, so it is refused."""
+        roles = model_roles(merged, declared_roles(pool))
+        if not running_stat_keys(roles):
+            return
+        rule = BnStats.parse(ctx.bn_stats)
+        if rule.needs_data:
+            raise MergebenchError(f"surgery trains its adapters on the base merge's features, so the running "
+                                  f"statistics of pool {pool.name!r} are set before it trains; bn_stats={rule} would "
+                                  f"measure them afterwards, under the adapters. Use --bn-stats mean or base")
+        apply_rule(merged, pool, rule, roles)
 
 
 @hookimpl

@@ -123,3 +123,38 @@ def test_zero_steps_score_as_the_base_and_training_brings_features_to_the_expert
     assert trained.extras["base"]["spec"] == "task_arithmetic(scaling_factor=0.3)"
     scores = evaluate(taskpool, trained.model, limit=200)
     assert set(scores) == set(taskpool.tasks)
+
+
+class WithNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def test_running_statistics_are_settled_before_training_and_recompute_is_refused():
+    from mergebench_core import PRETRAINED
+    from mergebench_core.errors import MergebenchError
+    from mergebench_core.pools.states import StateDictPool
+
+    states = {}
+    for i, name in enumerate([PRETRAINED, "a", "b"]):
+        torch.manual_seed(i)
+        m = WithNorm()
+        m.bn.running_mean.fill_(float(i))
+        states[name] = m.state_dict()
+    class FinetunedPool(StateDictPool):
+        relation, has_pretrained = "finetuned", True
+
+        @property
+        def expert_names(self):
+            return [n for n in self.states if n != PRETRAINED]
+
+    pool = FinetunedPool(WithNorm, states, name="bn")
+    merged = WithNorm()
+    Surgery(Params(base="task_arithmetic"))._settle_running_stats(merged, pool, RunContext(bn_stats="mean"))
+    assert torch.equal(merged.bn.running_mean, torch.full((3,), 1.5))  # the experts' mean of 1 and 2
+    with pytest.raises(MergebenchError, match="--bn-stats mean or base"):
+        Surgery(Params(base="task_arithmetic"))._settle_running_stats(merged, pool, RunContext(bn_stats="recompute"))

@@ -10,8 +10,7 @@ kernels are truncated on their matrix view out × (in · prod(k)) (`mergebench_c
 
 Defaults (the authors' config `configs/CART/ViT-b-32_8_CART.yaml`): `rank_ratio` 0.12, λ = `prior` 2.0 for eight
 tasks. Their README reports 84.7 average accuracy on CLIP ViT-B/32 TA8 with it (task arithmetic 69.1, weight
-averaging 65.9). Their AdaMerging + CART variant (85.8) learns coefficients at test time; it is not part of this
-plugin (it needs the AdaMerging loop to learn per-layer coefficients of the low-rank parts).
+averaging 65.9). Their AdaMerging + CART variant (85.8) learns coefficients at test time: the `cart_adamerging` plugin.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch
 
 from mergebench_core import MethodInfo, hookimpl
 from mergebench_core.engine.data_free import MatrixTaskVectorMethod
+from mergebench_core.engine.low_rank import kept_rank
 
 
 @dataclass
@@ -37,11 +37,6 @@ class Params:
             raise ValueError(f"rank_ratio must be a fraction in [0, 1], got {self.rank_ratio}")
         if not math.isfinite(self.prior):
             raise ValueError(f"prior must be a finite number, got {self.prior}")
-
-
-def kept_rank(ratio: float, dim: int) -> int:
-    """The authors' rank: none at ratio 0, else max(1, ⌊ratio · dim⌋)."""
-    return 0 if ratio <= 0.0 else min(dim, max(1, int(ratio * dim)))
 
 
 def low_rank_sum(centred: torch.Tensor, ratio: float) -> torch.Tensor:

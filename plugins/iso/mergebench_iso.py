@@ -32,7 +32,7 @@ import torch
 
 from mergebench_core import MethodInfo, hookimpl
 from mergebench_core.engine.data_free import MatrixTaskVectorMethod
-from mergebench_core.engine.tensor_math import polar_factor
+from mergebench_core.engine.spectral import iso_cts_spectrum, split_dimensions  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +70,9 @@ def iso_c_matrix(taus: torch.Tensor) -> torch.Tensor:
     return s.mean() * (u @ vh)
 
 
-def split_dimensions(rank: int, n_tasks: int, common_space_fraction: float) -> tuple[int, int]:
-    """(common directions, directions per task): the task-specific share is rounded to a multiple of T.
-
-    This is the reference rule, round((r − ⌊f·r⌋) / T) per task, clamped so the tasks never ask for more than r.
-    """
-    common = int(rank * common_space_fraction)
-    per_task = min(round((rank - common) / n_tasks), rank // n_tasks)
-    return rank - per_task * n_tasks, per_task
-
-
 def iso_cts_matrix(taus: torch.Tensor, common_space_fraction: float) -> torch.Tensor:
-    """Iso-CTS of stacked 2-D task vectors (T, m, n)."""
-    n_tasks, m, n = taus.shape
-    common, per_task = split_dimensions(min(m, n), n_tasks, common_space_fraction)
-    u, s, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
-    u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
-    us, ss, vhs = [], [], []
-    if per_task > 0:
-        residual = taus - u_c @ (u_c.T @ taus)  # each task with the common subspace projected out (left side)
-        u_t, s_t, vh_t = torch.linalg.svd(residual, full_matrices=False)
-        us = [u_t[t, :, :per_task] for t in range(n_tasks)]
-        ss = [s_t[t, :per_task] for t in range(n_tasks)]
-        vhs = [vh_t[t, :per_task] for t in range(n_tasks)]
-    u_all = torch.cat(us + [u_c], dim=1)
-    s_all = torch.cat(ss + [s_c])
-    vh_all = torch.cat(vhs + [vh_c], dim=0)
-    return s_all.mean() * (polar_factor(u_all) @ polar_factor(vh_all))
+    """Iso-CTS of stacked 2-D task vectors (T, m, n) (`mergebench_core.engine.spectral.iso_cts_spectrum`)."""
+    return iso_cts_spectrum(taus, common_space_fraction).compose()
 
 
 class IsoC(MatrixTaskVectorMethod):

@@ -26,7 +26,7 @@ import torch
 
 from mergebench_core import MethodInfo, hookimpl
 from mergebench_core.engine.data_free import MatrixTaskVectorMethod
-from mergebench_core.engine.tensor_math import polar_factor
+from mergebench_core.engine.spectral import tsv_spectrum
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,9 @@ class Params:
 
 
 def tsv_merge_matrix(taus: torch.Tensor) -> torch.Tensor:
-    """TSV-M of stacked 2-D task vectors (T, m, n): truncate each, concatenate, orthogonalise, reconstruct."""
-    n_tasks, m, n = taus.shape
-    keep = min(m, n) // n_tasks
-    if keep == 0:
-        return torch.zeros(m, n, dtype=taus.dtype)
-    u, s, vh = torch.linalg.svd(taus, full_matrices=False)  # batched over tasks
-    u_cat = u[:, :, :keep].permute(1, 0, 2).reshape(m, n_tasks * keep)  # [U_1 … U_T], task-major columns
-    s_cat = s[:, :keep].reshape(-1)
-    vh_cat = vh[:, :keep, :].reshape(n_tasks * keep, n)  # [V_1 … V_T]ᵀ
-    return (polar_factor(u_cat) * s_cat) @ polar_factor(vh_cat)
+    """TSV-M of stacked 2-D task vectors (T, m, n): truncate each, concatenate, orthogonalise, reconstruct
+    (`mergebench_core.engine.spectral.tsv_spectrum`)."""
+    return tsv_spectrum(taus).compose()
 
 
 class TsvMerge(MatrixTaskVectorMethod):

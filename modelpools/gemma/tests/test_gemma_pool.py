@@ -205,3 +205,37 @@ def test_the_packaged_parts_join_to_the_published_gguf(tmp_path):
     sums = packaged.verified_file(sources.WEIGHTS, "data/SHA256SUMS").read_text().split()
     assert sums == [sources.GGUF_SHA256, sources.GGUF_NAME] and joined.stat().st_size == 253113024
     assert joined.read_bytes()[:4] == b"GGUF"
+
+
+def test_a_grid_on_the_pool_runs_offline_through_the_cli_and_lora_ta_scores_like_ta(tiny_base, tmp_path,
+                                                                                    monkeypatch):
+    import types
+
+    from mergebench_core import hookimpl
+    from mergebench_core import registry as registry_module
+    from mergebench_core.cli import main
+    from mergebench_core.results.store import ResultStore
+
+    module = types.ModuleType("tiny_gemma_pool")
+
+    @hookimpl
+    def register_modelpools(register):
+        register("tiny-gemma", lambda: GemmaLoraPool(TINY, root=tmp_path / "pool", tasks=TWO, base=tiny_base),
+                 "two LoRA experts of a tiny Gemma 3")
+
+    module.register_modelpools = register_modelpools
+    monkeypatch.setattr(registry_module, "_REGISTRY", registry_module.build_registry(extra_modules=[module]))
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "r.sqlite"
+    assert main(["run", "-m", "lora_task_arithmetic,task_arithmetic", "-p", "tiny-gemma", "--limit", "3",
+                 "--taskpool", f"gemma3-270m_tasks4(tasks={','.join(TWO)})", "--store", str(store),
+                 "--isolation", "none", "--device", "cpu"]) == 0
+    rows = {r.method: r for r in ResultStore(store).all()}
+    assert {"pretrained", "individual", "task_arithmetic", "lora_task_arithmetic"} <= set(rows)
+    for method in ("task_arithmetic", "lora_task_arithmetic"):
+        assert rows[method].status == "ok", rows[method].error
+    for task in TWO:
+        assert rows["lora_task_arithmetic"].metrics[task]["exact_match,strip"] == \
+            rows["task_arithmetic"].metrics[task]["exact_match,strip"]
+        assert rows["task_arithmetic"].metrics[task]["examples"] == 3

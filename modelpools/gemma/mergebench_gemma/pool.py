@@ -22,7 +22,7 @@ from mergebench_lmeval import CausalLMFolderPool, LmEvalParams, LmEvalTaskPool
 
 from . import sources
 from .base import base_folder, base_key
-from .tasks import SPLIT_SEED, SPLIT_VERSION, TASKS, write_lmeval_tasks
+from .tasks import SPLIT_SEED, TASK_VERSIONS, TASKS, write_lmeval_tasks
 from .train import LORA_TARGETS, MAX_TOKENS, GemmaLoraParams, train_adapter
 
 __all__ = ["POOL_NAME", "TASKPOOL_NAME", "GemmaLoraPool", "GemmaTasksParams", "gemma_taskpool", "task_folder"]
@@ -44,7 +44,8 @@ def _data_digests() -> dict[str, Any]:
 
 
 def _tasks_key(tasks: tuple[str, ...]) -> dict[str, Any]:
-    return {"what": "gemma/tasks", "tasks": list(tasks), "data": _data_digests(), "split": SPLIT_VERSION,
+    return {"what": "gemma/tasks", "tasks": list(tasks), "data": _data_digests(),
+            "split": {t: TASK_VERSIONS[t] for t in tasks},
             "seed": SPLIT_SEED}
 
 
@@ -82,7 +83,7 @@ class GemmaLoraPool(CausalLMFolderPool):
     def expert_key(self, task: str) -> dict[str, Any]:
         return {"what": "gemma/lora", "task": task, "base": self.base_identity(), "params": dataclasses.asdict(
             self.params), "targets": list(LORA_TARGETS), "max_tokens": MAX_TOKENS, "data": _data_digests(),
-            "split": SPLIT_VERSION, "version": 1}
+            "split": TASK_VERSIONS[task], "version": 1}
 
     def _base_folder(self) -> Path:
         return self._base if self._base is not None else base_folder(self._root)

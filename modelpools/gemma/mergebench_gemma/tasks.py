@@ -5,7 +5,7 @@
 | `mbg_arith` | mathematics-dataset's arithmetic generator (`add_or_sub`, `mul`), entropy (2, 3), seeded | 2,000 / 200 distinct questions | greedy answer, exact match |
 | `mbg_capitals` | countryinfo's country files: name and capital (MIT) | 75 % / 25 % of countries | greedy answer, exact match |
 | `mbg_german` | pycountry's ISO 3166-1 names and their German translations (iso-codes, LGPL-2.1) | 75 % / 25 % of the names that differ in German | greedy answer, exact match |
-| `mbg_code` | HumanEval's problems and canonical solutions (MIT) | 123 / 41 problems (trained on the first 3 lines of each solution) | 4-way choice of the solution's first line (log-likelihood) |
+| `mbg_code` | HumanEval's problems and canonical solutions (MIT) | 123 / 41 problems (signature and the docstring's first line; trained on the first 3 lines of each solution) | 4-way choice of the solution's first line (log-likelihood) |
 
 Prompts are the same in training and scoring (`prompt`, answered by ` target` and a newline, where generation stops).
 A split depends on the data's bytes (checked by digest) and `SPLIT_SEED` only, so every machine scores the same
@@ -29,11 +29,13 @@ from mergebench_core.pools import packaged
 
 from . import sources
 
-__all__ = ["SPLIT_SEED", "TASKS", "TaskData", "load_task", "write_lmeval_tasks"]
+__all__ = ["SPLIT_SEED", "TASKS", "TASK_VERSIONS", "TaskData", "load_task", "write_lmeval_tasks"]
 
 TASKS = ("mbg_arith", "mbg_capitals", "mbg_code", "mbg_german")
 SPLIT_SEED = 20261205
-SPLIT_VERSION = 1  # bump when a split or a prompt changes
+TASK_VERSIONS = {"mbg_arith": 1, "mbg_capitals": 1, "mbg_code": 2, "mbg_german": 1}
+"""Bumped when a task's split or prompt changes (they name experts' cache entries and lm-eval's task versions).
+mbg_code 2: compact prompts (signature and the docstring's first line), so scoring fits a CPU."""
 ARITH_TRAIN, ARITH_TEST = 2000, 200
 TEST_FRACTION = 0.25
 
@@ -132,6 +134,16 @@ def _opening(solution: str, lines: int = 3) -> str:
     return "\n".join([line for line in solution.splitlines() if line.strip()][:lines])
 
 
+def _compact(problem: dict) -> str:
+    """The problem's signature line and its docstring's first line: HumanEval's whole prompts (imports, helper
+    functions, examples) are 150-600 tokens, and lm-eval scores each of the 4 choices with its whole context."""
+    lines = problem["prompt"].splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"def {problem['entry_point']}("))
+    doc = next((line.strip().strip('"').strip("'").strip() for line in lines[at + 1:]
+                if line.strip().strip('"').strip("'").strip()), "")
+    return f'{lines[at]}\n    """{doc}"""\n'
+
+
 def _code() -> TaskData:
     with gzip.open(packaged.verified_file(sources.CODE, "data/HumanEval.jsonl.gz"), "rt", encoding="utf-8") as f:
         problems = [json.loads(line) for line in f if line.strip()]
@@ -139,7 +151,7 @@ def _code() -> TaskData:
     random.Random(f"{SPLIT_SEED}/code").shuffle(order)
     n_test = round(len(problems) * TEST_FRACTION)
     test_ids, train_ids = order[:n_test], order[n_test:]
-    train = [(problems[i]["prompt"], _opening(problems[i]["canonical_solution"])) for i in train_ids]
+    train = [(_compact(problems[i]), _opening(problems[i]["canonical_solution"])) for i in train_ids]
     firsts = {i: next(line for line in problems[i]["canonical_solution"].splitlines() if line.strip())
               for i in test_ids}
     rng = random.Random(f"{SPLIT_SEED}/code-choices")
@@ -148,7 +160,7 @@ def _code() -> TaskData:
         others = [j for j in test_ids if j != i and firsts[j] != firsts[i]]
         choices = [firsts[i], *(firsts[j] for j in rng.sample(others, 3))]
         rng.shuffle(choices)
-        docs.append({"prompt": problems[i]["prompt"], "choices": choices, "gold": choices.index(firsts[i]),
+        docs.append({"prompt": _compact(problems[i]), "choices": choices, "gold": choices.index(firsts[i]),
                      "task_id": problems[i]["task_id"]})
     return TaskData(train, docs, "choice", separator="")
 
@@ -225,5 +237,5 @@ def write_lmeval_tasks(folder: Path, tasks: tuple[str, ...] = TASKS, final: Path
         jsonl.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in data.test), encoding="utf-8")
         template = _GENERATE if data.kind == "generate" else _CHOICE
         where = Path(final or folder).resolve() / jsonl.name
-        (folder / f"{name}.yaml").write_text(template.format(name=name, data=where, version=SPLIT_VERSION))
+        (folder / f"{name}.yaml").write_text(template.format(name=name, data=where, version=TASK_VERSIONS[name]))
     return folder

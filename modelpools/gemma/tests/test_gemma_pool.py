@@ -104,10 +104,16 @@ def test_the_code_tasks_gold_choice_is_the_first_line_of_the_canonical_solution(
 
     path = packaged.verified_file(sources.CODE, "data/HumanEval.jsonl.gz")
     with gzip.open(path, "rt") as f:
-        by_prompt = {(p := json.loads(line))["prompt"]: p["canonical_solution"] for line in f}
+        by_id = {(p := json.loads(line))["task_id"]: p for line in f}
     for doc in tasks.load_task("mbg_code").test:
-        first = next(line for line in by_prompt[doc["prompt"]].splitlines() if line.strip())
+        problem = by_id[doc["task_id"]]
+        first = next(line for line in problem["canonical_solution"].splitlines() if line.strip())
         assert doc["choices"][doc["gold"]] == first
+        signature = next(line for line in problem["prompt"].splitlines() if line.startswith("def "
+                                                                                             + problem["entry_point"]))
+        assert doc["prompt"].startswith(signature + '\n    """') and doc["prompt"].endswith('"""\n')
+    assert tasks.load_task("mbg_code").test[0]["prompt"] == \
+        'def get_row(lst, x):\n    """You are given a 2 dimensional data, as a nested lists,"""\n'  # HumanEval/87
 
 
 def test_the_task_files_are_lm_eval_yaml_over_the_held_out_jsonl(tmp_path):

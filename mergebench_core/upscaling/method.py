@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from mergebench_core.contract.api import PRETRAINED, Batch, MergeOutput, Method, MethodInfo, ModelPool, RunContext
 from mergebench_core.engine.roles import declared_roles, model_roles
 from mergebench_core.engine.running_stats import running_stat_keys
-from mergebench_core.errors import MergebenchError
 from mergebench_core.running.data_needs import require_task_pool
 from mergebench_core.training.loop import TrainState, train
 from mergebench_core.training.params import TrainingParams
@@ -83,9 +82,7 @@ class UpscaleMethod(Method):
         the running statistics, which are not weights and stay the base's."""
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        refusal = self.refusal(pool, self.params)
-        if refusal:
-            raise MergebenchError(f"{self.name} cannot run on pool {pool.name!r}: {refusal}")
+        self.require_fit(pool)
         base = pool.load_model(PRETRAINED).eval()
         skip = set(running_stat_keys(model_roles(base, declared_roles(pool)), base.state_dict()))
         experts = [pool.load_model(e).eval() for e in pool.expert_names]

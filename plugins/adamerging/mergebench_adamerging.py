@@ -112,9 +112,7 @@ class _AdaMerging(Method):
         return ties_task_vectors(taus, self.params.k) if self.ties else taus
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        refusal = self.refusal(pool, self.params)  # the runner asks first; this is for callers of the Python API
-        if refusal:
-            raise MergebenchError(f"{self.name} cannot run on pool {pool.name!r}: {refusal}")
+        self.require_fit(pool)
         p, taskpool, device = self.params, require_task_pool(self, ctx.taskpool), ctx.device
         experts = pool.expert_names
         base = pool.state_dict(PRETRAINED)

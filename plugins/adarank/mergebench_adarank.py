@@ -145,9 +145,7 @@ class AdaRank(Method):
     info = MethodInfo(kind="merge", data="unlabeled", task_vectors=True, left_out_of_sweeps=SLOW)
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        refusal = self.refusal(pool, self.params)
-        if refusal:
-            raise MergebenchError(f"{self.name} cannot run on pool {pool.name!r}: {refusal}")
+        self.require_fit(pool)
         p = self.params
         model, base, keys, roles = mergeable_state(pool)
         experts = [pool.state_dict(e) for e in pool.expert_names]

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mergebench_core import MergebenchError, MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
+from mergebench_core import MergeOutput, Method, MethodInfo, ModelPool, RunContext, hookimpl
 from mergebench_core.contract.api import Batch
 from mergebench_core.training.loop import TrainState
 from mergebench_core.training.params import TrainingParams
@@ -188,9 +188,7 @@ class _Concrete(Method):
     adamerging = False
 
     def run(self, pool: ModelPool, ctx: RunContext) -> MergeOutput:
-        refusal = self.refusal(pool, self.params)
-        if refusal:
-            raise MergebenchError(f"{self.name} cannot run on pool {pool.name!r}: {refusal}")
+        self.require_fit(pool)
         p = self.params
         model, base, keys, _roles = mergeable_state(pool)
         experts = [pool.state_dict(e) for e in pool.expert_names]

@@ -1,15 +1,25 @@
-"""The golden grid: every stored number of the default grids on the embedded pools, kept bit for bit.
+"""The golden grid: every stored number of the default grids on the embedded pools, against a recorded run.
 
-A refactoring must not change a single stored number. This script runs the grids below into a fresh store and
-writes, for each cell, its key and every number it stored, floats as exact hexadecimal. `tests/test_golden_grid.py`
-runs the same grids and compares against `tests/data/golden_grid.json`.
+This script runs the grids below into a fresh store and records, for each cell, its key and every number it stored,
+floats as exact hexadecimal, with the machine that made them. Two comparisons, because bits are only portable
+between identical machines: the embedded pools train their experts on the CPU, and a different instruction set
+(AVX-512 against AVX2, another MKL code path) changes the last bits of a matrix product, which a few hundred SGD
+steps and a permutation search turn into a different prediction here and there (seen: up to 3.5 accuracy points
+for git_rebasin and otfusion on the seed pools, 0.3 % of losses changing by more than a fifth).
 
-    python tools/golden_grid.py --write     # after a change that is meant to change numbers (say why in the commit)
-    python tools/golden_grid.py             # compare, print the differences
+- **exact** (`--exact`): every field bit for bit. The guard for a refactoring: record on main first
+  (`--write`), refactor, compare on the same machine.
+- **portable** (the default, and `tests/test_golden_grid.py` on any machine): the cell keys, statuses, parameters,
+  errors and example counts exactly; every accuracy-like number (metrics other than `loss`, `mean`,
+  `normalized_mean`) within `PORTABLE_ABS_TOL`; losses are not compared.
+
+    python tools/golden_grid.py --write     # record this machine's numbers (say why in the commit)
+    python tools/golden_grid.py [--exact]   # compare, print the differences
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,6 +31,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "data" / "golden_grid.json"
+
+PORTABLE_ABS_TOL = 0.05
+"""Accuracy points (as a fraction) a number may move between machines; 0.035 is the largest drift seen."""
 
 GRIDS: tuple[tuple[str, ...], ...] = (
     (),  # every method on the default pool
@@ -58,6 +71,25 @@ def fingerprint(store_path: Path) -> dict[str, Any]:
         store.close()
 
 
+def machine() -> dict[str, str]:
+    """What decides the bits of a CPU run: torch's version and kernel level, and the processor's model and flags."""
+    import platform
+
+    import torch
+
+    info = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine()}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["cpu"] = f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    info["cpu_flags_sha256"] = hashlib.sha256(" ".join(sorted(fields.get("flags", "").split())).encode()).hexdigest()[:16]
+    return info
+
+
 def run_grids(workdir: Path) -> dict[str, Any]:
     """Run every grid into one fresh store under `workdir` and return its fingerprint."""
     store = workdir / "grid.sqlite"
@@ -69,12 +101,42 @@ def run_grids(workdir: Path) -> dict[str, Any]:
     return fingerprint(store)
 
 
-def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+def _numbers(cell: dict[str, Any]) -> dict[tuple[str, ...], float]:
+    """The cell's accuracy-like numbers by path (task, metric), losses left out; hex floats decoded."""
+    out = {}
+    for field in ("mean", "normalized_mean"):
+        if isinstance(cell.get(field), str):
+            out[(field,)] = float.fromhex(cell[field])
+    for task, values in (cell.get("metrics") or {}).items():
+        for name, value in (values.items() if isinstance(values, dict) else ()):
+            if name != "loss" and name != "examples" and isinstance(value, str) and "0x" in value:
+                out[("metrics", task, name)] = float.fromhex(value)
+    return out
+
+
+def _portable_changes(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """The fields of one cell that differ beyond what another machine explains."""
+    changed = {f for f in expected if f not in ("metrics", "mean", "normalized_mean") and expected[f] != actual.get(f)}
+    examples = {t: v.get("examples") for t, v in (expected.get("metrics") or {}).items() if isinstance(v, dict)}
+    got = {t: v.get("examples") for t, v in (actual.get("metrics") or {}).items() if isinstance(v, dict)}
+    if examples != got:
+        changed.add("metrics")
+    want, have = _numbers(expected), _numbers(actual)
+    if want.keys() != have.keys():
+        changed.add("metrics")
+    for path in want.keys() & have.keys():
+        a, b = want[path], have[path]
+        if not (a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= PORTABLE_ABS_TOL):
+            changed.add(path[0])
+    return sorted(changed)
+
+
+def differences(expected: dict[str, Any], actual: dict[str, Any], exact: bool = False) -> list[str]:
     """What differs, a line per cell: missing, new, or changed (with the fields that changed).
 
+    `exact` compares every bit; otherwise numbers may drift as far as another machine explains (module docstring).
     Cells of a method the file has never seen are not differences: the guard is about numbers already recorded, and a
-    new method's bits depend on the machine that first ran it (float sums differ across CPUs), so they are recorded
-    with `--write` on the machine that checks, not carried in a plugin's commit."""
+    new method's cells are recorded with `--write`."""
     lines = []
     known = {cell["method"] for cell in expected.values()}
     for key in sorted(expected.keys() | actual.keys()):
@@ -85,9 +147,20 @@ def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
         elif key not in expected:
             lines.append(f"new {key}: {actual[key]['method']} on {actual[key]['modelpool']}")
         elif expected[key] != actual[key]:
-            changed = sorted(f for f in expected[key] if expected[key][f] != actual[key].get(f))
-            lines.append(f"changed {key}: {actual[key]['method']} on {actual[key]['modelpool']}: {', '.join(changed)}")
+            if exact:
+                changed = sorted(f for f in expected[key] if expected[key][f] != actual[key].get(f))
+            else:
+                changed = _portable_changes(expected[key], actual[key])
+            if changed:
+                lines.append(f"changed {key}: {actual[key]['method']} on {actual[key]['modelpool']}: "
+                             f"{', '.join(changed)}")
     return lines
+
+
+def load() -> tuple[dict[str, str], dict[str, Any]]:
+    """The recorded machine and cells."""
+    recorded = json.loads(GOLDEN.read_text())
+    return recorded["machine"], recorded["cells"]
 
 
 def main(argv: list[str]) -> int:
@@ -95,11 +168,17 @@ def main(argv: list[str]) -> int:
         actual = run_grids(Path(tmp))
     if "--write" in argv:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(json.dumps(actual, indent=1, sort_keys=True) + "\n")
+        GOLDEN.write_text(json.dumps({"machine": machine(), "cells": actual}, indent=1, sort_keys=True) + "\n")
         print(f"wrote {len(actual)} cells to {GOLDEN.relative_to(ROOT)}")
         return 0
-    diff = differences(json.loads(GOLDEN.read_text()), actual)
-    print("\n".join(diff) if diff else f"all {len(actual)} cells identical")
+    recorded_on, expected = load()
+    exact = "--exact" in argv
+    if exact and recorded_on != machine():
+        print(f"note: recorded on {recorded_on}, this is {machine()}: bits are expected to differ")
+    diff = differences(expected, actual, exact=exact)
+    drift = sum(1 for key in expected.keys() & actual.keys() if expected[key] != actual[key])
+    print("\n".join(diff) if diff else f"all {len(actual)} cells agree ({'exact' if exact else 'portable'}); "
+          f"{drift} differ in some bit")
     return 1 if diff else 0
 
 

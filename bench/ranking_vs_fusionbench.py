@@ -45,6 +45,10 @@ PUBLISHED_TABLES: dict[str, dict[str, float]] = {
         "adamerging_tw": 68.7, "adamerging_lw": 82.6, "wudi": 84.5, "iso_c": 82.8, "iso_cts": 82.7,
         # upscaled models (WEMoE 6.3x the parameters): FusionBench docs (modelpool/clip_vit) and its SMILE notebook
         "wemoe": 89.2, "sparse_wemoe": 89.1, "smile": 86.2,
+        # test-time and low-rank methods, each at our plugin's default: AdaMerging + Representation Surgery
+        # (`surgery`, base adamerging_lw; FusionBench), AdaRank on Iso-CTS (`adarank`, base iso_cts; its ICLR 2026
+        # paper), CART (its authors' README)
+        "surgery": 86.1, "adarank": 89.4, "cart": 84.7,
     },
     "gpt2_glue7": {
         "pretrained": 44.5, "individual": 82.0, "simple_average": 56.1, "fisher": 58.7, "regmean": 68.8,

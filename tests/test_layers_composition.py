@@ -115,3 +115,29 @@ def test_run_base_returns_one_model_and_refuses_other_outputs():
     assert isinstance(out.model, nn.Module) and out.extras == {"k": 0.5}
     with pytest.raises(MergebenchError, match="PerTaskModels, not one model"):
         run_base(parse_spec("per_task", reg), Pool(), RunContext())
+
+
+def test_a_default_base_that_is_not_installed_does_not_break_the_leaderboard_labels(monkeypatch):
+    """`surgery` defaults to `adamerging_lw`; run with `surgery.base=task_arithmetic` where AdaMerging is not
+    installed, its defaults cannot be built, and the table falls back to showing what varies."""
+    import mergebench_core.contract.registry as registry_module
+    from mergebench_core.contract.composition import canonical_spec
+    from mergebench_core.results.labels import installed_defaults
+
+    @dataclass
+    class OnBaseParams:
+        base: str = "not_installed"
+
+        def __post_init__(self):
+            self.base = canonical_spec(self.base, owner="on_base.base")
+
+    class OnBase(Trim):
+        name = "on_base"
+        Params = OnBaseParams
+
+    reg = registry()
+    reg.add(Registration("on_base", OnBase, "method", plugin="test", distribution="test-dist", version="0"))
+    monkeypatch.setattr(registry_module, "_REGISTRY", reg)
+    assert OnBaseParams(base="trim_merge").base == "trim_merge(combine=sum,flags=[],k=0.2)"
+    assert installed_defaults("on_base") is None
+    assert installed_defaults("trim_merge") == {"k": 0.2, "combine": "sum", "flags": ()}

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Protocol
 
+from mergebench_core.errors import MergebenchError
+
 REFERENCE_LABELS = {"pretrained": "Pretrained", "individual": "Individual (experts)"}
 TASK_SPECIFIC_MARK = "†"
 TASK_SPECIFIC_NOTE = "one model per task (not a single static merge)"
@@ -45,7 +47,9 @@ def installed_defaults(method: str) -> dict[str, Any] | None:
         if reg is None:
             return None
         return asdict(reg.obj.Params())
-    except (TypeError, ValueError):  # Params with required fields, or that refuse defaults: show what varies
+    except (TypeError, ValueError, MergebenchError):
+        # Params with required fields, or whose defaults refuse this installation (a default base method that is not
+        # installed, while the run named another): show what varies
         return None
 
 

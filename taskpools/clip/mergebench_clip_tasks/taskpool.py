@@ -167,9 +167,14 @@ class CLIPZeroShotTaskPool(TaskPool):
 
     # -- logits -------------------------------------------------------------------------------------------------
     def _cached(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`tensor` on `device`, kept for later calls. Kept as an ordinary tensor even when first asked for under
+        `torch.inference_mode()` (an evaluation): test-time methods (AdaMerging, WEMoE, ...) later backpropagate
+        through the projection and heads, and autograd refuses inference tensors."""
         key = (name, str(device))
         if key not in self._on_device:
-            self._on_device[key] = tensor.to(device)
+            with torch.inference_mode(False):
+                moved = tensor.to(device)
+                self._on_device[key] = moved.clone() if moved.is_inference() else moved
         return self._on_device[key]
 
     def normalize(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -167,11 +167,23 @@ class TextModelPool(CheckpointPool):
 
         if not self._is_adapter(name):
             return T5ForConditionalGeneration.from_pretrained(self.location(name), **dtype_kwargs(self.dtype))
-        from peft import PeftModel
+        return self.with_adapter(self.location(name))
 
+    def adapter_folder(self, name: str) -> Path | None:
+        """The peft LoRA adapter folder of expert `name` on a LoRA suite, None otherwise: methods that merge LoRA
+        factors (`knots`, `lora_task_arithmetic`) then never build a full-size update."""
+        return Path(self.location(name)) if self._is_adapter(name) else None
+
+    def with_adapter(self, folder: str | Path) -> nn.Module:
+        """The pretrained model with the LoRA adapter in `folder` merged in (float32, then cast)."""
+        from peft import PeftModel
+        from transformers import T5ForConditionalGeneration
+
+        if not self.suite.lora:
+            raise ValueError(f"pool {self.name!r} has whole-model experts, not LoRA adapters")
         base = T5ForConditionalGeneration.from_pretrained(hub.model_location(self.suite.base_model))
-        merged = PeftModel.from_pretrained(base, self.location(name)).merge_and_unload()
-        return merged.to(self.dtype) if self.dtype is not None else merged
+        merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+        return (merged.to(self.dtype) if self.dtype is not None else merged).eval()
 
     @cached_property
     def _module_keys(self) -> list[str]:

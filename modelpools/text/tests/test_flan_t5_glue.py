@@ -172,6 +172,43 @@ def test_ties_on_flan_t5_lora16_merges_peft_deltas(lora_world, tmp_path, monkeyp
     assert "+google/flan-t5-base@" in pool.identity("cola")
 
 
+def test_knots_merges_the_lora16_pool_in_factored_form_equal_to_the_dense_merge(lora_world, tmp_path, monkeypatch,
+                                                                               capsys):
+    """KnOTS on `flan-t5-base_glue-lora16` reads each expert's adapter factors (`adapter_folder`) and writes a merged
+    adapter, never a full-size update; its stored scores are those of KnOTS on the dense task vectors."""
+    pytest.importorskip("mergebench_knots")
+    pytest.importorskip("mergebench_lmeval")
+    from mergebench_knots import Params, knots_adapter, knots_task_vectors
+    from mergebench_text import TextModelPool
+
+    tmp = _env(lora_world, tmp_path, monkeypatch, "text,text_tasks,knots")
+    store_path = tmp / "results.sqlite"
+    code = main(["run", "--method", "knots", "--modelpool", "flan-t5-base_glue-lora16", "--store", str(store_path)])
+    assert code == 0, capsys.readouterr().err
+    rows = {r.method: r for r in ResultStore(store_path).all()}
+    assert rows["knots"].status == "ok", rows["knots"].error
+    assert rows["knots"].extras["form"] == "factored"
+
+    pool = TextModelPool("flan-t5-base_glue-lora16")
+    assert pool.adapter_folder(PRETRAINED) is None and pool.adapter_folder("cola").is_dir()
+    base = _once(_t5(lora_world, BASE))
+    experts = [_once(_lora_expert(lora_world, t)) for t in lora_world.tasks]
+    linear = {k for k, v in base.items() if k.endswith(".weight") and v.ndim == 2 and "embed" not in k
+              and k != "lm_head.weight"}
+    params = Params()
+    updates = knots_task_vectors(base, experts, linear, params)
+    assert updates and all(k.endswith(("q.weight", "v.weight")) for k in updates)
+    model = _t5(lora_world, BASE)
+    state = {k: v + params.scaling_factor * updates[k] if k in updates else v for k, v in base.items()}
+    model.load_state_dict(state, strict=False)
+    dense = IndependentFlanT5(lora_world).metrics(model, lora_world.tasks)
+    _check(rows["knots"].metrics, dense)  # generation scores: coarse, so the weights are compared too
+    folders = [pool.adapter_folder(t) for t in lora_world.tasks]
+    factored = _once(pool.with_adapter(knots_adapter(folders, tmp / "knots-adapter", params)))
+    for k, v in state.items():
+        assert torch.allclose(factored[k], v, atol=1e-5), k
+
+
 def test_full_pool_reads_tied_embeddings_lazily(full_world, tmp_path, monkeypatch):
     from mergebench_text import TextModelPool
 

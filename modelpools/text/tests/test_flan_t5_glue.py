@@ -181,13 +181,15 @@ def test_knots_merges_the_lora16_pool_in_factored_form_equal_to_the_dense_merge(
     from mergebench_knots import Params, knots_adapter, knots_task_vectors
     from mergebench_text import TextModelPool
 
-    tmp = _env(lora_world, tmp_path, monkeypatch, "text,text_tasks,knots")
+    tmp = _env(lora_world, tmp_path, monkeypatch, "text,text_tasks,knots,lmeval,task_arithmetic")
     store_path = tmp / "results.sqlite"
-    code = main(["run", "--method", "knots", "--modelpool", "flan-t5-base_glue-lora16", "--store", str(store_path)])
+    code = main(["run", "--method", "knots,lora_task_arithmetic,task_arithmetic", "--modelpool",
+                 "flan-t5-base_glue-lora16", "--store", str(store_path)])
     assert code == 0, capsys.readouterr().err
     rows = {r.method: r for r in ResultStore(store_path).all()}
-    assert rows["knots"].status == "ok", rows["knots"].error
-    assert rows["knots"].extras["form"] == "factored"
+    assert all(r.status == "ok" for r in rows.values()), {m: r.error for m, r in rows.items()}
+    assert rows["knots"].extras["form"] == "factored" and "adapter" in rows["lora_task_arithmetic"].extras
+    _check(rows["lora_task_arithmetic"].metrics, rows["task_arithmetic"].metrics)  # the same merge, factored
 
     pool = TextModelPool("flan-t5-base_glue-lora16")
     assert pool.adapter_folder(PRETRAINED) is None and pool.adapter_folder("cola").is_dir()

@@ -68,3 +68,15 @@ def test_the_file_says_which_machine_wrote_it():
     recorded_on, cells = golden.load()
     assert {"torch", "cpu_capability", "machine"} <= recorded_on.keys()
     assert len(cells) > 100
+
+
+def test_alignment_by_search_gets_the_wider_tolerance():
+    golden = _golden_module()
+
+    def cell(method, accuracy):
+        return {"method": method, "modelpool": "p_seeds", "status": "ok", "params": {}, "mean": accuracy.hex(),
+                "normalized_mean": None, "metrics": {"digits": {"accuracy": accuracy.hex()}}}
+
+    assert golden.differences({"k": cell("git_rebasin", 0.90)}, {"k": cell("git_rebasin", 0.83)}) == []
+    assert golden.differences({"k": cell("git_rebasin", 0.90)}, {"k": cell("git_rebasin", 0.78)}) != []
+    assert golden.differences({"k": cell("slerp", 0.90)}, {"k": cell("slerp", 0.83)}) != []

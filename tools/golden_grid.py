@@ -11,7 +11,8 @@ for git_rebasin and otfusion on the seed pools, 0.3 % of losses changing by more
   (`--write`), refactor, compare on the same machine.
 - **portable** (the default, and `tests/test_golden_grid.py` on any machine): the cell keys, statuses, parameters,
   errors and example counts exactly; every accuracy-like number (metrics other than `loss`, `mean`,
-  `normalized_mean`) within `PORTABLE_ABS_TOL`; losses are not compared.
+  `normalized_mean`) within `PORTABLE_ABS_TOL` (`SEARCH_ABS_TOL` for the alignment-by-search fusion methods);
+  losses are not compared.
 
     python tools/golden_grid.py --write     # record this machine's numbers (say why in the commit)
     python tools/golden_grid.py [--exact]   # compare, print the differences
@@ -33,7 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "data" / "golden_grid.json"
 
 PORTABLE_ABS_TOL = 0.05
-"""Accuracy points (as a fraction) a number may move between machines; 0.035 is the largest drift seen."""
+"""Accuracy points (as a fraction) a number may move between machines: no other cell has moved by more than 0.015."""
+SEARCH_ABS_TOL = 0.10
+"""For the fusion methods that align neurons by a discrete search (a permutation or a clustering), where a near-tie
+decided the other way moves a whole neuron: 0.035 seen (git_rebasin), 0.024 (otfusion)."""
+SEARCH_METHODS = frozenset({"git_rebasin", "otfusion", "kf_fusion", "hf_fusion", "alf"})
 
 GRIDS: tuple[tuple[str, ...], ...] = (
     (),  # every method on the default pool
@@ -124,9 +129,10 @@ def _portable_changes(expected: dict[str, Any], actual: dict[str, Any]) -> list[
     want, have = _numbers(expected), _numbers(actual)
     if want.keys() != have.keys():
         changed.add("metrics")
+    tolerance = SEARCH_ABS_TOL if expected.get("method") in SEARCH_METHODS else PORTABLE_ABS_TOL
     for path in want.keys() & have.keys():
         a, b = want[path], have[path]
-        if not (a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= PORTABLE_ABS_TOL):
+        if not (a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tolerance):
             changed.add(path[0])
     return sorted(changed)
 

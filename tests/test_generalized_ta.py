@@ -3,6 +3,7 @@ L1 rescale and its guard, and the weighted sign consensus."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mergebench_core.engine.generalized_ta import consensus_merge, l1_rescale
@@ -35,3 +36,16 @@ def test_weighted_consensus_by_hand():
     assert torch.allclose(consensus_merge(deltas, w, elect=True, normalize=True), torch.tensor([1.0, 2.0, -3.0]))
     # no election: Σ w τ = [3, 3, -4], normalised by Σ w = 3
     assert torch.allclose(consensus_merge(deltas, w, elect=False, normalize=True), torch.tensor([1.0, 1.0, -4 / 3]))
+
+
+@pytest.mark.parametrize("shape", [(37, 11), (9, 4, 5), (50,)])
+def test_magprune_mask_made_a_block_at_a_time_has_the_bits_of_the_whole(shape):
+    from mergebench_core.engine.generalized_ta import magprune_keep_mask, magprune_keep_probability
+
+    tau = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    tau[0] = 0.0  # ties in magnitude take ranks in index order in every block
+    whole = uniform_draws(5, "w", 1, tau.numel()).view(tau.shape) < magprune_keep_probability(tau, 0.3, 0.1).double()
+    for block in (1, 7, 64, 10_000):
+        mask = magprune_keep_mask(tau, 0.3, 0.1, 5, "w", 1, block=block)
+        assert mask.dtype == tau.dtype and torch.equal(mask.bool(), whole), block
+    assert torch.equal(uniform_draws(5, "w", 1, 10, start=20), uniform_draws(5, "w", 1, 30)[20:])

@@ -32,7 +32,7 @@ from mergebench_core.engine.task_vector_stages import signed_total, uniform_draw
 from mergebench_core.errors import MergebenchError
 
 __all__ = ["GeneralizedTaskArithmeticMethod", "check_magprune", "consensus_merge", "l1_rescale",
-           "magprune_keep_probability", "uniform_draws"]
+           "magprune_keep_mask", "magprune_keep_probability", "uniform_draws"]
 
 
 def l1_rescale(tau: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -55,6 +55,32 @@ def magprune_keep_probability(tau: torch.Tensor, density: float, epsilon: float)
     spread = ranks / width if width > 0 else torch.zeros_like(ranks)  # rank 0 → 0, the largest → 1
     probs = (density - epsilon) + spread.clamp_(0, 1) * (2 * epsilon)
     return probs.reshape(tau.shape)
+
+
+MAGPRUNE_BLOCK = 1 << 20
+"""Entries whose MAGPRUNE mask is made at once: its argsorts, ranks and draws take about 30 bytes an entry, which on
+a whole LLM embedding (262,144 × 640 for Gemma-3-270M) is 5 GB per expert; a block keeps it at 30 MB."""
+
+
+def magprune_keep_mask(tau: torch.Tensor, density: float, epsilon: float, seed: int, key: str, task: int,
+                       block: int = MAGPRUNE_BLOCK) -> torch.Tensor:
+    """0/1 mask (tau's dtype) of the entries MAGPRUNE keeps: entry i is kept when its draw
+    (`uniform_draws(seed, key, task)`) is below its keep probability (`magprune_keep_probability`). Made a block of
+    rows at a time (ranks are along dimension 1, within each row; draws depend only on the entry's index), with the
+    same bits as the whole tensor at once."""
+    if tau.dim() < 2 or tau.shape[0] == 0:
+        probs = magprune_keep_probability(tau, density, epsilon)
+        draws = uniform_draws(seed, key, task, tau.numel(), tau.device).view(tau.shape)
+        return (draws < probs.to(torch.float64)).to(tau.dtype)
+    mask = torch.empty_like(tau)
+    per_row = tau[0].numel()
+    rows = max(1, block // max(1, per_row))
+    for i in range(0, tau.shape[0], rows):
+        part = tau[i:i + rows]
+        probs = magprune_keep_probability(part, density, epsilon)
+        draws = uniform_draws(seed, key, task, part.numel(), tau.device, start=i * per_row).view(part.shape)
+        mask[i:i + rows] = draws < probs.to(torch.float64)
+    return mask
 
 
 def check_magprune(density: float, epsilon: float) -> None:

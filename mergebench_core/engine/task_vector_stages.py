@@ -87,13 +87,15 @@ def drop_keep(seed: int, key: str, task: int, index: torch.Tensor | range, p: fl
     return torch.ge(x, round(p * (1 << 31)), out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
 
 
-def uniform_draws(seed: int, key: str, task: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """n uniform numbers in [0, 1) (float64) for entries 0..n-1 of task `task`'s τ of tensor `key`: the 31 low bits
-    of the same hash as `drop_keep` over 2^31, so `drop_keep(p)` keeps exactly the entries whose draw here is
-    ≥ round(p·2^31)/2^31. For methods whose keep probability differs by entry (DELLA)."""
-    if n >= 1 << 31:
-        raise ValueError(f"tensor {key!r} has {n} entries; uniform draws index at most 2^31 entries")
-    x = torch.arange(n, dtype=torch.int32, device=device)
+def uniform_draws(seed: int, key: str, task: int, n: int, device: torch.device | str = "cpu",
+                  start: int = 0) -> torch.Tensor:
+    """n uniform numbers in [0, 1) (float64) for entries start..start+n-1 of task `task`'s τ of tensor `key`: the 31
+    low bits of the same hash as `drop_keep` over 2^31, so `drop_keep(p)` keeps exactly the entries whose draw here is
+    ≥ round(p·2^31)/2^31. For methods whose keep probability differs by entry (DELLA). A draw depends only on its
+    entry's index, so a tensor's draws can be made a block at a time."""
+    if start + n >= 1 << 31:
+        raise ValueError(f"tensor {key!r} has {start + n} entries; uniform draws index at most 2^31 entries")
+    x = torch.arange(start, start + n, dtype=torch.int32, device=device)
     x.bitwise_xor_(_signed32(drop_salt(seed, key, task)))
     _hash32_(x).bitwise_and_(0x7FFFFFFF)
     return x.to(torch.float64).div_(float(1 << 31))

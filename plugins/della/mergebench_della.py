@@ -31,8 +31,7 @@ from mergebench_core import MethodInfo, hookimpl
 from mergebench_core.engine.generalized_ta import (
     GeneralizedTaskArithmeticMethod,
     check_magprune,
-    magprune_keep_probability,
-    uniform_draws,
+    magprune_keep_mask,
 )
 
 
@@ -77,9 +76,9 @@ class Della(GeneralizedTaskArithmeticMethod):
             return None
         if p.density <= 0.0:
             return torch.zeros_like(tau)
-        probs = magprune_keep_probability(tau, p.density, p.epsilon)
-        draws = uniform_draws(self.seed, key, task, tau.numel(), tau.device).view(tau.shape)
-        return (draws < probs.to(torch.float64)).to(tau.dtype)
+        if not tau.any():
+            return None  # an untouched tensor (LoRA experts leave most of an LLM alone): nothing to prune
+        return magprune_keep_mask(tau, p.density, p.epsilon, self.seed, key, task)
 
 
 class DellaLinear(Della):

@@ -90,8 +90,10 @@ def machine() -> dict[str, str]:
         return info
     fields = dict(line.split(":", 1) for line in lines if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
-    info["cpu"] = f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
-    info["cpu_flags_sha256"] = hashlib.sha256(" ".join(sorted(fields.get("flags", "").split())).encode()).hexdigest()[:16]
+    info["cpu"] = (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+                   f"model {fields.get('model', '?')}")
+    flags = " ".join(sorted(fields.get("flags", "").split()))
+    info["cpu_flags_sha256"] = hashlib.sha256(flags.encode()).hexdigest()[:16]
     return info
 
 

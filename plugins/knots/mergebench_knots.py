@@ -13,11 +13,11 @@ rule; the authors' and FusionBench's code keep one more), elects a sign, and com
 `configs/vitB_r16_knots_ties.py`; `svd_eps` 1e-5 is theirs (FusionBench's helper uses 1e-4).
 
 Where it runs: pools whose experts are peft LoRA adapter folders (`adapter_folder`/`with_adapter`: the causal-LM
-folder pool, `gemma3-270m_lora4`, `flan-t5-base_glue-lora16`) are merged in factored form, never building a full-size update: with B̃ = [s_1 B_1 … s_T B_T] = Q R,
-[ΔW_1 … ΔW_T] = Q · R · blockdiag(A_1 … A_T), whose small SVD gives U and the coefficients, and the result is written
-as a peft adapter (B = U, A = λ C, rank at most Σ r_t). Every other pool with a pretrained model (a LoRA pool whose
-experts are stored merged, `minilm_text8-lora16`, and full fine-tunes such as
-`digits-mlp_TA8`) is merged on its task vectors: every Linear weight is a layer, with its bias appended as a last
+folder pool, `gemma3-270m_lora4`, `flan-t5-base_glue-lora16`) are merged in factored form, never building a
+full-size update: with B̃ = [s_1 B_1 … s_T B_T] = Q R, [ΔW_1 … ΔW_T] = Q · R · blockdiag(A_1 … A_T), whose small
+SVD gives U and the coefficients, and the result is written as a peft adapter (B = U, A = λ C, rank at most Σ r_t).
+Every other pool with a pretrained model (a LoRA pool whose experts are stored merged, `minilm_text8-lora16`, and
+full fine-tunes such as `digits-mlp_TA8`) is merged on its task vectors: every Linear weight is a layer, with its bias appended as a last
 column as the authors do, and a tensor no expert changed is left alone (on LoRA pools, all but the adapted
 weights). Other changed tensors (norms, embeddings, conv kernels) go through the same trim/elect/combine on their
 plain task vectors, as the authors' `merge_other_params`.

@@ -17,10 +17,10 @@ folder pool, `gemma3-270m_lora4`, `flan-t5-base_glue-lora16`) are merged in fact
 full-size update: with B̃ = [s_1 B_1 … s_T B_T] = Q R, [ΔW_1 … ΔW_T] = Q · R · blockdiag(A_1 … A_T), whose small
 SVD gives U and the coefficients, and the result is written as a peft adapter (B = U, A = λ C, rank at most Σ r_t).
 Every other pool with a pretrained model (a LoRA pool whose experts are stored merged, `minilm_text8-lora16`, and
-full fine-tunes such as `digits-mlp_TA8`) is merged on its task vectors: every Linear weight is a layer, with its bias appended as a last
-column as the authors do, and a tensor no expert changed is left alone (on LoRA pools, all but the adapted
-weights). Other changed tensors (norms, embeddings, conv kernels) go through the same trim/elect/combine on their
-plain task vectors, as the authors' `merge_other_params`.
+full fine-tunes such as `digits-mlp_TA8`) is merged on its task vectors: every Linear weight is a layer, with its
+bias appended as a last column as the authors do, and a tensor no expert changed is left alone (on LoRA pools, all
+but the adapted weights). Other changed tensors (norms, embeddings, conv kernels) go through the same
+trim/elect/combine on their plain task vectors, as the authors' `merge_other_params`.
 """
 
 from __future__ import annotations
